@@ -1,0 +1,7 @@
+"""`python -m diskpipe` runs the `diskpipe` command."""
+
+import sys
+
+from diskpipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""The public entry points: `inspect` for a path or file object, and
+`StreamInspector` for data that arrives in chunks."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+from typing import Any, BinaryIO
+
+from diskpipe.formats import raw
+from diskpipe.formats.base import InspectOptions
+from diskpipe.formats.detect import Progress, inspection
+from diskpipe.formats.info import ImageInfo
+from diskpipe.formats.reads import StreamDriver, run_on_file
+
+Source = str | os.PathLike[str] | BinaryIO
+STREAM_CHUNK = 1024 * 1024
+
+
+def inspect(source: Source, *, allocation: bool = False, details: bool = False) -> ImageInfo:
+    """Inspect an image at a path, or in a binary file object.
+
+    A seekable regular file is read with positioned reads (its file position
+    is left alone); anything else is read to its end as a stream. Raises
+    `FormatError` for broken input and `OSError` for I/O problems.
+    """
+    options = InspectOptions(allocation=allocation)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            info = _inspect_fd(fd, options, filename=path)
+        finally:
+            os.close(fd)
+        return _with_details(info, path) if details else info
+    fd = _regular_fileno(source)
+    if fd is not None:
+        name = getattr(source, "name", None)
+        info = _inspect_fd(fd, options, filename=name if isinstance(name, str) else None)
+        return _with_details(info, info.filename) if details and info.filename else info
+    inspector = StreamInspector(allocation=allocation)
+    while chunk := source.read(STREAM_CHUNK):
+        inspector.feed(chunk)
+    return inspector.finish()
+
+
+def _regular_fileno(source: BinaryIO) -> int | None:
+    try:
+        fd = source.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
+
+
+def _inspect_fd(fd: int, options: InspectOptions, filename: str | None) -> ImageInfo:
+    status = os.fstat(fd)
+    if stat.S_ISDIR(status.st_mode):
+        raise IsADirectoryError(21, "is a directory", filename)
+    size = status.st_size
+    if stat.S_ISBLK(status.st_mode):
+        size = os.lseek(fd, 0, os.SEEK_END)
+    info = run_on_file(inspection(options, filename=filename), fd, size)
+    changes: dict[str, Any] = {"actual_size": status.st_blocks * 512}
+    if options.allocation and info.allocated_size is None:
+        # Raw data and fixed VHDs have no allocation table: ask the filesystem.
+        if info.format == "raw":
+            changes["allocated_size"] = raw.data_bytes(fd, 0, size)
+        elif info.format == "vpc" and info.subformat == "fixed":
+            changes["allocated_size"] = raw.data_bytes(fd, 0, min(size - 512, info.virtual_size))
+    return info.with_changes(**changes)
+
+
+def _with_details(info: ImageInfo, path: str | None) -> ImageInfo:
+    """Deeper facts that cost more: pycdlib for ISOs, libmagic for unknown raw data."""
+    from diskpipe.formats import iso_details, nondisk  # noqa: PLC0415 - heavy, opt-in
+
+    contents = list(info.contents)
+    if path is not None and "iso" in info.content_kinds():
+        contents = [iso_details.describe(path, content) if content.kind == "iso" else content for content in contents]
+    if info.format == "raw" and not contents and path is not None:
+        with open(path, "rb") as handle:
+            opinion = nondisk.second_opinion(handle.read(65536))
+        if opinion is not None:
+            contents.append(opinion)
+    return info.with_changes(contents=tuple(contents))
+
+
+class StreamInspector:
+    """Inspects data fed in chunks of any size, with bounded memory.
+
+    Memory held: at most `reads.HEAD_RETAIN + reads.TAIL_RETAIN +
+    reads.MAX_READ` bytes (about 1.2 MiB) of image data, whatever the chunk
+    size, plus the inspectors' own small state.
+    """
+
+    def __init__(self, *, allocation: bool = False, filename: str | None = None) -> None:
+        self.progress = Progress()
+        # The file name is kept for the record only: a stream's answer must not
+        # depend on it (qemu's dmg-by-name rule applies to files alone).
+        self._filename = filename
+        self._driver = StreamDriver(inspection(InspectOptions(allocation=allocation), None, self.progress))
+        self._info: ImageInfo | None = None
+
+    @property
+    def bytes_seen(self) -> int:
+        return self._driver.position
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
+        self._driver.feed(chunk)
+
+    def finish(self) -> ImageInfo:
+        if self._info is None:
+            info: ImageInfo = self._driver.finish()
+            self._info = info.with_changes(streamed=True, filename=self._filename)
+        return self._info

@@ -1,0 +1,123 @@
+"""The detector: probes every format, inspects the matches, sniffs contents.
+
+Order of reads matters for streams: the head first, then whatever the
+matched containers ask for (forward reads), and the size and the tail last,
+because a stream knows them only at its end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from diskpipe.formats import dmg, ramdisk, raw, registry, vpc
+from diskpipe.formats.base import InspectOptions
+from diskpipe.formats.errors import FormatError, Unavailable
+from diskpipe.formats.info import GLANCE_DISK_FORMAT, Content, Facts, ImageInfo
+from diskpipe.formats.reads import HEAD_RETAIN, GetSize, Read, ReadTail, Request
+
+TAIL_NEEDED = 512  # a VHD footer, a dmg koly trailer
+
+
+class Progress:
+    """What the detector knows before the end of a stream (for early verdicts)."""
+
+    def __init__(self) -> None:
+        self.head_matches: list[str] | None = None
+        self.contents: list[Content] | None = None
+
+
+def sniff_contents(head: bytes, container_found: bool) -> list[Content]:
+    """What lies inside the raw bytes. Archives and text are looked for only
+    when no container matched (a VMDK descriptor is text, and honest)."""
+    found = [content for sniffer in registry.SNIFFERS if (content := sniffer.sniff(head)) is not None]
+    if not container_found:
+        compressed = ramdisk.sniff(head, lambda data: [fmt.name for fmt in registry.probe_containers(data)])
+        if compressed is not None:
+            found.append(compressed)
+        if not found:
+            other = registry.NON_DISK.sniff(head)
+            if other is not None:
+                found.append(other)
+    return found
+
+
+def glance_disk_format(format_name: str, contents: list[Content]) -> str:
+    """Glance's disk_format for what was found."""
+    if format_name != "raw":
+        return GLANCE_DISK_FORMAT.get(format_name, format_name)
+    kinds = {content.kind for content in contents}
+    if "iso" in kinds:
+        return "iso"
+    if "kernel" in kinds:
+        return "aki"
+    if "ramdisk" in kinds:
+        return "ari"
+    if "filesystem" in kinds and not kinds & {"gpt", "mbr"}:
+        return "ami"
+    return "raw"
+
+
+def inspection(
+    options: InspectOptions,
+    filename: str | None = None,
+    progress: Progress | None = None,
+) -> Generator[Request, Any, ImageInfo]:
+    head: bytes = yield Read(0, HEAD_RETAIN)
+    matched = registry.probe_containers(head)
+    contents = sniff_contents(head, bool(matched))
+    if progress is not None:
+        progress.head_matches = [fmt.name for fmt in matched]
+        progress.contents = contents
+
+    facts: list[Facts] = []
+    other_matches: dict[str, Any] = {}
+    for index, container in enumerate(matched):
+        if index == 0:
+            facts.append((yield from container.inspect(head, options)))
+            continue
+        # A second format in the same bytes is a fact for the policy; its own
+        # errors must not hide the first format's facts.
+        try:
+            facts.append((yield from container.inspect(head, options)))
+        except (FormatError, Unavailable) as error:
+            other_matches[container.name] = {"error": str(error)}
+
+    file_size: int = yield GetSize()
+    tail = b""
+    if file_size:
+        tail = yield ReadTail(TAIL_NEEDED)
+    names = [fmt.name for fmt in matched]
+    if "vpc" not in names and vpc.is_fixed_footer(tail):
+        facts.append(vpc.fixed_facts(tail, file_size))
+        names.append("vpc")
+    if dmg.has_trailer(tail) or (not names and dmg.probe_name(filename)):
+        facts.append(dmg.facts(tail))
+        names.append("dmg")
+
+    primary = facts[0] if facts else raw.facts(file_size)
+    for extra in facts[1:]:
+        other_matches.setdefault(extra.format, {"virtual-size": extra.virtual_size, "details": extra.details})
+    details = dict(primary.details)
+    if other_matches:
+        details["other-matches"] = other_matches
+    return ImageInfo(
+        format=primary.format,
+        disk_format=glance_disk_format(primary.format, contents),
+        virtual_size=primary.virtual_size,
+        file_size=file_size,
+        filename=filename,
+        cluster_size=primary.cluster_size,
+        backing_file=primary.backing_file,
+        backing_file_format=primary.backing_file_format,
+        data_file=primary.data_file,
+        encrypted=primary.encrypted,
+        dirty=primary.dirty,
+        corrupt=primary.corrupt,
+        subformat=primary.subformat,
+        format_specific=primary.format_specific,
+        details=details,
+        matches=tuple(names),
+        contents=tuple(contents),
+        allocated_size=primary.allocated_size,
+    )

@@ -1,0 +1,43 @@
+"""Apple disk images (`format: dmg`): named, never mistaken for raw, refused
+by the default policy.
+
+qemu picks its dmg driver by file name alone (a name ending in `.dmg`); a real
+UDIF image also ends with a 512-byte `koly` trailer, which diskpipe looks for
+so a stream can be recognised too.
+"""
+
+from __future__ import annotations
+
+from diskpipe.formats.info import Facts
+from diskpipe.formats.layout import Layout
+
+NAME = "dmg"
+TRAILER_SIZE = 512
+TRAILER = Layout(NAME, "koly trailer", ">", [
+    (0, "4s", "signature"),
+    (4, "I", "version"),
+    (8, "I", "header_size"),
+    (216, "Q", "xml_offset"),
+    (224, "Q", "xml_length"),
+    (492, "Q", "sector_count"),
+])  # fmt: skip
+
+
+def probe_name(filename: str | None) -> bool:
+    """qemu's probe: a name longer than 4 characters ending in `.dmg`."""
+    return filename is not None and len(filename) > 4 and filename.endswith(".dmg")
+
+
+def has_trailer(tail: bytes) -> bool:
+    if len(tail) < TRAILER_SIZE:
+        return False
+    trailer = TRAILER.parse(tail[-TRAILER_SIZE:])
+    return trailer["signature"] == b"koly" and trailer["header_size"] == TRAILER_SIZE
+
+
+def facts(tail: bytes) -> Facts:
+    """Size from the trailer's sector count (qemu sums its chunk tables instead)."""
+    sectors = 0
+    if has_trailer(tail):
+        sectors = TRAILER.parse(tail[-TRAILER_SIZE:])["sector_count"]
+    return Facts(format=NAME, virtual_size=sectors * 512, details={"koly-trailer": has_trailer(tail), "anomalies": []})

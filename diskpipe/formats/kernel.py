@@ -1,0 +1,49 @@
+"""Kernels (Amazon `aki`) inside raw data: FORMATS.md §10; Linux
+Documentation/arch/x86/boot.rst and the arm64 booting document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diskpipe.formats.info import Content
+from diskpipe.formats.layout import Layout
+
+X86_SETUP = Layout("aki", "x86 setup header", "<", [
+    (0x1F1, "B", "setup_sects"),
+    (0x1F4, "I", "syssize"),
+    (0x1FE, "H", "boot_flag"),
+    (0x202, "4s", "header"),
+    (0x206, "H", "version"),
+    (0x20E, "H", "kernel_version"),
+    (0x211, "B", "loadflags"),
+])  # fmt: skip
+ARM64_MAGIC = b"ARM\x64"
+ARM_ZIMAGE_MAGIC = 0x016F2818
+LOADED_HIGH = 1
+
+
+def sniff(head: bytes) -> Content | None:
+    if len(head) >= X86_SETUP.size and head[0x202:0x206] == b"HdrS":
+        setup = X86_SETUP.parse(head)
+        if setup["boot_flag"] != 0xAA55:
+            return None
+        details: dict[str, Any] = {
+            "protocol": f"{setup['version'] >> 8}.{setup['version'] & 0xFF:02d}",
+            "setup-sectors": setup["setup_sects"] or 4,
+            "efi-stub": head[:2] == b"MZ",
+        }
+        if setup["version"] >= 0x0204:
+            details["declared-bytes"] = (details["setup-sectors"] + 1) * 512 + setup["syssize"] * 16
+        if setup["kernel_version"]:
+            start = setup["kernel_version"] + 0x200
+            raw = head[start : start + 128]
+            details["version"] = raw.split(b"\0", 1)[0].decode("latin-1")
+        name = "bzImage" if setup["loadflags"] & LOADED_HIGH else "zImage"
+        return Content("kernel", name, details)
+    if len(head) >= 64 and head[56:60] == ARM64_MAGIC:
+        return Content("kernel", "arm64-image", {"image-size": int.from_bytes(head[16:24], "little")})
+    if len(head) >= 0x28 and int.from_bytes(head[0x24:0x28], "little") == ARM_ZIMAGE_MAGIC:
+        return Content("kernel", "arm-zimage", {})
+    if head[:4] == b"\x7fELF":
+        return Content("kernel", "elf", {"class": {1: 32, 2: 64}.get(head[4], 0)})
+    return None

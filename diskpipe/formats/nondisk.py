@@ -1,0 +1,93 @@
+"""Content that is not a disk image at all: archives (tar, OVA, zip...), text,
+and whatever libmagic names.
+
+The cheap checks here run on every inspection; python-magic is the second
+opinion for raw data nothing else recognised, loaded only when asked for
+(it costs ~46 ms at import, too much for the default `diskpipe info` path).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from diskpipe.formats.info import Content
+
+TEXT_SAMPLE = 4096
+ARCHIVE_MAGICS = (
+    (b"PK\x03\x04", "zip"),
+    (b"PK\x05\x06", "zip"),
+    (b"7z\xbc\xaf\x27\x1c", "7z"),
+    (b"Rar!\x1a\x07", "rar"),
+    (b"!<arch>\n", "ar"),
+)
+# libmagic MIME types that are certainly not disk images.
+NON_DISK_MIME_PREFIXES = ("text/", "image/", "audio/", "video/", "font/")
+NON_DISK_MIME_TYPES = frozenset({
+    "application/zip", "application/x-tar", "application/gzip", "application/x-xz", "application/x-bzip2",
+    "application/zstd", "application/x-7z-compressed", "application/x-rar", "application/pdf",
+    "application/json", "application/xml", "application/x-executable", "application/x-sharedlib",
+    "application/x-pie-executable", "application/vnd.microsoft.portable-executable", "application/java-archive",
+    "application/x-dosexec", "application/msword", "application/x-sqlite3", "application/x-archive",
+})  # fmt: skip
+
+
+def _tar(head: bytes) -> Content | None:
+    if len(head) < 512 or head[257:262] != b"ustar":
+        return None
+    first_member = head[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    if first_member.lower().endswith(".ovf"):
+        return Content("archive", "ova", {"first-member": first_member})
+    return Content("archive", "tar", {"first-member": first_member})
+
+
+def _text(head: bytes) -> Content | None:
+    sample = head[:TEXT_SAMPLE]
+    if len(sample) < 1 or b"\0" in sample:
+        return None
+    try:
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError as error:
+        # A multi-byte character cut at the sample's end is still text.
+        if error.start < len(sample) - 3:
+            return None
+        text = sample[: error.start].decode("utf-8")
+    printable = sum(1 for char in text if char.isprintable() or char in "\n\r\t\f\v")
+    if printable < len(text) * 0.98:
+        return None
+    first_line = text.split("\n", 1)[0][:80]
+    return Content("text", "text", {"first-line": first_line})
+
+
+def sniff(head: bytes) -> Content | None:
+    found = _tar(head)
+    if found is not None:
+        return found
+    for magic, name in ARCHIVE_MAGICS:
+        if head.startswith(magic):
+            return Content("archive", name, {})
+    return _text(head)
+
+
+@cache
+def _magic() -> Any:
+    try:
+        import magic  # noqa: PLC0415 - python-magic is loaded only for a second opinion
+    except ImportError:
+        return None
+    return magic
+
+
+def second_opinion(head: bytes) -> Content | None:
+    """libmagic's name for the data, as a content when it is clearly not a disk."""
+    module = _magic()
+    if module is None:
+        return None
+    try:
+        mime = module.from_buffer(head[:65536], mime=True)
+        description = module.from_buffer(head[:65536])
+    except Exception:  # noqa: BLE001 - libmagic failing is "no opinion"
+        return None
+    if mime in NON_DISK_MIME_TYPES or mime.startswith(NON_DISK_MIME_PREFIXES):
+        return Content("other", mime, {"description": description})
+    return None

@@ -1,0 +1,453 @@
+"""qcow2 (versions 2 and 3; version 1 lives in `qcow`).
+
+Layout and qemu 7.2's open rules: FORMATS.md §1, qemu docs/interop/qcow2.rst.
+Facts qemu refuses to open (unknown version, out-of-range fields, tables past
+the end) are reported as anomalies for the policy instead of raising, so a
+hostile image gets a verdict that names the problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from diskpipe.formats import allocation, luks
+from diskpipe.formats.base import ContainerFormat, InspectOptions, Inspection, read_exact
+from diskpipe.formats.errors import FormatError, Unavailable
+from diskpipe.formats.info import Facts
+from diskpipe.formats.layout import Layout, c_string
+from diskpipe.formats.reads import GetSize, Read, Request
+
+NAME = "qcow2"
+MAGIC = b"QFI\xfb"
+
+HEADER_V2 = Layout(NAME, "header", ">", [
+    (0, "4s", "magic"),
+    (4, "I", "version"),
+    (8, "Q", "backing_file_offset"),
+    (16, "I", "backing_file_size"),
+    (20, "I", "cluster_bits"),
+    (24, "Q", "size"),
+    (32, "I", "crypt_method"),
+    (36, "I", "l1_size"),
+    (40, "Q", "l1_table_offset"),
+    (48, "Q", "refcount_table_offset"),
+    (56, "I", "refcount_table_clusters"),
+    (60, "I", "nb_snapshots"),
+    (64, "Q", "snapshots_offset"),
+])  # fmt: skip
+HEADER_V3 = Layout(NAME, "version 3 header", ">", [
+    (72, "Q", "incompatible_features"),
+    (80, "Q", "compatible_features"),
+    (88, "Q", "autoclear_features"),
+    (96, "I", "refcount_order"),
+    (100, "I", "header_length"),
+])  # fmt: skip
+V2_HEADER_LENGTH = 72
+V3_MIN_HEADER_LENGTH = 104
+
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTENDED_L2 = 1 << 4
+INCOMPAT_KNOWN = 0x1F
+COMPAT_LAZY_REFCOUNTS = 1 << 0
+AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file", 3: "compression type", 4: "extended L2"}
+
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_BITMAPS = 0x23852875
+EXT_CRYPTO = 0x0537BE77
+EXT_DATA_FILE = 0x44415441
+EXT_HEADER = Layout(NAME, "header extension", ">", [(0, "I", "type"), (4, "I", "length")])
+BITMAPS_EXT = Layout(NAME, "bitmaps extension", ">", [
+    (0, "I", "nb_bitmaps"),
+    (8, "Q", "directory_size"),
+    (16, "Q", "directory_offset"),
+])  # fmt: skip
+BITMAP_ENTRY = Layout(NAME, "bitmap directory entry", ">", [
+    (0, "Q", "table_offset"),
+    (8, "I", "table_size"),
+    (12, "I", "flags"),
+    (16, "B", "type"),
+    (17, "B", "granularity_bits"),
+    (18, "H", "name_size"),
+    (20, "I", "extra_data_size"),
+])  # fmt: skip
+CRYPTO_EXT = Layout(NAME, "crypto extension", ">", [(0, "Q", "offset"), (8, "Q", "length")])
+
+MAX_BACKING_NAME = 1023  # qemu: "Backing file name too long" at 1024
+MAX_BACKING_FORMAT = 15  # qemu requires the extension length < 16
+MAX_L1_ENTRIES = 32 * 1024 * 1024 // 8  # "Active L1 table too large"
+MAX_REFTABLE_BYTES = 8 * 1024 * 1024
+MAX_SNAPSHOTS = 65536
+MAX_KEPT_EXTENSION = 4096  # longer extension payloads are not kept
+MAX_BITMAP_DIRECTORY = 64 * 1024 * 1024  # qemu's QCOW2_MAX_BITMAP_DIRECTORY_SIZE
+L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2_COMPRESSED = 1 << 62
+
+
+def probe(buffer: bytes) -> bool:
+    return buffer[:4] == MAGIC and int.from_bytes(buffer[4:8], "big") >= 2
+
+
+def _anomaly(anomalies: list[dict[str, str]], name: str, message: str) -> None:
+    anomalies.append({"name": name, "message": message})
+
+
+def inspect(head: bytes, options: InspectOptions) -> Inspection:
+    header = HEADER_V2.parse(head)
+    version = header["version"]
+    anomalies: list[dict[str, str]] = []
+    details: dict[str, Any] = {"version": version, "anomalies": anomalies}
+    if version not in (2, 3):
+        _anomaly(anomalies, "unsupported_version", f"unsupported qcow2 version {version}")
+    if version >= 3:
+        header.update(HEADER_V3.parse(head))
+        header_length = header["header_length"]
+        if header_length < V3_MIN_HEADER_LENGTH:
+            _anomaly(anomalies, "header_too_short", f"header_length {header_length} < 104")
+    else:
+        header.update(incompatible_features=0, compatible_features=0, autoclear_features=0, refcount_order=4)
+        header_length = V2_HEADER_LENGTH
+    compression_type = 0
+    if header_length > V3_MIN_HEADER_LENGTH and len(head) > V3_MIN_HEADER_LENGTH:
+        compression_type = head[V3_MIN_HEADER_LENGTH]
+
+    cluster_bits = header["cluster_bits"]
+    cluster_bits_valid = 9 <= cluster_bits <= 21
+    if not cluster_bits_valid:
+        _anomaly(anomalies, "cluster_size", f"unsupported cluster size: 2^{cluster_bits}")
+    # Out-of-range values are kept in a sane range so nothing below can blow up.
+    cluster_size = 1 << min(max(cluster_bits, 9), 21)
+    details["cluster-bits"] = cluster_bits
+    if header_length > cluster_size:
+        _anomaly(anomalies, "header_too_long", f"header_length {header_length} exceeds the cluster size")
+
+    incompatible = header["incompatible_features"]
+    unknown_incompatible = incompatible & ~INCOMPAT_KNOWN
+    details["incompatible-features"] = incompatible
+    details["compatible-features"] = header["compatible_features"]
+    details["autoclear-features"] = header["autoclear_features"]
+    if unknown_incompatible:
+        details["unknown-incompatible-features"] = unknown_incompatible
+    extended_l2 = bool(incompatible & INCOMPAT_EXTENDED_L2)
+    if extended_l2 and cluster_bits < 14:
+        _anomaly(anomalies, "extended_l2_cluster_size", "extended L2 entries need clusters of at least 16 KiB")
+    if header["refcount_order"] > 6:
+        _anomaly(anomalies, "refcount_order", f"refcount order {header['refcount_order']} > 6")
+    if bool(incompatible & INCOMPAT_COMPRESSION) != (compression_type != 0):
+        _anomaly(anomalies, "compression_type", "compression type bit and field disagree")
+    if compression_type > 1:
+        _anomaly(anomalies, "compression_type", f"unknown compression type: {compression_type}")
+    crypt_method = header["crypt_method"]
+    if crypt_method > 2:
+        _anomaly(anomalies, "crypt_method", f"unsupported encryption method {crypt_method}")
+
+    _check_tables(header, cluster_size, extended_l2, anomalies)
+
+    # Header extensions run up to the backing file name, else to the cluster end.
+    backing_offset = header["backing_file_offset"]
+    extension_end = backing_offset if backing_offset else cluster_size
+    extensions = yield from _read_extensions(head, header_length, min(extension_end, cluster_size), anomalies)
+
+    backing_file = None
+    if backing_offset:
+        backing_size = header["backing_file_size"]
+        details["backing-file-bytes"] = backing_size
+        if backing_offset > cluster_size:
+            _anomaly(anomalies, "backing_file_offset", f"backing file offset {backing_offset} beyond the first cluster")
+        if backing_size > min(MAX_BACKING_NAME, max(0, cluster_size - backing_offset)):
+            _anomaly(anomalies, "backing_file_name", f"backing file name too long ({backing_size} bytes)")
+        raw_name = yield from read_exact(backing_offset, min(backing_size, MAX_BACKING_NAME + 1), head)
+        backing_file = c_string(raw_name) if backing_size else None
+        if backing_size and not backing_file:
+            # An empty C string still names a backing chain to qemu's checks.
+            backing_file = ""
+
+    backing_format = None
+    if extensions.get("backing_format") is not None:
+        raw_format: bytes = extensions["backing_format"]
+        if len(raw_format) > MAX_BACKING_FORMAT:
+            _anomaly(anomalies, "backing_format", "backing format name too long")
+        backing_format = c_string(raw_format)
+    data_file = None
+    if extensions.get("data_file") is not None:
+        data_file = c_string(extensions["data_file"])
+    if incompatible & INCOMPAT_DATA_FILE:
+        details["external-data-file"] = True
+        if data_file is None:
+            # qemu would then need a data file given on the command line.
+            data_file = ""
+    if "crypto" in extensions and crypt_method != 2:
+        _anomaly(anomalies, "crypto_header", "crypto header extension without LUKS encryption")
+
+    format_specific = yield from _format_specific(header, version, compression_type, extensions, data_file, head)
+    if extensions.get("feature_names"):
+        details["feature-names"] = extensions["feature_names"]
+
+    virtual_size = header["size"] // 512 * 512
+    allocated = None
+    host_end = 0
+    if options.allocation and cluster_bits_valid and header["l1_size"] <= MAX_L1_ENTRIES:
+        try:
+            allocated, host_end = yield from _count_allocation(
+                header, cluster_size, extended_l2, virtual_size, anomalies
+            )
+        except Unavailable:
+            allocated = None
+    # The size comes last: a stream knows it only at its end.
+    file_size: int = yield GetSize()
+    details["file-size"] = file_size
+    _check_against_file_size(header, cluster_size, file_size, anomalies)
+    # With an external data file, data cluster offsets point into that file.
+    if host_end > file_size and not incompatible & INCOMPAT_DATA_FILE:
+        _anomaly(anomalies, "allocation_past_eof", f"allocation tables point {host_end - file_size} bytes past the end of the file")
+
+    return Facts(
+        format=NAME,
+        virtual_size=virtual_size,
+        cluster_size=1 << cluster_bits if cluster_bits_valid else None,
+        backing_file=backing_file,
+        backing_file_format=backing_format,
+        data_file=data_file,
+        encrypted=crypt_method != 0,
+        dirty=bool(incompatible & INCOMPAT_DIRTY),
+        corrupt=bool(incompatible & INCOMPAT_CORRUPT),
+        subformat="0.10" if version == 2 else "1.1",
+        format_specific=format_specific,
+        details=details,
+        allocated_size=allocated,
+    )
+
+
+def _check_tables(header: dict[str, Any], cluster_size: int, extended_l2: bool, anomalies: list[dict[str, str]]) -> None:
+    """The checks qemu makes on table fields before reading any table."""
+    l1_size = header["l1_size"]
+    if l1_size > MAX_L1_ENTRIES:
+        _anomaly(anomalies, "l1_too_large", f"active L1 table too large ({l1_size} entries)")
+    l2_entries = cluster_size // (16 if extended_l2 else 8)
+    needed = -(-header["size"] // (cluster_size * l2_entries))
+    if l1_size < needed:
+        _anomaly(anomalies, "l1_too_small", f"L1 table has {l1_size} entries, the disk needs {needed}")
+    for field, label in (("l1_table_offset", "L1 table"), ("refcount_table_offset", "refcount table")):
+        if header[field] % cluster_size:
+            _anomaly(anomalies, "table_alignment", f"{label} offset {header[field]} not cluster aligned")
+    if header["snapshots_offset"] % cluster_size:
+        _anomaly(anomalies, "table_alignment", "snapshot table offset not cluster aligned")
+    if header["nb_snapshots"] > MAX_SNAPSHOTS:
+        _anomaly(anomalies, "too_many_snapshots", f"{header['nb_snapshots']} snapshots")
+    if header["refcount_table_clusters"] * cluster_size > MAX_REFTABLE_BYTES:
+        _anomaly(anomalies, "refcount_table_too_large", "reference count table too large")
+    ranges = [("header", 0, cluster_size)]
+    if l1_size:
+        ranges.append(("L1 table", header["l1_table_offset"], l1_size * 8))
+    if header["refcount_table_clusters"]:
+        ranges.append(("refcount table", header["refcount_table_offset"], header["refcount_table_clusters"] * cluster_size))
+    if header["nb_snapshots"]:
+        ranges.append(("snapshot table", header["snapshots_offset"], cluster_size))
+    # Metadata lives in whole clusters, so overlap is judged cluster by cluster.
+    spans = [(name, start // cluster_size, -(-(start + length) // cluster_size)) for name, start, length in ranges]
+    for index, (name_a, start_a, end_a) in enumerate(spans):
+        for name_b, start_b, end_b in spans[index + 1 :]:
+            if start_a < end_b and start_b < end_a:
+                _anomaly(anomalies, "metadata_overlap", f"{name_a} overlaps {name_b}")
+
+
+def _check_against_file_size(header: dict[str, Any], cluster_size: int, file_size: int, anomalies: list[dict[str, str]]) -> None:
+    if header["l1_size"] and header["l1_table_offset"] + header["l1_size"] * 8 > file_size:
+        _anomaly(anomalies, "l1_past_eof", "L1 table lies past the end of the file")
+    refcount_end = header["refcount_table_offset"] + header["refcount_table_clusters"] * cluster_size
+    if header["refcount_table_clusters"] and refcount_end > file_size:
+        _anomaly(anomalies, "refcount_table_past_eof", "refcount table lies past the end of the file")
+
+
+def _read_extensions(
+    head: bytes, start: int, end: int, anomalies: list[dict[str, str]]
+) -> Generator[Request, Any, dict[str, Any]]:
+    """Walk the header extensions as qemu does, keeping the ones that matter."""
+    found: dict[str, Any] = {}
+    offset = start
+    while offset + EXT_HEADER.size <= end:
+        raw = yield from read_exact(offset, EXT_HEADER.size, head)
+        if len(raw) < EXT_HEADER.size:
+            break  # qemu reads zeros past the end: an end-of-extensions marker
+        ext = EXT_HEADER.parse(raw)
+        offset += EXT_HEADER.size
+        if ext["type"] == EXT_END:
+            break
+        length = ext["length"]
+        if length > end - offset:
+            _anomaly(anomalies, "extension_too_large", f"header extension 0x{ext['type']:08x} too large")
+            break
+        payload = b""
+        if ext["type"] in (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_BITMAPS, EXT_CRYPTO, EXT_FEATURE_TABLE):
+            payload = yield from read_exact(offset, min(length, MAX_KEPT_EXTENSION), head)
+        if ext["type"] == EXT_BACKING_FORMAT:
+            found["backing_format"] = payload  # a later duplicate wins, as in qemu
+        elif ext["type"] == EXT_DATA_FILE:
+            found["data_file"] = payload
+        elif ext["type"] == EXT_BITMAPS and len(payload) >= BITMAPS_EXT.size:
+            found["bitmaps"] = BITMAPS_EXT.parse(payload)
+        elif ext["type"] == EXT_CRYPTO and len(payload) >= CRYPTO_EXT.size:
+            found["crypto"] = CRYPTO_EXT.parse(payload)
+        elif ext["type"] == EXT_FEATURE_TABLE:
+            found["feature_names"] = _feature_names(payload)
+        offset += (length + 7) // 8 * 8
+    return found
+
+
+def _feature_names(payload: bytes) -> list[dict[str, Any]]:
+    names = []
+    for start in range(0, len(payload) - 47, 48):
+        entry = payload[start : start + 48]
+        kind = {0: "incompatible", 1: "compatible", 2: "autoclear"}.get(entry[0], str(entry[0]))
+        names.append({"type": kind, "bit": entry[1], "name": c_string(entry[2:48])})
+    return names
+
+
+def _format_specific(
+    header: dict[str, Any],
+    version: int,
+    compression_type: int,
+    extensions: dict[str, Any],
+    data_file: str | None,
+    head: bytes,
+) -> Generator[Request, Any, dict[str, Any]]:
+    """The `format-specific` object of `qemu-img info` for qcow2."""
+    data: dict[str, Any] = {
+        "compat": "0.10" if version == 2 else "1.1",
+        "compression-type": "zstd" if compression_type == 1 else "zlib",
+        "refcount-bits": 1 << min(header["refcount_order"], 6),
+    }
+    if version >= 3:
+        incompatible = header["incompatible_features"]
+        data["lazy-refcounts"] = bool(header["compatible_features"] & COMPAT_LAZY_REFCOUNTS)
+        data["corrupt"] = bool(incompatible & INCOMPAT_CORRUPT)
+        data["extended-l2"] = bool(incompatible & INCOMPAT_EXTENDED_L2)
+        if data_file is not None and "data_file" in extensions:
+            data["data-file"] = data_file
+        if incompatible & INCOMPAT_DATA_FILE:
+            data["data-file-raw"] = bool(header["autoclear_features"] & AUTOCLEAR_DATA_FILE_RAW)
+        if "bitmaps" in extensions:
+            bitmaps = yield from _bitmaps(extensions["bitmaps"], head)
+            if bitmaps is not None:
+                data["bitmaps"] = bitmaps
+    if header["crypt_method"] == 1:
+        data["encrypt"] = {"format": "aes"}
+    elif header["crypt_method"] == 2 and "crypto" in extensions:
+        crypto = extensions["crypto"]
+        raw = yield from read_exact(crypto["offset"], luks.HEADER_SIZE, head)
+        try:
+            data["encrypt"] = {"format": "luks", **luks.describe(raw)}
+        except FormatError:
+            data["encrypt"] = {"format": "luks"}
+    return {"type": NAME, "data": data}
+
+
+def _bitmaps(extension: dict[str, Any], head: bytes) -> Generator[Request, Any, list[dict[str, Any]] | None]:
+    size = extension["directory_size"]
+    if size > MAX_BITMAP_DIRECTORY or size > allocation.TABLE_PIECE:
+        return None
+    try:
+        directory = yield from read_exact(extension["directory_offset"], size, head)
+    except Unavailable:
+        return None
+    bitmaps = []
+    offset = 0
+    for _ in range(extension["nb_bitmaps"]):
+        if offset + BITMAP_ENTRY.size > len(directory):
+            return None
+        entry = BITMAP_ENTRY.parse(directory, offset)
+        name_start = offset + BITMAP_ENTRY.size + entry["extra_data_size"]
+        name = directory[name_start : name_start + entry["name_size"]].decode("utf-8", "backslashreplace")
+        flags = [label for bit, label in ((0, "in-use"), (1, "auto")) if entry["flags"] & (1 << bit)]
+        bitmaps.append({"flags": flags, "name": name, "granularity": 1 << min(entry["granularity_bits"], 63)})
+        offset = (name_start + entry["name_size"] + 7) // 8 * 8
+    return bitmaps
+
+
+def _count_allocation(
+    header: dict[str, Any],
+    cluster_size: int,
+    extended_l2: bool,
+    virtual_size: int,
+    anomalies: list[dict[str, str]],
+) -> Generator[Request, Any, tuple[int | None, int]]:
+    """(guest bytes with data, end of the furthest host cluster referenced).
+
+    "Data" is what `qemu-img map` reports as data: clusters with a host
+    offset (including preallocated zero clusters) and compressed clusters.
+    The L1 table is read one bounded piece at a time and the L2 tables of a
+    piece in ascending file order, so a stream can answer every read.
+    """
+    np = allocation.numpy()
+    l2_entries = cluster_size // (16 if extended_l2 else 8)
+    total = 0
+    host_end = 0
+    for first_index, piece_offset, piece_length in allocation.table_pieces(
+        header["l1_table_offset"], header["l1_size"] * 8, 8
+    ):
+        piece: bytes = yield Read(piece_offset, piece_length)
+        l1 = np.frombuffer(piece[: len(piece) // 8 * 8], dtype=">u8") & np.uint64(L2_OFFSET_MASK)
+        present = np.nonzero(l1)[0]
+        if not present.size:
+            continue
+        offsets = l1[present]
+        host_end = max(host_end, int(offsets.max()) + cluster_size)
+        # Misaligned or shared L2 tables would make the scan re-read the same
+        # bytes over and over (a cheap way to make an inspector hang).
+        if bool((offsets % np.uint64(cluster_size)).any()):
+            _anomaly(anomalies, "l2_table_alignment", "an L2 table offset is not cluster aligned")
+            return None, host_end
+        if np.unique(offsets).size != offsets.size:
+            _anomaly(anomalies, "l2_table_shared", "two L1 entries point at the same L2 table")
+            return None, host_end
+        units_per_cluster = 32 if extended_l2 else 1
+        for l1_index, l2_offset in zip(
+            (present[np.argsort(offsets, kind="stable")] + first_index).tolist(),
+            np.sort(offsets, kind="stable").tolist(),
+            strict=True,
+        ):
+            table: bytes = yield Read(l2_offset, cluster_size)
+            units, table_end = _scan_l2(table.ljust(cluster_size, b"\0"), header["cluster_bits"], extended_l2)
+            host_end = max(host_end, table_end)
+            first_unit = l1_index * l2_entries * units_per_cluster
+            total += allocation.clip_to_size(units + first_unit, cluster_size // units_per_cluster, virtual_size)
+    return total, host_end
+
+
+def _scan_l2(table: bytes, cluster_bits: int, extended_l2: bool) -> tuple[Any, int]:
+    """Allocated units of one L2 table (clusters, or subclusters with extended
+    L2), relative to the table's first cluster, and its furthest host byte."""
+    np = allocation.numpy()
+    cluster_size = 1 << cluster_bits
+    words = np.frombuffer(table, dtype=">u8")
+    if extended_l2:
+        words, bitmaps = words[0::2], words[1::2]
+    compressed = (words & np.uint64(L2_COMPRESSED)) != 0
+    host = words & np.uint64(L2_OFFSET_MASK)
+    standard = (host != 0) & ~compressed
+    host_end = 0
+    if standard.any():
+        host_end = int(host[standard].max()) + cluster_size
+    if compressed.any():
+        compressed_shift = 62 - (cluster_bits - 8)
+        compressed_host = words[compressed] & np.uint64((1 << compressed_shift) - 1)
+        host_end = max(host_end, int(compressed_host.max()) + 512)
+    if not extended_l2:
+        return np.nonzero(standard | compressed)[0].astype(np.int64), host_end
+    # Bits 0-31 of the bitmap word: subcluster allocated. Reverse the bytes of
+    # the big-endian u32 so unpackbits' column k is bit k.
+    allocated_bits = (bitmaps & np.uint64(0xFFFFFFFF)).astype(">u4")
+    bits = np.unpackbits(allocated_bits.view(np.uint8).reshape(-1, 4)[:, ::-1], axis=1, bitorder="little")
+    bits[~standard] = 0
+    bits[compressed] = 1  # a compressed cluster is data as a whole
+    cluster_numbers, subclusters = np.nonzero(bits)
+    return (cluster_numbers * 32 + subclusters).astype(np.int64), host_end
+
+
+FORMAT = ContainerFormat(NAME, probe, inspect)

@@ -1,0 +1,179 @@
+"""Ramdisks (Amazon `ari`) and compressed streams inside raw data (FORMATS.md §10).
+
+A cpio archive, or a compressed stream whose decompressed start is a cpio
+archive, is a ramdisk. Any other compressed stream is compressed content,
+not a disk image; what its start decompresses to is reported. Only a bounded
+prefix is ever decompressed (`PREFIX`), with memory limits on the codecs.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+from diskpipe.formats.info import Content
+
+PREFIX = 64 * 1024  # decompressed bytes looked at
+CPIO_MAGICS = (b"070701", b"070702", b"070707")
+CPIO_BINARY = (b"\xc7\x71", b"\x71\xc7")
+LZ4_LEGACY = b"\x02\x21\x4c\x18"
+LZ4_FRAME = b"\x04\x22\x4d\x18"
+XZ_MAGIC = b"\xfd7zXZ\x00"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+LZOP_MAGIC = b"\x89LZO\x00\r\n\x1a\n"
+CODEC_MEMORY_LIMIT = 128 * 1024 * 1024
+
+
+def is_cpio(data: bytes) -> bool:
+    return data[:6] in CPIO_MAGICS or data[:2] in CPIO_BINARY
+
+
+def _gzip(data: bytes) -> bytes:
+    return zlib.decompressobj(wbits=31).decompress(data, PREFIX)
+
+
+def _bzip2(data: bytes) -> bytes:
+    import bz2  # noqa: PLC0415 - only for bzip2 content
+
+    return bz2.BZ2Decompressor().decompress(data, max_length=PREFIX)
+
+
+def _xz(data: bytes) -> bytes:
+    import lzma  # noqa: PLC0415 - only for xz/lzma content
+
+    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=CODEC_MEMORY_LIMIT).decompress(data, max_length=PREFIX)
+
+
+def _lzma_alone(data: bytes) -> bytes:
+    import lzma  # noqa: PLC0415 - only for lzma content
+
+    return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE, memlimit=CODEC_MEMORY_LIMIT).decompress(data, max_length=PREFIX)
+
+
+def _zstd(data: bytes) -> bytes:
+    import io  # noqa: PLC0415
+
+    import zstandard  # noqa: PLC0415 - only for zstd content
+
+    decompressor = zstandard.ZstdDecompressor(max_window_size=CODEC_MEMORY_LIMIT)
+    with decompressor.stream_reader(io.BytesIO(data), read_across_frames=True) as reader:
+        out = bytearray()
+        while len(out) < PREFIX:
+            piece = reader.read(PREFIX - len(out))
+            if not piece:
+                break
+            out += piece
+        return bytes(out)
+
+
+def _lz4_block(block: bytes, limit: int) -> bytes:
+    """Decode one LZ4 block, stopping after `limit` output bytes."""
+    out = bytearray()
+    position = 0
+    while position < len(block) and len(out) < limit:
+        token = block[position]
+        position += 1
+        literal_length = token >> 4
+        if literal_length == 15:
+            while True:
+                extra = block[position]
+                position += 1
+                literal_length += extra
+                if extra != 255:
+                    break
+        out += block[position : position + literal_length]
+        position += literal_length
+        if position >= len(block):
+            break
+        offset = block[position] | block[position + 1] << 8
+        position += 2
+        if offset == 0 or offset > len(out):
+            raise ValueError("lz4: bad match offset")
+        match_length = token & 15
+        if match_length == 15:
+            while True:
+                extra = block[position]
+                position += 1
+                match_length += extra
+                if extra != 255:
+                    break
+        match_length += 4
+        start = len(out) - offset
+        for index in range(min(match_length, limit - len(out) + 1)):
+            out.append(out[start + index])
+    return bytes(out[:limit])
+
+
+def _lz4_legacy(data: bytes) -> bytes:
+    # Legacy (kernel initramfs) framing: magic, then u32 block size + block.
+    size = int.from_bytes(data[4:8], "little")
+    return _lz4_block(data[8 : 8 + size], PREFIX)
+
+
+def _lz4_frame(data: bytes) -> bytes:
+    flags = data[4]
+    header_length = 7 + (8 if flags & 0x08 else 0) + (4 if flags & 0x01 else 0)
+    position = 4 + header_length
+    size_word = int.from_bytes(data[position : position + 4], "little")
+    block = data[position + 4 : position + 4 + (size_word & 0x7FFFFFFF)]
+    if size_word & 0x80000000:
+        return block[:PREFIX]  # stored uncompressed
+    return _lz4_block(block, PREFIX)
+
+
+def _algorithm(head: bytes) -> tuple[str, Callable[[bytes], bytes]] | None:
+    if head[:2] == b"\x1f\x8b":
+        return "gzip", _gzip
+    if head[:6] == XZ_MAGIC:
+        return "xz", _xz
+    if head[:4] == ZSTD_MAGIC:
+        return "zstd", _zstd
+    if head[:4] == LZ4_LEGACY:
+        return "lz4", _lz4_legacy
+    if head[:4] == LZ4_FRAME:
+        return "lz4", _lz4_frame
+    if head[:3] == b"BZh" and head[3:4] in b"123456789" and head[4:10] == b"\x31\x41\x59\x26\x53\x59":
+        return "bzip2", _bzip2
+    if head[:3] == b"\x5d\x00\x00":
+        return "lzma", _lzma_alone
+    if head[:9] == LZOP_MAGIC:
+        return "lzop", lambda data: b""
+    return None
+
+
+def decompressed_prefix(head: bytes) -> tuple[str, bytes | None] | None:
+    """(algorithm, start of the decompressed data or None if it fails)."""
+    found = _algorithm(head)
+    if found is None:
+        return None
+    name, decode = found
+    try:
+        return name, decode(head)
+    except Exception:  # noqa: BLE001 - any codec failure means "not decodable"
+        return name, None
+
+
+def sniff(head: bytes, inner_probe: Callable[[bytes], list[str]]) -> Content | None:
+    """A ramdisk or compressed content; `inner_probe` names container formats
+    found at the start of decompressed data (a gzipped qcow2, say)."""
+    if is_cpio(head):
+        return Content("ramdisk", "cpio", {"compression": None})
+    found = decompressed_prefix(head)
+    if found is None:
+        return None
+    algorithm, prefix = found
+    if prefix is None:
+        # lzma-alone's weak magic appears in random data; call it only when it decodes.
+        if algorithm == "lzma":
+            return None
+        return Content("compressed", algorithm, {"decodable": False})
+    if not prefix and algorithm == "lzma":
+        return None
+    if is_cpio(prefix):
+        return Content("ramdisk", f"cpio.{algorithm}", {"compression": algorithm})
+    details: dict[str, Any] = {"decodable": True}
+    inner = inner_probe(prefix)
+    if inner:
+        details["inner-formats"] = inner
+    return Content("compressed", algorithm, details)

@@ -1,0 +1,262 @@
+"""How inspectors ask for bytes, and the two drivers that answer them.
+
+An inspector is a generator: it yields a request (`Read`, `ReadTail`,
+`GetSize`) and receives the answer through `send`. The same inspector code
+then serves a file (answered at once with `os.pread`) and a stream fed in
+chunks of any size (answered when the stream passes the asked-for range).
+
+Stream memory is bounded: the driver keeps the first `HEAD_RETAIN` bytes,
+the last `TAIL_RETAIN` bytes and one pending request of at most
+`MAX_READ` bytes. A request for bytes the stream has already passed (and that
+lie outside the head) is answered by throwing `Unavailable` into the
+inspector, which leaves the facts that need them unset.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from diskpipe.formats.errors import Unavailable
+
+# Everything the content sniffers and every header parser look at lies in the
+# first 128 KiB (btrfs' superblock at 0x10040 is the furthest), so keeping it
+# lets inspectors re-read headers in any order, also in stream mode.
+HEAD_RETAIN = 128 * 1024
+# A VMDK stream footer (footer marker, header copy, end-of-stream marker) is
+# the largest structure read relative to the end: 1536 bytes.
+TAIL_RETAIN = 4096
+# No single request may be larger: a stream holds at most this much for it.
+MAX_READ = 1024 * 1024 + 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Bytes [offset, offset + length); the answer is shorter at end of data."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadTail:
+    """The last `length` bytes of the image (all of it if it is shorter)."""
+
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetSize:
+    """The total image size in bytes."""
+
+
+Request = Read | ReadTail | GetSize
+# An inspector: yields requests, receives bytes (or an int for GetSize).
+Inspection = Generator[Request, Any, "T"]
+T = TypeVar("T")
+
+
+def _check_request(request: Request) -> None:
+    if isinstance(request, Read):
+        if request.offset < 0 or request.length < 0 or request.length > MAX_READ:
+            raise AssertionError(f"inspector asked for an unbounded read: {request}")
+    elif isinstance(request, ReadTail):
+        if not 0 <= request.length <= TAIL_RETAIN:
+            raise AssertionError(f"inspector asked for too long a tail: {request}")
+
+
+def run_on_file(inspection: Generator[Request, Any, T], fd: int, size: int) -> T:
+    """Drive an inspector over an open file descriptor of known size."""
+    try:
+        request = next(inspection)
+        while True:
+            _check_request(request)
+            answer: bytes | int
+            if isinstance(request, Read):
+                if request.offset >= size or request.length == 0:
+                    answer = b""
+                else:
+                    answer = os.pread(fd, min(request.length, size - request.offset), request.offset)
+            elif isinstance(request, ReadTail):
+                length = min(request.length, size)
+                answer = os.pread(fd, length, size - length) if length else b""
+            else:
+                answer = size
+            request = inspection.send(answer)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+def run_on_bytes(inspection: Generator[Request, Any, T], data: bytes) -> T:
+    """Drive an inspector over bytes already in memory (tests, small uploads)."""
+    view = memoryview(data)
+    size = len(data)
+    try:
+        request = next(inspection)
+        while True:
+            _check_request(request)
+            answer: bytes | int
+            if isinstance(request, Read):
+                answer = bytes(view[request.offset : request.offset + request.length])
+            elif isinstance(request, ReadTail):
+                answer = bytes(view[max(0, size - request.length) :])
+            else:
+                answer = size
+            request = inspection.send(answer)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+class StreamDriver:
+    """Drives one inspector over data that arrives in chunks, in order.
+
+    `feed` takes chunks of any size; `finish` marks the end and returns the
+    inspector's result. Memory held: `HEAD_RETAIN + TAIL_RETAIN + MAX_READ`
+    bytes at most, whatever the chunk size.
+    """
+
+    def __init__(self, inspection: Generator[Request, Any, Any]) -> None:
+        self._inspection = inspection
+        self._position = 0  # bytes fed so far
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._finished = False
+        self._done = False
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._capture: bytearray | None = None  # the pending Read being filled
+        self._captured = 0
+        self._pending: Request | None = None
+        self._advance(None, first=True)
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @property
+    def done(self) -> bool:
+        """The inspector has its answer (or failed); later bytes change nothing."""
+        return self._done
+
+    @property
+    def waiting_for_end(self) -> bool:
+        """The inspector only waits for the end of the stream (size or tail)."""
+        return isinstance(self._pending, (ReadTail, GetSize))
+
+    def peek_head(self) -> bytes:
+        return bytes(self._head)
+
+    # -- driving the generator -------------------------------------------------
+    def _advance(self, answer: Any, *, first: bool = False, throw: BaseException | None = None) -> None:
+        """Send an answer (or throw) and store the next request."""
+        self._capture = None
+        self._captured = 0
+        try:
+            if first:
+                request = next(self._inspection)
+            elif throw is not None:
+                request = self._inspection.throw(throw)
+            else:
+                request = self._inspection.send(answer)
+        except StopIteration as stop:
+            self._done = True
+            self._pending = None
+            self._result = stop.value
+            return
+        except BaseException as error:  # noqa: BLE001 - re-raised from finish()/feed()
+            self._done = True
+            self._pending = None
+            self._error = error
+            return
+        _check_request(request)
+        self._pending = request
+
+    def _serve(self, chunk: memoryview, chunk_start: int) -> None:
+        """Answer pending requests from the head, the current chunk and captures."""
+        chunk_end = chunk_start + len(chunk)
+        while not self._done:
+            request = self._pending
+            if isinstance(request, GetSize):
+                if not self._finished:
+                    return
+                self._advance(self._position)
+                continue
+            if isinstance(request, ReadTail):
+                if not self._finished:
+                    return
+                length = min(request.length, self._position)
+                self._advance(bytes(self._tail[len(self._tail) - length :]) if length else b"")
+                continue
+            assert isinstance(request, Read)
+            start, end = request.offset, request.offset + request.length
+            if self._finished:
+                end = min(end, self._position)
+            if self._capture is None:
+                if end <= start:
+                    self._advance(b"")
+                    continue
+                if end <= len(self._head):
+                    self._advance(bytes(self._head[start:end]))
+                    continue
+                tail_start = self._position - len(self._tail)
+                if self._finished and start >= tail_start:
+                    self._advance(bytes(self._tail[start - tail_start : end - tail_start]))
+                    continue
+                # The part before the current chunk must come from the head.
+                if start < chunk_start and start < len(self._head) and len(self._head) >= chunk_start:
+                    self._capture = bytearray(self._head[start:chunk_start])
+                elif start < chunk_start or (self._finished and start >= chunk_end):
+                    self._advance(None, throw=Unavailable(f"bytes at {start} already passed"))
+                    continue
+                else:
+                    self._capture = bytearray()
+                self._captured = start + len(self._capture)
+            # Copy the overlap of [captured, end) with the current chunk.
+            if self._captured < chunk_end and end > chunk_start:
+                lo = max(self._captured, chunk_start)
+                hi = min(end, chunk_end)
+                if lo < hi:
+                    if lo != self._captured:
+                        self._advance(None, throw=Unavailable(f"bytes at {self._captured} already passed"))
+                        continue
+                    self._capture += chunk[lo - chunk_start : hi - chunk_start]
+                    self._captured = hi
+            if self._captured >= end:
+                data = bytes(self._capture)
+                self._advance(data)
+                continue
+            if self._finished:
+                # End of data inside the request: a short read, as from a file.
+                self._advance(bytes(self._capture))
+                continue
+            return
+
+    # -- public feeding API ----------------------------------------------------
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        view = memoryview(chunk).cast("B")
+        if not len(view):
+            return
+        chunk_start = self._position
+        self._position += len(view)
+        if len(self._head) < HEAD_RETAIN:
+            self._head += view[: HEAD_RETAIN - len(self._head)]
+        if not self._done:
+            self._serve(view, chunk_start)
+        if len(view) >= TAIL_RETAIN:
+            self._tail = bytearray(view[-TAIL_RETAIN:])
+        else:
+            self._tail += view
+            del self._tail[: max(0, len(self._tail) - TAIL_RETAIN)]
+
+    def finish(self) -> Any:
+        if not self._finished:
+            self._finished = True
+            if not self._done:
+                self._serve(memoryview(b""), self._position)
+        if self._error is not None:
+            raise self._error
+        return self._result

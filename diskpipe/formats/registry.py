@@ -1,0 +1,61 @@
+"""Every container format and content sniffer, in the order they are tried.
+
+The order of containers decides which of two matches is the primary one
+(qemu picks the first driver with the highest probe score); both are reported.
+"""
+
+from __future__ import annotations
+
+from diskpipe.formats import (
+    bochs,
+    cloop,
+    filesystem,
+    iso,
+    kernel,
+    luks,
+    nondisk,
+    parallels,
+    partitions,
+    qcow,
+    qcow2,
+    qed,
+    vdi,
+    vhdx,
+    vmdk,
+    vpc,
+)
+from diskpipe.formats.base import PROBE_SIZE, ContainerFormat, ContentSniffer
+
+CONTAINERS: tuple[ContainerFormat, ...] = (
+    qcow2.FORMAT,
+    qcow.FORMAT,
+    qed.FORMAT,
+    vdi.FORMAT,
+    vmdk.FORMAT,
+    vhdx.FORMAT,
+    vpc.FORMAT,
+    luks.FORMAT,
+    parallels.FORMAT,
+    bochs.FORMAT,
+    cloop.FORMAT,
+)
+
+# Ramdisks and compressed streams are sniffed separately (they need the
+# container probes to name what compressed data holds).
+SNIFFERS: tuple[ContentSniffer, ...] = (
+    ContentSniffer("luks", luks.sniff_luks2),
+    ContentSniffer("iso", iso.sniff),
+    ContentSniffer("kernel", kernel.sniff),
+    ContentSniffer("gpt", partitions.sniff_gpt),
+    ContentSniffer("mbr", partitions.sniff_mbr),
+    ContentSniffer("filesystem", filesystem.sniff),
+)
+NON_DISK = ContentSniffer("non-disk", nondisk.sniff)
+
+
+def probe_containers(data: bytes) -> list[ContainerFormat]:
+    """Containers whose probe accepts the start of `data` (zero padded as qemu pads)."""
+    buffer = data[:PROBE_SIZE]
+    if len(buffer) < PROBE_SIZE:
+        buffer = buffer + bytes(PROBE_SIZE - len(buffer))
+    return [container for container in CONTAINERS if container.probe(buffer)]

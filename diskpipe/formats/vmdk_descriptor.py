@@ -1,0 +1,188 @@
+"""VMDK text descriptors: qemu's reading of them, and a strict reading.
+
+qemu reads a descriptor with substring searches (the first "createType",
+the first "CID", any line that scans as an extent). diskpipe reports what
+qemu would use and, beside it, what a strict line-by-line reading finds:
+lines that are not comments, `key=value` pairs, ddb entries or extents, text
+hidden after a NUL, and values where the two readings disagree. FORMATS.md §6.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# qemu accepts these as standalone descriptor files; the two sparse types
+# exist only as the descriptor embedded in a binary extent.
+TEXT_CREATE_TYPES = frozenset({
+    "monolithicFlat", "vmfs", "vmfsSparse", "seSparse", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat",
+})  # fmt: skip
+EXTENT_TYPES = frozenset({"FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE"})
+FLAT_TYPES = frozenset({"FLAT", "VMFS"})
+MAX_NAME = 511  # qemu's sscanf width for an extent file name
+# sscanf("%10s %ld %10s \"%511[^\n\r\"]\" %ld"): access, sectors, type, "name", [offset]
+_EXTENT_LINE = re.compile(
+    rb'[ \t\r\v\f]*(\S{1,10})[ \t\r\v\f]+([+-]?\d+)[ \t\r\v\f]+(\S{1,10})[ \t\r\v\f]+"([^\n\r"]{1,511})"(?:[ \t\r\v\f]+([+-]?\d+))?'
+)
+_KEY_VALUE = re.compile(rb'\s*([A-Za-z][A-Za-z0-9_.]*)\s*=\s*("[^"\r\n]*"|[^\s"]*)\s*$')
+_STRICT_EXTENT = re.compile(rb'\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)\s+"([^"\r\n]*)"(?:\s+(\d+))?\s*$')
+MAX_REPORTED_LINES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    access: str
+    sectors: int
+    type: str
+    filename: str
+    offset: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"access": self.access, "sectors": self.sectors, "type": self.type, "filename": self.filename}
+        if self.offset is not None:
+            out["offset"] = self.offset
+        return out
+
+
+@dataclass(slots=True)
+class Descriptor:
+    """Facts of one descriptor text (standalone file or embedded)."""
+
+    text_bytes: int
+    create_type: str | None = None
+    cid: int | None = None
+    parent_cid: int | None = None
+    cid_valid: bool = True
+    parent_hint: str | None = None
+    extents: list[Extent] = field(default_factory=list)  # lines qemu scans as extents
+    unexpected_lines: list[str] = field(default_factory=list)
+    hidden_text: bool = False
+    disagreements: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "bytes": self.text_bytes,
+            "create-type": self.create_type,
+            "extents": [extent.to_json() for extent in self.extents],
+        }
+        if self.parent_hint is not None:
+            out["parent-file-name-hint"] = self.parent_hint
+        if self.unexpected_lines:
+            out["unexpected-lines"] = self.unexpected_lines
+        if self.hidden_text:
+            out["hidden-text"] = True
+        if self.disagreements:
+            out["disagreements"] = self.disagreements
+        return out
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _qemu_option(text: bytes, name: bytes) -> str | None:
+    """qemu's vmdk_parse_description: first occurrence, skip `="`, up to `"`."""
+    position = text.find(name)
+    if position < 0:
+        return None
+    start = position + len(name) + 2
+    end = text.find(b'"', start)
+    if start >= len(text) or end < 0:
+        return None
+    return _decode(text[start:end])
+
+
+def _qemu_cid(text: bytes, name: bytes) -> tuple[int | None, bool]:
+    """qemu's vmdk_read_cid: first occurrence of the name, skip name+1 chars,
+    scan a hex number. Returns (value, valid)."""
+    position = text.find(name)
+    if position < 0:
+        return None, True  # qemu then keeps its default
+    match = re.match(rb"\s*(?:0[xX])?([0-9a-fA-F]+)", text[position + len(name) + 1 :])
+    if not match:
+        return None, False
+    return int(match.group(1)[-8:], 16), True
+
+
+def _qemu_parent_hint(text: bytes) -> str | None:
+    position = text.find(b"parentFileNameHint")
+    if position < 0:
+        return None
+    start = position + len(b"parentFileNameHint") + 2
+    end = text.find(b'"', start)
+    return _decode(text[start:end]) if end >= 0 else _decode(text[start:])
+
+
+def parse(region: bytes) -> Descriptor:
+    """Read a descriptor region (NUL-terminated text, then padding)."""
+    nul = region.find(b"\0")
+    text = region if nul < 0 else region[:nul]
+    descriptor = Descriptor(text_bytes=len(text))
+    descriptor.hidden_text = nul >= 0 and any(region[nul:])
+    descriptor.create_type = _qemu_option(text, b"createType")
+    descriptor.cid, cid_valid = _qemu_cid(text, b"CID")
+    descriptor.parent_cid, parent_valid = _qemu_cid(text, b"parentCID")
+    descriptor.cid_valid = cid_valid and parent_valid
+    descriptor.parent_hint = _qemu_parent_hint(text)
+
+    strict_values: dict[str, str] = {}
+    for raw_line in text.split(b"\n"):
+        line = raw_line.rstrip(b"\r")
+        scanned = _EXTENT_LINE.match(line)
+        if scanned:
+            offset = int(scanned.group(5)) if scanned.group(5) is not None else None
+            descriptor.extents.append(
+                Extent(_decode(scanned.group(1)), int(scanned.group(2)), _decode(scanned.group(3)), _decode(scanned.group(4)), offset)
+            )
+        stripped = line.strip()
+        if not stripped or stripped.startswith(b"#"):
+            continue
+        if _STRICT_EXTENT.match(line):
+            continue
+        pair = _KEY_VALUE.match(line)
+        if pair:
+            strict_values.setdefault(_decode(pair.group(1)), _decode(pair.group(2).strip(b'"')))
+            continue
+        if len(descriptor.unexpected_lines) < MAX_REPORTED_LINES:
+            descriptor.unexpected_lines.append(_decode(line[:120]))
+    if "createType" in strict_values and strict_values["createType"] != descriptor.create_type:
+        descriptor.disagreements.append(
+            f"qemu reads createType {descriptor.create_type!r}, its line says {strict_values['createType']!r}"
+        )
+    if "CID" in strict_values:
+        try:
+            if int(strict_values["CID"], 16) != descriptor.cid:
+                descriptor.disagreements.append("qemu reads a different CID than the CID line")
+        except ValueError:
+            descriptor.disagreements.append("the CID line is not a hex number")
+    if descriptor.parent_hint is not None and strict_values.get("parentFileNameHint") != descriptor.parent_hint:
+        descriptor.disagreements.append("qemu reads a parentFileNameHint that no line states plainly")
+    return descriptor
+
+
+def probe_text(buffer: bytes) -> bool:
+    """qemu's text probe: comment lines and space-only lines may come first,
+    then exactly `version=1|2|3` and a line end."""
+    position = 0
+    end = len(buffer)
+    while position < end:
+        char = buffer[position]
+        if char == 0x23:  # '#': skip the comment line
+            newline = buffer.find(b"\n", position)
+            if newline < 0:
+                return False
+            position = newline + 1
+            continue
+        if char == 0x20:  # a line of spaces (optionally \r) before the version line
+            while position < end and buffer[position] == 0x20:
+                position += 1
+            if position < end and buffer[position] == 0x0D:
+                position += 1
+            if position == end or buffer[position] != 0x0A:
+                return False
+            position += 1
+            continue
+        rest = buffer[position : position + 11]
+        return any(rest.startswith(b"version=%d\n" % v) or rest.startswith(b"version=%d\r\n" % v) for v in (1, 2, 3))
+    return False
