@@ -83,9 +83,17 @@ def _info_rows(entry: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _load_policy(args: argparse.Namespace) -> Any:
+    from diskpipe.formats.policy import load_policy
+
+    return load_policy(getattr(args, "policy", None))
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from diskpipe.formats import FormatError, inspect
+    from diskpipe.formats.policy import check
 
+    policy = _load_policy(args)
     entries: list[dict[str, Any]] = []
     exit_code = EXIT_OK
     for path in args.files:
@@ -94,6 +102,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             entry = info.to_json()
             if not args.details:
                 entry.pop("details", None)
+            entry.update(check(info, policy).to_json())
             entries.append(entry)
         except FormatError as error:
             entries.append({"filename": path, "error": str(error)})
@@ -115,6 +124,49 @@ def cmd_info(args: argparse.Namespace) -> int:
     return exit_code
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from diskpipe.formats import FormatError
+    from diskpipe.validation import UnsafeImage, ValidatingReader, validate
+
+    policy = _load_policy(args)
+    name = "<stdin>" if args.file == "-" else args.file
+    result: dict[str, Any] = {"filename": name}
+    try:
+        if args.file == "-":
+            reader = ValidatingReader(sys.stdin.buffer, claimed=args.claimed_format, policy=policy)
+            try:
+                while reader.read(1024 * 1024):
+                    pass
+                verdict = reader.verdict
+            except UnsafeImage as unsafe:
+                verdict = unsafe.verdict
+            assert verdict is not None
+        else:
+            verdict = validate(args.file, claimed=args.claimed_format, policy=policy)
+        if verdict.info is not None and verdict.info.virtual_size:
+            result.update(
+                format=verdict.info.format, disk_format=verdict.info.disk_format, virtual_size=verdict.info.virtual_size
+            )
+        result.update(verdict.to_json())
+        exit_code = EXIT_OK if verdict.safe else EXIT_REFUSED
+    except FormatError as error:
+        result.update(safe=False, issues=[{"check": "malformed", "message": str(error)}], notes=[])
+        exit_code = EXIT_REFUSED
+    except OSError as error:
+        print(f"diskpipe: {name}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.output == "json":
+        print(json.dumps(result, indent=2))
+    elif exit_code == EXIT_OK:
+        print(f"{name}: safe ({result.get('format', '?')}, disk_format {result.get('disk_format', '?')})")
+        for note in result["notes"]:
+            print(f"note: {note}")
+    else:
+        for issue in result["issues"]:
+            print(f"{name}: {issue['check']}: {issue['message']}", file=sys.stderr)
+    return exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diskpipe", description="Inspect, validate, convert and store VM disk images.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -125,7 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--output", choices=("human", "json"), default="human")
     info.add_argument("--allocation", action="store_true", help="read allocation tables: adds allocated-size")
     info.add_argument("--details", action="store_true", help="deeper facts (ISO volume via pycdlib, libmagic)")
+    info.add_argument("--policy", metavar="FILE", help="configuration file with a [policy] section")
     info.set_defaults(handler=cmd_info)
+
+    validate = commands.add_parser("validate", help="is an image safe to store? exit 0 safe, 1 unsafe or malformed")
+    validate.add_argument("file", metavar="FILE|-", help="an image file, or - for standard input")
+    validate.add_argument(
+        "--claimed-format", metavar="FMT", help="the format the uploader claims (Glance or qemu name)"
+    )
+    validate.add_argument("--policy", metavar="FILE", help="configuration file with a [policy] section")
+    validate.add_argument("--output", choices=("human", "json"), default="human")
+    validate.set_defaults(handler=cmd_validate)
     return parser
 
 

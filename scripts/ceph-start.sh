@@ -23,7 +23,8 @@
 # stdout: only eval-able lines; the last one is CEPH_CONF=<STATE_DIR>/ceph.conf
 # (with cephx, DISKPIPE_CEPH_KEYRING=<client.diskpipe keyring> comes before it).
 # Progress goes to stderr, command output to <STATE_DIR>/log/setup.log.
-set -euo pipefail
+# -E: the ERR trap (log tails on failure) must also fire inside functions.
+set -Eeuo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 dir="${1:-${DISKPIPE_CEPH_DIR:-/tmp/diskpipe-ceph}}"
@@ -149,7 +150,12 @@ memstore_device_bytes = $memstore_bytes
 # Stay on loopback (no network in the sandbox / CI besides 127.0.0.0/8).
 public_addr = 127.0.0.1
 cluster_addr = 127.0.0.1
-osd_crush_initial_weight = 1
+# No mon commands from the OSD at boot: right after auth (instant with auth
+# none) its monmap may not have arrived yet, the command goes out with fsid
+# 0000... and the mon answers "wrong fsid" (EPERM), which kills the OSD at
+# init. The script puts osd.0 into the CRUSH map itself instead.
+osd_crush_update_on_start = false
+osd_class_update_on_start = false
 # Fault-injection tests SIGSTOP the OSD; after SIGCONT an op that was in
 # flight must not trip the internal watchdog (default 150 s) and abort it.
 osd_op_thread_suicide_timeout = 3600
@@ -205,10 +211,18 @@ wait_for() {
 wait_for "the monitor" ceph_ mon stat
 
 ceph_ osd create "$osd_uuid" 0
+ceph_ osd crush add osd.0 1.0 root=default
 osd_mkfs=(ceph-osd -c "$conf" -i 0 --mkfs --osd-uuid "$osd_uuid")
 [[ "$auth" == cephx ]] || osd_mkfs+=(--mkkey)
 run "${osd_mkfs[@]}"
-run ceph-osd -c "$conf" -i 0 # daemonizes
+# Daemonizes; exits non-zero if the OSD fails during init. Retried as a
+# safety net against start-up races like the one described in ceph.conf.
+for attempt in 1 2 3; do
+    run ceph-osd -c "$conf" -i 0 && break
+    ((attempt < 3)) || { fail_msg="ceph-osd failed to start 3 times"; false; }
+    log "ceph-osd failed to start (attempt $attempt), retrying"
+    sleep 1
+done
 
 ceph_ osd pool create "$pool" 8
 ceph_ osd pool set "$pool" size 1 --yes-i-really-mean-it

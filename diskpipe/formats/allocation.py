@@ -21,7 +21,7 @@ OFFSET_BATCH = TABLE_PIECE // 8
 
 
 def numpy() -> Any:
-    import numpy as np  # noqa: PLC0415 - deliberately lazy: numpy costs ~100 ms at import
+    import numpy as np  # deliberately lazy: numpy costs ~100 ms at import
 
     return np
 

@@ -34,10 +34,10 @@ def inspect(source: Source, *, allocation: bool = False, details: bool = False) 
         finally:
             os.close(fd)
         return _with_details(info, path) if details else info
-    fd = _regular_fileno(source)
-    if fd is not None:
+    source_fd = _regular_fileno(source)
+    if source_fd is not None:
         name = getattr(source, "name", None)
-        info = _inspect_fd(fd, options, filename=name if isinstance(name, str) else None)
+        info = _inspect_fd(source_fd, options, filename=name if isinstance(name, str) else None)
         return _with_details(info, info.filename) if details and info.filename else info
     inspector = StreamInspector(allocation=allocation)
     while chunk := source.read(STREAM_CHUNK):
@@ -57,7 +57,7 @@ def _inspect_fd(fd: int, options: InspectOptions, filename: str | None) -> Image
     status = os.fstat(fd)
     if stat.S_ISDIR(status.st_mode):
         raise IsADirectoryError(21, "is a directory", filename)
-    size = status.st_size
+    size: int = status.st_size
     if stat.S_ISBLK(status.st_mode):
         size = os.lseek(fd, 0, os.SEEK_END)
     info = run_on_file(inspection(options, filename=filename), fd, size)
@@ -73,7 +73,7 @@ def _inspect_fd(fd: int, options: InspectOptions, filename: str | None) -> Image
 
 def _with_details(info: ImageInfo, path: str | None) -> ImageInfo:
     """Deeper facts that cost more: pycdlib for ISOs, libmagic for unknown raw data."""
-    from diskpipe.formats import iso_details, nondisk  # noqa: PLC0415 - heavy, opt-in
+    from diskpipe.formats import iso_details, nondisk  # heavy, opt-in
 
     contents = list(info.contents)
     if path is not None and "iso" in info.content_kinds():

@@ -3,7 +3,7 @@ are never mistaken for raw; refused by the default policy. qemu block/bochs.c.""
 
 from __future__ import annotations
 
-from diskpipe.formats.base import ContainerFormat, InspectOptions, Inspection
+from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions
 from diskpipe.formats.errors import FormatError
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout, c_string

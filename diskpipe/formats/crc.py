@@ -7,7 +7,9 @@ inspectors working (slowly) where that wheel is missing.
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
+_google_crc32c: Any
 try:
     import google_crc32c as _google_crc32c
 except ImportError:  # pragma: no cover - exercised only without the wheel

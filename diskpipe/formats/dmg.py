@@ -32,7 +32,7 @@ def has_trailer(tail: bytes) -> bool:
     if len(tail) < TRAILER_SIZE:
         return False
     trailer = TRAILER.parse(tail[-TRAILER_SIZE:])
-    return trailer["signature"] == b"koly" and trailer["header_size"] == TRAILER_SIZE
+    return bool(trailer["signature"] == b"koly" and trailer["header_size"] == TRAILER_SIZE)
 
 
 def facts(tail: bytes) -> Facts:

@@ -53,13 +53,15 @@ def sniff(head: bytes) -> Content | None:
         kind = descriptor[0]
         if kind == TYPE_PRIMARY and len(descriptor) >= PRIMARY.size and "volume-id" not in details:
             primary = PRIMARY.parse(descriptor)
-            details.update({
-                "volume-id": _text(primary["volume_id"]),
-                "system-id": _text(primary["system_id"]),
-                "space-size": primary["space_size"],
-                "block-size": primary["block_size"],
-                "volume-bytes": primary["space_size"] * primary["block_size"],
-            })
+            details.update(
+                {
+                    "volume-id": _text(primary["volume_id"]),
+                    "system-id": _text(primary["system_id"]),
+                    "space-size": primary["space_size"],
+                    "block-size": primary["block_size"],
+                    "volume-bytes": primary["space_size"] * primary["block_size"],
+                }
+            )
         elif kind == TYPE_BOOT_RECORD and descriptor[7:30] == EL_TORITO_ID:
             details["el-torito"] = True
             details["boot-catalog-sector"] = int.from_bytes(descriptor[71:75], "little")

@@ -32,26 +32,28 @@ def _boot_entry(entry: Any, platform: int) -> dict[str, Any]:
 
 
 def describe(path: str, content: Content) -> Content:
-    import pycdlib  # noqa: PLC0415 - heavy; only --details pays for it
+    import pycdlib  # heavy; only --details pays for it
 
     iso = pycdlib.PyCdlib()
     try:
         iso.open(path)
-    except Exception as error:  # noqa: BLE001 - pycdlib raises many types on bad input
+    except Exception as error:
         raise FormatError("iso", f"pycdlib cannot read the volume: {error}") from error
     try:
         pvd = iso.pvd
         details = dict(content.details)
-        details.update({
-            "volume-id": _text(pvd.volume_identifier),
-            "system-id": _text(pvd.system_identifier),
-            "publisher": _text(getattr(pvd.publisher_identifier, "text", b"")),
-            "application": _text(getattr(pvd.application_identifier, "text", b"")),
-            "joliet": iso.has_joliet(),
-            "rock-ridge": iso.has_rock_ridge() or None,
-            "udf": iso.has_udf(),
-            "hybrid-mbr": iso.isohybrid_mbr is not None,
-        })
+        details.update(
+            {
+                "volume-id": _text(pvd.volume_identifier),
+                "system-id": _text(pvd.system_identifier),
+                "publisher": _text(getattr(pvd.publisher_identifier, "text", b"")),
+                "application": _text(getattr(pvd.application_identifier, "text", b"")),
+                "joliet": iso.has_joliet(),
+                "rock-ridge": iso.has_rock_ridge() or None,
+                "udf": iso.has_udf(),
+                "hybrid-mbr": iso.isohybrid_mbr is not None,
+            }
+        )
         catalog = iso.eltorito_boot_catalog
         if catalog is not None:
             platform = catalog.validation_entry.platform_id
@@ -61,7 +63,7 @@ def describe(path: str, content: Content) -> Content:
                     entries.append(_boot_entry(entry, section.platform_id))
             details["el-torito-entries"] = entries
         return Content(content.kind, content.name, details)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise FormatError("iso", f"pycdlib cannot describe the volume: {error}") from error
     finally:
         iso.close()

@@ -34,7 +34,9 @@ class Layout:
         self._names = tuple(names)
         self.size = self._struct.size
 
-    def parse(self, data: bytes | bytearray | memoryview, offset: int = 0, *, file_offset: int | None = None) -> dict[str, Any]:
+    def parse(
+        self, data: bytes | bytearray | memoryview, offset: int = 0, *, file_offset: int | None = None
+    ) -> dict[str, Any]:
         """Fields of the structure at `offset` in `data`; FormatError if cut short."""
         if len(data) - offset < self.size:
             where = offset if file_offset is None else file_offset

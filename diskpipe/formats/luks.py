@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diskpipe.formats.base import ContainerFormat, InspectOptions, Inspection
+from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions
 from diskpipe.formats.errors import FormatError
 from diskpipe.formats.info import Content, Facts
 from diskpipe.formats.layout import Layout, c_string, round_up
@@ -93,7 +93,9 @@ def describe(raw: bytes) -> dict[str, Any]:
         if slot["active"] not in (SLOT_ACTIVE, SLOT_INACTIVE):
             raise FormatError(NAME, f"keyslot {index} state is invalid", offset=where)
         if slot["stripes"] != STRIPES:
-            raise FormatError(NAME, f"keyslot {index} is corrupted (stripes {slot['stripes']} != {STRIPES})", offset=where)
+            raise FormatError(
+                NAME, f"keyslot {index} is corrupted (stripes {slot['stripes']} != {STRIPES})", offset=where
+            )
         start, end = slot["key_offset"], slot["key_offset"] + key_sectors
         if start < HEADER_SECTORS:
             raise FormatError(NAME, f"keyslot {index} is overlapping with the LUKS header", offset=where)

@@ -72,7 +72,7 @@ def sniff(head: bytes) -> Content | None:
 @cache
 def _magic() -> Any:
     try:
-        import magic  # noqa: PLC0415 - python-magic is loaded only for a second opinion
+        import magic  # python-magic is loaded only for a second opinion
     except ImportError:
         return None
     return magic

@@ -61,14 +61,16 @@ def mbr_entries(sector: bytes) -> list[dict[str, Any]]:
     entries = []
     for index in range(4):
         entry = MBR_ENTRY.parse(sector, MBR_ENTRIES_OFFSET + index * 16)
-        entries.append({
-            "index": index,
-            "status": entry["status"],
-            "type": entry["type"],
-            "start-chs": entry["start_chs"].hex(),
-            "start-lba": entry["start_lba"],
-            "sectors": entry["sectors"],
-        })
+        entries.append(
+            {
+                "index": index,
+                "status": entry["status"],
+                "type": entry["type"],
+                "start-chs": entry["start_chs"].hex(),
+                "start-lba": entry["start_lba"],
+                "sectors": entry["sectors"],
+            }
+        )
     return entries
 
 
@@ -137,19 +139,21 @@ def _gpt_at(head: bytes, sector_size: int) -> Content | None:
     if header["entry_size"] >= GPT_ENTRY.size and entries_start + entries_bytes <= len(head):
         table = head[entries_start : entries_start + entries_bytes]
         details["entries-crc-valid"] = zlib.crc32(table) == header["entries_crc"]
-        partitions = []
+        partitions: list[dict[str, Any]] = []
         for index in range(header["entry_count"]):
             entry = GPT_ENTRY.parse(table, index * header["entry_size"])
             if not any(entry["type_guid"]):
                 continue
             if len(partitions) < MAX_REPORTED_PARTITIONS:
-                partitions.append({
-                    "index": index,
-                    "type": _guid_text(entry["type_guid"]),
-                    "first-lba": entry["first_lba"],
-                    "last-lba": entry["last_lba"],
-                    "name": entry["name"].decode("utf-16-le", "replace").rstrip("\0"),
-                })
+                partitions.append(
+                    {
+                        "index": index,
+                        "type": _guid_text(entry["type_guid"]),
+                        "first-lba": entry["first_lba"],
+                        "last-lba": entry["last_lba"],
+                        "name": entry["name"].decode("utf-16-le", "replace").rstrip("\0"),
+                    }
+                )
             details["partition-count"] = details.get("partition-count", 0) + 1
         details["partitions"] = partitions
         details.setdefault("partition-count", 0)

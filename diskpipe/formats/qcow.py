@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diskpipe.formats.base import ContainerFormat, InspectOptions, Inspection, read_exact
+from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions, read_exact
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout, c_string
 

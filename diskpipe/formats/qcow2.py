@@ -12,7 +12,7 @@ from collections.abc import Generator
 from typing import Any
 
 from diskpipe.formats import allocation, luks
-from diskpipe.formats.base import ContainerFormat, InspectOptions, Inspection, read_exact
+from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions, read_exact
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout, c_string
@@ -195,7 +195,7 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     if options.allocation and cluster_bits_valid and header["l1_size"] <= MAX_L1_ENTRIES:
         try:
             allocated, host_end = yield from _count_allocation(
-                header, cluster_size, extended_l2, virtual_size, anomalies
+                header, cluster_size, extended_l2, virtual_size, anomalies, details
             )
         except Unavailable:
             allocated = None
@@ -205,7 +205,11 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     _check_against_file_size(header, cluster_size, file_size, anomalies)
     # With an external data file, data cluster offsets point into that file.
     if host_end > file_size and not incompatible & INCOMPAT_DATA_FILE:
-        _anomaly(anomalies, "allocation_past_eof", f"allocation tables point {host_end - file_size} bytes past the end of the file")
+        _anomaly(
+            anomalies,
+            "allocation_past_eof",
+            f"allocation tables point {host_end - file_size} bytes past the end of the file",
+        )
 
     return Facts(
         format=NAME,
@@ -224,7 +228,9 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     )
 
 
-def _check_tables(header: dict[str, Any], cluster_size: int, extended_l2: bool, anomalies: list[dict[str, str]]) -> None:
+def _check_tables(
+    header: dict[str, Any], cluster_size: int, extended_l2: bool, anomalies: list[dict[str, str]]
+) -> None:
     """The checks qemu makes on table fields before reading any table."""
     l1_size = header["l1_size"]
     if l1_size > MAX_L1_ENTRIES:
@@ -246,7 +252,9 @@ def _check_tables(header: dict[str, Any], cluster_size: int, extended_l2: bool, 
     if l1_size:
         ranges.append(("L1 table", header["l1_table_offset"], l1_size * 8))
     if header["refcount_table_clusters"]:
-        ranges.append(("refcount table", header["refcount_table_offset"], header["refcount_table_clusters"] * cluster_size))
+        ranges.append(
+            ("refcount table", header["refcount_table_offset"], header["refcount_table_clusters"] * cluster_size)
+        )
     if header["nb_snapshots"]:
         ranges.append(("snapshot table", header["snapshots_offset"], cluster_size))
     # Metadata lives in whole clusters, so overlap is judged cluster by cluster.
@@ -257,7 +265,9 @@ def _check_tables(header: dict[str, Any], cluster_size: int, extended_l2: bool, 
                 _anomaly(anomalies, "metadata_overlap", f"{name_a} overlaps {name_b}")
 
 
-def _check_against_file_size(header: dict[str, Any], cluster_size: int, file_size: int, anomalies: list[dict[str, str]]) -> None:
+def _check_against_file_size(
+    header: dict[str, Any], cluster_size: int, file_size: int, anomalies: list[dict[str, str]]
+) -> None:
     if header["l1_size"] and header["l1_table_offset"] + header["l1_size"] * 8 > file_size:
         _anomaly(anomalies, "l1_past_eof", "L1 table lies past the end of the file")
     refcount_end = header["refcount_table_offset"] + header["refcount_table_clusters"] * cluster_size
@@ -376,6 +386,7 @@ def _count_allocation(
     extended_l2: bool,
     virtual_size: int,
     anomalies: list[dict[str, str]],
+    details: dict[str, Any],
 ) -> Generator[Request, Any, tuple[int | None, int]]:
     """(guest bytes with data, end of the furthest host cluster referenced).
 
@@ -388,6 +399,7 @@ def _count_allocation(
     l2_entries = cluster_size // (16 if extended_l2 else 8)
     total = 0
     host_end = 0
+    compressed_clusters = 0
     for first_index, piece_offset, piece_length in allocation.table_pieces(
         header["l1_table_offset"], header["l1_size"] * 8, 8
     ):
@@ -413,16 +425,21 @@ def _count_allocation(
             strict=True,
         ):
             table: bytes = yield Read(l2_offset, cluster_size)
-            units, table_end = _scan_l2(table.ljust(cluster_size, b"\0"), header["cluster_bits"], extended_l2)
+            units, table_end, compressed = _scan_l2(
+                table.ljust(cluster_size, b"\0"), header["cluster_bits"], extended_l2
+            )
             host_end = max(host_end, table_end)
+            compressed_clusters += compressed
             first_unit = l1_index * l2_entries * units_per_cluster
             total += allocation.clip_to_size(units + first_unit, cluster_size // units_per_cluster, virtual_size)
+    details["compressed-clusters"] = compressed_clusters
     return total, host_end
 
 
-def _scan_l2(table: bytes, cluster_bits: int, extended_l2: bool) -> tuple[Any, int]:
+def _scan_l2(table: bytes, cluster_bits: int, extended_l2: bool) -> tuple[Any, int, int]:
     """Allocated units of one L2 table (clusters, or subclusters with extended
-    L2), relative to the table's first cluster, and its furthest host byte."""
+    L2) relative to the table's first cluster, its furthest host byte, and
+    how many of its clusters are compressed."""
     np = allocation.numpy()
     cluster_size = 1 << cluster_bits
     words = np.frombuffer(table, dtype=">u8")
@@ -438,8 +455,9 @@ def _scan_l2(table: bytes, cluster_bits: int, extended_l2: bool) -> tuple[Any, i
         compressed_shift = 62 - (cluster_bits - 8)
         compressed_host = words[compressed] & np.uint64((1 << compressed_shift) - 1)
         host_end = max(host_end, int(compressed_host.max()) + 512)
+    compressed_count = int(np.count_nonzero(compressed))
     if not extended_l2:
-        return np.nonzero(standard | compressed)[0].astype(np.int64), host_end
+        return np.nonzero(standard | compressed)[0].astype(np.int64), host_end, compressed_count
     # Bits 0-31 of the bitmap word: subcluster allocated. Reverse the bytes of
     # the big-endian u32 so unpackbits' column k is bit k.
     allocated_bits = (bitmaps & np.uint64(0xFFFFFFFF)).astype(">u4")
@@ -447,7 +465,7 @@ def _scan_l2(table: bytes, cluster_bits: int, extended_l2: bool) -> tuple[Any, i
     bits[~standard] = 0
     bits[compressed] = 1  # a compressed cluster is data as a whole
     cluster_numbers, subclusters = np.nonzero(bits)
-    return (cluster_numbers * 32 + subclusters).astype(np.int64), host_end
+    return (cluster_numbers * 32 + subclusters).astype(np.int64), host_end, compressed_count
 
 
 FORMAT = ContainerFormat(NAME, probe, inspect)

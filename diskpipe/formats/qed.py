@@ -6,7 +6,7 @@ from collections.abc import Generator
 from typing import Any
 
 from diskpipe.formats import allocation
-from diskpipe.formats.base import ContainerFormat, InspectOptions, Inspection, read_exact
+from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions, read_exact
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout, c_string

@@ -34,27 +34,29 @@ def _gzip(data: bytes) -> bytes:
 
 
 def _bzip2(data: bytes) -> bytes:
-    import bz2  # noqa: PLC0415 - only for bzip2 content
+    import bz2  # only for bzip2 content
 
     return bz2.BZ2Decompressor().decompress(data, max_length=PREFIX)
 
 
 def _xz(data: bytes) -> bytes:
-    import lzma  # noqa: PLC0415 - only for xz/lzma content
+    import lzma  # only for xz/lzma content
 
     return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=CODEC_MEMORY_LIMIT).decompress(data, max_length=PREFIX)
 
 
 def _lzma_alone(data: bytes) -> bytes:
-    import lzma  # noqa: PLC0415 - only for lzma content
+    import lzma  # only for lzma content
 
-    return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE, memlimit=CODEC_MEMORY_LIMIT).decompress(data, max_length=PREFIX)
+    return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE, memlimit=CODEC_MEMORY_LIMIT).decompress(
+        data, max_length=PREFIX
+    )
 
 
 def _zstd(data: bytes) -> bytes:
-    import io  # noqa: PLC0415
+    import io
 
-    import zstandard  # noqa: PLC0415 - only for zstd content
+    import zstandard  # only for zstd content
 
     decompressor = zstandard.ZstdDecompressor(max_window_size=CODEC_MEMORY_LIMIT)
     with decompressor.stream_reader(io.BytesIO(data), read_across_frames=True) as reader:

@@ -62,9 +62,8 @@ def _check_request(request: Request) -> None:
     if isinstance(request, Read):
         if request.offset < 0 or request.length < 0 or request.length > MAX_READ:
             raise AssertionError(f"inspector asked for an unbounded read: {request}")
-    elif isinstance(request, ReadTail):
-        if not 0 <= request.length <= TAIL_RETAIN:
-            raise AssertionError(f"inspector asked for too long a tail: {request}")
+    elif isinstance(request, ReadTail) and not 0 <= request.length <= TAIL_RETAIN:
+        raise AssertionError(f"inspector asked for too long a tail: {request}")
 
 
 def run_on_file(inspection: Generator[Request, Any, T], fd: int, size: int) -> T:
@@ -246,6 +245,9 @@ class StreamDriver:
             self._head += view[: HEAD_RETAIN - len(self._head)]
         if not self._done:
             self._serve(view, chunk_start)
+            if self._error is not None:
+                # Broken input is reported as soon as it is seen.
+                raise self._error
         if len(view) >= TAIL_RETAIN:
             self._tail = bytearray(view[-TAIL_RETAIN:])
         else:

@@ -6,7 +6,7 @@ from collections.abc import Generator
 from typing import Any
 
 from diskpipe.formats import allocation
-from diskpipe.formats.base import ContainerFormat, InspectOptions, Inspection
+from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout, round_up
@@ -60,7 +60,12 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     anomalies: list[dict[str, str]] = []
     details: dict[str, Any] = {"version": f"{version >> 16}.{version & 0xFFFF}", "anomalies": anomalies}
     if version != VERSION_1_1:
-        anomalies.append({"name": "unsupported_version", "message": f"unsupported VDI image (version {version >> 16}.{version & 0xFFFF})"})
+        anomalies.append(
+            {
+                "name": "unsupported_version",
+                "message": f"unsupported VDI image (version {version >> 16}.{version & 0xFFFF})",
+            }
+        )
         if version >> 16 == 0:
             old = HEADER_V0.parse(head)
             return Facts(
@@ -74,14 +79,26 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
         if header[field] % 512:
             raise FormatError(NAME, f"unsupported VDI image (unaligned {label} 0x{header[field]:x})", field=field)
     if header["sector_size"] != 512:
-        raise FormatError(NAME, f"unsupported VDI image (sector size {header['sector_size']} is not 512)", field="sector_size")
+        raise FormatError(
+            NAME, f"unsupported VDI image (sector size {header['sector_size']} is not 512)", field="sector_size"
+        )
     if header["block_size"] != BLOCK_SIZE:
-        raise FormatError(NAME, f"unsupported VDI image (block size {header['block_size']} is not {BLOCK_SIZE})", field="block_size")
+        raise FormatError(
+            NAME, f"unsupported VDI image (block size {header['block_size']} is not {BLOCK_SIZE})", field="block_size"
+        )
     blocks = header["blocks_in_image"]
     if blocks > BLOCKS_IN_IMAGE_MAX:
-        raise FormatError(NAME, f"unsupported VDI image (too many blocks {blocks}, max is {BLOCKS_IN_IMAGE_MAX})", field="blocks_in_image")
+        raise FormatError(
+            NAME,
+            f"unsupported VDI image (too many blocks {blocks}, max is {BLOCKS_IN_IMAGE_MAX})",
+            field="blocks_in_image",
+        )
     if header["disk_size"] > blocks * BLOCK_SIZE:
-        raise FormatError(NAME, f"unsupported VDI image (disk size {header['disk_size']}, image bitmap has room for {blocks * BLOCK_SIZE})", field="disk_size")
+        raise FormatError(
+            NAME,
+            f"unsupported VDI image (disk size {header['disk_size']}, image bitmap has room for {blocks * BLOCK_SIZE})",
+            field="disk_size",
+        )
     if any(header["uuid_link"]) or any(header["uuid_parent"]):
         # qemu refuses these too; they name a parent image (a differencing disk).
         details["parent"] = {"uuid-link": header["uuid_link"].hex(), "uuid-parent": header["uuid_parent"].hex()}

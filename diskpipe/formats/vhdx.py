@@ -7,10 +7,11 @@ header copy is tolerated, a bad region table is an error.
 from __future__ import annotations
 
 from collections.abc import Generator
+from itertools import pairwise
 from typing import Any
 
 from diskpipe.formats import allocation
-from diskpipe.formats.base import ContainerFormat, InspectOptions, Inspection, read_exact
+from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions, read_exact
 from diskpipe.formats.crc import crc32c
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
@@ -145,7 +146,12 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     if any(header["log_guid"]) and header["log_length"]:
         log_pending = yield from _log_has_entries(header, anomalies)
     if log_pending:
-        anomalies.append({"name": "pending_log", "message": "the log holds entries that need replaying (qemu refuses a read-only open)"})
+        anomalies.append(
+            {
+                "name": "pending_log",
+                "message": "the log holds entries that need replaying (qemu refuses a read-only open)",
+            }
+        )
 
     # qemu's files put the BAT before the metadata that describes it: in a
     # stream, keep a small BAT as it passes and read it after the metadata.
@@ -165,12 +171,14 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     if logical_sector != 512:
         raise FormatError(NAME, f"logical sector size {logical_sector} is not supported by qemu (512 only)")
     disk_size = items["virtual_disk_size"]
-    details.update({
-        "block-size": block_size,
-        "logical-sector-size": logical_sector,
-        "physical-sector-size": items["physical_sector_size"],
-        "leave-blocks-allocated": params["leave_blocks_allocated"],
-    })
+    details.update(
+        {
+            "block-size": block_size,
+            "logical-sector-size": logical_sector,
+            "physical-sector-size": items["physical_sector_size"],
+            "leave-blocks-allocated": params["leave_blocks_allocated"],
+        }
+    )
     if has_parent or "parent_locator" in items:
         details["parent"] = items.get("parent_locator", {})
         details["has-parent"] = has_parent
@@ -179,7 +187,12 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     data_blocks = -(-disk_size // block_size)
     bat_entries = data_blocks + (data_blocks - 1) // chunk_ratio if data_blocks else 0
     if bat_entries * 8 > bat["length"]:
-        anomalies.append({"name": "bat_too_small", "message": f"BAT region holds {bat['length'] // 8} entries, the disk needs {bat_entries}"})
+        anomalies.append(
+            {
+                "name": "bat_too_small",
+                "message": f"BAT region holds {bat['length'] // 8} entries, the disk needs {bat_entries}",
+            }
+        )
 
     allocated = None
     data_end = 0
@@ -192,7 +205,9 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
             allocated = None
     file_size: int = yield GetSize()
     if data_end > file_size:
-        anomalies.append({"name": "allocation_past_eof", "message": "a fully present block lies past the end of the file"})
+        anomalies.append(
+            {"name": "allocation_past_eof", "message": "a fully present block lies past the end of the file"}
+        )
     return Facts(
         format=NAME,
         virtual_size=disk_size // 512 * 512,
@@ -209,16 +224,22 @@ def _parse_regions(raw: bytes, anomalies: list[dict[str, str]]) -> dict[bytes, d
         raise FormatError(NAME, "region table is corrupt (signature or CRC-32C)", offset=REGION_TABLE_OFFSET)
     count = table["entry_count"]
     if count > MAX_ENTRIES:
-        anomalies.append({"name": "region_table_limits", "message": f"region table has {count} entries (limit {MAX_ENTRIES})"})
+        anomalies.append(
+            {"name": "region_table_limits", "message": f"region table has {count} entries (limit {MAX_ENTRIES})"}
+        )
         count = MAX_ENTRIES
     regions: dict[bytes, dict[str, Any]] = {}
     for index in range(count):
         entry = REGION_ENTRY.parse(raw, 16 + index * REGION_ENTRY.size)
         known = entry["guid"] in (BAT_REGION, METADATA_REGION)
         if entry["guid"] in regions:
-            raise FormatError(NAME, "a region appears twice in the region table", offset=REGION_TABLE_OFFSET + 16 + index * 32)
+            raise FormatError(
+                NAME, "a region appears twice in the region table", offset=REGION_TABLE_OFFSET + 16 + index * 32
+            )
         if not known and entry["flags"] & REGION_REQUIRED:
-            anomalies.append({"name": "unknown_required_region", "message": f"unknown required region {entry['guid'].hex()}"})
+            anomalies.append(
+                {"name": "unknown_required_region", "message": f"unknown required region {entry['guid'].hex()}"}
+            )
         if entry["file_offset"] % MiB or entry["length"] % MiB:
             anomalies.append({"name": "region_alignment", "message": "a region is not aligned to 1 MiB"})
         regions[entry["guid"]] = entry
@@ -228,15 +249,19 @@ def _parse_regions(raw: bytes, anomalies: list[dict[str, str]]) -> dict[bytes, d
     return regions
 
 
-def _check_overlaps(regions: dict[bytes, dict[str, Any]], header: dict[str, Any], anomalies: list[dict[str, str]]) -> None:
+def _check_overlaps(
+    regions: dict[bytes, dict[str, Any]], header: dict[str, Any], anomalies: list[dict[str, str]]
+) -> None:
     spans = [(entry["file_offset"], entry["file_offset"] + entry["length"]) for entry in regions.values()]
     if header["log_length"]:
         spans.append((header["log_offset"], header["log_offset"] + header["log_length"]))
     spans.append((0, MiB))  # the header section
     spans.sort()
-    for (_, end_a), (start_b, _) in zip(spans, spans[1:], strict=False):
+    for (_, end_a), (start_b, _) in pairwise(spans):
         if start_b < end_a:
-            anomalies.append({"name": "region_overlap", "message": "regions overlap each other, the log or the headers"})
+            anomalies.append(
+                {"name": "region_overlap", "message": "regions overlap each other, the log or the headers"}
+            )
             return
 
 
@@ -262,19 +287,30 @@ def _read_metadata(region: dict[str, Any], anomalies: list[dict[str, str]]) -> G
         raise FormatError(NAME, "metadata table signature missing", offset=start)
     count = table["entry_count"]
     if count > MAX_ENTRIES:
-        anomalies.append({"name": "metadata_table_limits", "message": f"metadata table has {count} entries (limit {MAX_ENTRIES})"})
+        anomalies.append(
+            {"name": "metadata_table_limits", "message": f"metadata table has {count} entries (limit {MAX_ENTRIES})"}
+        )
         count = MAX_ENTRIES
     wanted: dict[bytes, dict[str, Any]] = {}
     for index in range(count):
-        entry = METADATA_ENTRY.parse(raw, 32 + index * METADATA_ENTRY_SIZE, file_offset=start + 32 + index * METADATA_ENTRY_SIZE)
+        entry = METADATA_ENTRY.parse(
+            raw, 32 + index * METADATA_ENTRY_SIZE, file_offset=start + 32 + index * METADATA_ENTRY_SIZE
+        )
         known = entry["guid"] in MANDATORY_ITEMS or entry["guid"] == PARENT_LOCATOR
         if not known and entry["flags"] & ITEM_REQUIRED:
-            anomalies.append({"name": "unknown_required_metadata", "message": f"unknown required metadata item {entry['guid'].hex()}"})
+            anomalies.append(
+                {
+                    "name": "unknown_required_metadata",
+                    "message": f"unknown required metadata item {entry['guid'].hex()}",
+                }
+            )
         if known:
             if entry["guid"] in wanted:
                 raise FormatError(NAME, "a metadata item appears twice", offset=start + 32 + index * 32)
             if entry["offset"] + entry["length"] > region["length"]:
-                raise FormatError(NAME, "a metadata item lies outside the metadata region", offset=start + 32 + index * 32)
+                raise FormatError(
+                    NAME, "a metadata item lies outside the metadata region", offset=start + 32 + index * 32
+                )
             wanted[entry["guid"]] = entry
     for item_guid, label in MANDATORY_ITEMS.items():
         if item_guid not in wanted:
@@ -297,7 +333,9 @@ def _read_metadata(region: dict[str, Any], anomalies: list[dict[str, str]]) -> G
         else:
             size = 8 if item_guid == VIRTUAL_DISK_SIZE else 4 if item_guid != PAGE83_DATA else 16
             if len(data) < size:
-                raise FormatError(NAME, f"metadata item '{MANDATORY_ITEMS[item_guid]}' truncated", offset=start + entry["offset"])
+                raise FormatError(
+                    NAME, f"metadata item '{MANDATORY_ITEMS[item_guid]}' truncated", offset=start + entry["offset"]
+                )
             if item_guid == VIRTUAL_DISK_SIZE:
                 items["virtual_disk_size"] = int.from_bytes(data[:8], "little")
             elif item_guid == LOGICAL_SECTOR_SIZE:

@@ -10,7 +10,7 @@ from collections.abc import Generator
 from typing import Any
 
 from diskpipe.formats import allocation, vmdk_descriptor
-from diskpipe.formats.base import ContainerFormat, InspectOptions, Inspection, read_exact
+from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions, read_exact
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout, round_up
@@ -85,11 +85,14 @@ def _extent_checks(header: dict[str, Any]) -> None:
 
 
 def _gd_entries(header: dict[str, Any]) -> int:
-    span = header["gtes_per_gt"] * header["grain_size"]
-    return -(-header["capacity"] // span)
+    span: int = header["gtes_per_gt"] * header["grain_size"]
+    capacity: int = header["capacity"]
+    return -(-capacity // span)
 
 
-def _read_footer(head_header: dict[str, Any], anomalies: list[dict[str, str]]) -> Generator[Request, Any, dict[str, Any] | None]:
+def _read_footer(
+    head_header: dict[str, Any], anomalies: list[dict[str, str]]
+) -> Generator[Request, Any, dict[str, Any] | None]:
     """The header copy in a stream footer (GD_AT_END), checked as qemu checks it."""
     file_size: int = yield GetSize()
     tail: bytes = yield ReadTail(2048)
@@ -106,10 +109,22 @@ def _read_footer(head_header: dict[str, Any], anomalies: list[dict[str, str]]) -
         and eos_marker == {"value": 0, "size": 0, "type": MARKER_END_OF_STREAM}
     )
     if not valid:
-        anomalies.append({"name": "stream_footer", "message": "invalid footer: the GD is at the end but no footer and end-of-stream marker are"})
+        anomalies.append(
+            {
+                "name": "stream_footer",
+                "message": "invalid footer: the GD is at the end but no footer and end-of-stream marker are",
+            }
+        )
         return None
     footer_header = HEADER.parse(raw, 512)
-    for field in ("capacity", "grain_size", "gtes_per_gt", "compress_algorithm", "descriptor_offset", "descriptor_size"):
+    for field in (
+        "capacity",
+        "grain_size",
+        "gtes_per_gt",
+        "compress_algorithm",
+        "descriptor_offset",
+        "descriptor_size",
+    ):
         if footer_header[field] != head_header[field]:
             anomalies.append({"name": "stream_footer", "message": f"footer header disagrees with the head on {field}"})
     if footer_header["gd_offset"] == GD_AT_END:
@@ -122,8 +137,14 @@ def _check_end_of_stream(anomalies: list[dict[str, str]]) -> Generator[Request, 
     value, size and type zero)."""
     file_size: int = yield GetSize()
     tail: bytes = yield ReadTail(512)
-    if file_size % 512 or len(tail) < 512 or MARKER.parse(tail) != {"value": 0, "size": 0, "type": MARKER_END_OF_STREAM}:
-        anomalies.append({"name": "end_of_stream", "message": "streamOptimized file does not end with an end-of-stream marker"})
+    if (
+        file_size % 512
+        or len(tail) < 512
+        or MARKER.parse(tail) != {"value": 0, "size": 0, "type": MARKER_END_OF_STREAM}
+    ):
+        anomalies.append(
+            {"name": "end_of_stream", "message": "streamOptimized file does not end with an end-of-stream marker"}
+        )
 
 
 def _inspect_sparse(head: bytes, options: InspectOptions) -> Generator[Request, Any, Facts]:
@@ -140,12 +161,16 @@ def _inspect_sparse(head: bytes, options: InspectOptions) -> Generator[Request, 
     region_size = header["descriptor_size"] * 512
     details["descriptor-region"] = {"offset": region_offset, "bytes": region_size}
     if region_size > MAX_READ:
-        anomalies.append({"name": "descriptor_too_large", "message": f"embedded descriptor region of {region_size} bytes"})
+        anomalies.append(
+            {"name": "descriptor_too_large", "message": f"embedded descriptor region of {region_size} bytes"}
+        )
     qemu_text = yield from read_exact(EMBEDDED_DESCRIPTOR_OFFSET, EMBEDDED_DESCRIPTOR_READ, head)
     qemu_view = vmdk_descriptor.parse(qemu_text)
     descriptor = qemu_view
     if header["descriptor_offset"] and region_offset != EMBEDDED_DESCRIPTOR_OFFSET:
-        anomalies.append({"name": "descriptor_offset", "message": f"descriptor at byte {region_offset}, qemu reads byte 512"})
+        anomalies.append(
+            {"name": "descriptor_offset", "message": f"descriptor at byte {region_offset}, qemu reads byte 512"}
+        )
         region = yield from read_exact(region_offset, min(region_size, MAX_READ), head)
         descriptor = vmdk_descriptor.parse(region)
     elif header["descriptor_offset"]:
@@ -160,7 +185,12 @@ def _inspect_sparse(head: bytes, options: InspectOptions) -> Generator[Request, 
 
     if header["capacity"] == 0 and header["descriptor_offset"]:
         # qemu then opens the embedded descriptor as if it were a descriptor file.
-        anomalies.append({"name": "descriptor_as_file", "message": "capacity 0: qemu reads the embedded descriptor as a descriptor file"})
+        anomalies.append(
+            {
+                "name": "descriptor_as_file",
+                "message": "capacity 0: qemu reads the embedded descriptor as a descriptor file",
+            }
+        )
         return _descriptor_facts(descriptor, details, anomalies)
 
     _extent_checks(header)
@@ -188,7 +218,11 @@ def _inspect_sparse(head: bytes, options: InspectOptions) -> Generator[Request, 
 
     create_type = "streamOptimized" if compressed else "monolithicSparse"
     capacity_bytes = effective["capacity"] * 512
-    extent: dict[str, Any] = {"virtual-size": capacity_bytes, "cluster-size": effective["grain_size"] * 512, "format": ""}
+    extent: dict[str, Any] = {
+        "virtual-size": capacity_bytes,
+        "cluster-size": effective["grain_size"] * 512,
+        "format": "",
+    }
     if compressed:
         extent["compressed"] = True
     details["create-type"] = create_type
@@ -205,7 +239,9 @@ def _inspect_sparse(head: bytes, options: InspectOptions) -> Generator[Request, 
     )
 
 
-def _format_specific(descriptor: vmdk_descriptor.Descriptor, create_type: str, extents: list[dict[str, Any]]) -> dict[str, Any]:
+def _format_specific(
+    descriptor: vmdk_descriptor.Descriptor, create_type: str, extents: list[dict[str, Any]]
+) -> dict[str, Any]:
     data: dict[str, Any] = {
         "cid": descriptor.cid if descriptor.cid is not None else 0,
         "parent-cid": descriptor.parent_cid if descriptor.parent_cid is not None else 0xFFFFFFFF,
@@ -227,7 +263,10 @@ def _inspect_cowd(head: bytes) -> Generator[Request, Any, Facts]:
         virtual_size=header["capacity"] * 512,
         cluster_size=header["granularity"] * 512,
         subformat="vmfsSparse",
-        format_specific={"type": NAME, "data": {"cid": 0, "parent-cid": 0xFFFFFFFF, "create-type": "monolithicSparse", "extents": []}},
+        format_specific={
+            "type": NAME,
+            "data": {"cid": 0, "parent-cid": 0xFFFFFFFF, "create-type": "monolithicSparse", "extents": []},
+        },
         details=details,
     )
 
@@ -239,20 +278,29 @@ def _inspect_text(head: bytes) -> Generator[Request, Any, Facts]:
     anomalies: list[dict[str, str]] = []
     details: dict[str, Any] = {"descriptor": descriptor.to_json(), "anomalies": anomalies, "text-descriptor": True}
     if file_size > TEXT_DESCRIPTOR_LIMIT:
-        anomalies.append({"name": "descriptor_too_large", "message": f"descriptor file of {file_size} bytes; qemu reads only the first 1 MiB"})
+        anomalies.append(
+            {
+                "name": "descriptor_too_large",
+                "message": f"descriptor file of {file_size} bytes; qemu reads only the first 1 MiB",
+            }
+        )
     if not descriptor.cid_valid:
         raise FormatError(NAME, "descriptor CID is not a hex number", offset=0)
     return _descriptor_facts(descriptor, details, anomalies)
 
 
-def _descriptor_facts(descriptor: vmdk_descriptor.Descriptor, details: dict[str, Any], anomalies: list[dict[str, str]]) -> Facts:
+def _descriptor_facts(
+    descriptor: vmdk_descriptor.Descriptor, details: dict[str, Any], anomalies: list[dict[str, str]]
+) -> Facts:
     """Facts of a descriptor that qemu opens as a descriptor file."""
     create_type = descriptor.create_type
     if create_type is None:
         raise FormatError(NAME, "invalid VMDK image descriptor (no createType)")
     details["create-type"] = create_type
     if create_type not in vmdk_descriptor.TEXT_CREATE_TYPES:
-        anomalies.append({"name": "descriptor_create_type", "message": f"qemu does not open a descriptor of type {create_type!r}"})
+        anomalies.append(
+            {"name": "descriptor_create_type", "message": f"qemu does not open a descriptor of type {create_type!r}"}
+        )
     sectors = 0
     extents_json: list[dict[str, Any]] = []
     for extent in descriptor.extents:
@@ -268,9 +316,15 @@ def _descriptor_facts(descriptor: vmdk_descriptor.Descriptor, details: dict[str,
         if extent.sectors <= 0 or extent.type not in vmdk_descriptor.EXTENT_TYPES:
             continue
         sectors += extent.sectors
-        entry: dict[str, Any] = {"virtual-size": extent.sectors * 512, "filename": extent.filename, "format": extent.type}
+        entry: dict[str, Any] = {
+            "virtual-size": extent.sectors * 512,
+            "filename": extent.filename,
+            "format": extent.type,
+        }
         extents_json.append(entry)
-    details["sizes-from-descriptor"] = any(extent["format"] not in vmdk_descriptor.FLAT_TYPES for extent in extents_json)
+    details["sizes-from-descriptor"] = any(
+        extent["format"] not in vmdk_descriptor.FLAT_TYPES for extent in extents_json
+    )
     return Facts(
         format=NAME,
         virtual_size=sectors * 512,
@@ -295,7 +349,9 @@ def _count_allocation(header: dict[str, Any]) -> Generator[Request, Any, tuple[i
     gd_entries = _gd_entries(header)
     total = 0
     data_end = 0
-    for first_index, piece_offset, piece_length in allocation.table_pieces(header["gd_offset"] * 512, gd_entries * 4, 4):
+    for first_index, piece_offset, piece_length in allocation.table_pieces(
+        header["gd_offset"] * 512, gd_entries * 4, 4
+    ):
         piece: bytes = yield Read(piece_offset, piece_length)
         directory = np.frombuffer(piece.ljust(piece_length, b"\0"), dtype="<u4")
         present = np.nonzero(directory)[0]

@@ -39,7 +39,12 @@ class Extent:
     offset: int | None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"access": self.access, "sectors": self.sectors, "type": self.type, "filename": self.filename}
+        out: dict[str, Any] = {
+            "access": self.access,
+            "sectors": self.sectors,
+            "type": self.type,
+            "filename": self.filename,
+        }
         if self.offset is not None:
             out["offset"] = self.offset
         return out
@@ -133,7 +138,13 @@ def parse(region: bytes) -> Descriptor:
         if scanned:
             offset = int(scanned.group(5)) if scanned.group(5) is not None else None
             descriptor.extents.append(
-                Extent(_decode(scanned.group(1)), int(scanned.group(2)), _decode(scanned.group(3)), _decode(scanned.group(4)), offset)
+                Extent(
+                    _decode(scanned.group(1)),
+                    int(scanned.group(2)),
+                    _decode(scanned.group(3)),
+                    _decode(scanned.group(4)),
+                    offset,
+                )
             )
         stripped = line.strip()
         if not stripped or stripped.startswith(b"#"):

@@ -11,7 +11,7 @@ from collections.abc import Generator
 from typing import Any
 
 from diskpipe.formats import allocation
-from diskpipe.formats.base import ContainerFormat, InspectOptions, Inspection, read_exact
+from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions, read_exact
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout
@@ -97,7 +97,7 @@ def is_fixed_footer(tail: bytes) -> bool:
     if raw[:8] != COOKIE:
         return False
     footer = FOOTER.parse(raw)
-    return footer["disk_type"] == DISK_FIXED and checksum(raw) == footer["checksum"]
+    return bool(footer["disk_type"] == DISK_FIXED and checksum(raw) == footer["checksum"])
 
 
 def size_facts(footer: dict[str, Any]) -> dict[str, Any]:
@@ -176,10 +176,12 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
             allocated, data_end = None, 0
         file_size: int = yield GetSize()
         if data_end > file_size:
-            anomalies.append({
-                "name": "allocation_past_eof",
-                "message": "free_data_block_offset points after the end of file: the image has been truncated",
-            })
+            anomalies.append(
+                {
+                    "name": "allocation_past_eof",
+                    "message": "free_data_block_offset points after the end of file: the image has been truncated",
+                }
+            )
     return Facts(
         format=NAME,
         virtual_size=virtual_size,
@@ -195,11 +197,13 @@ def _parent_locators(raw_header: bytes) -> list[dict[str, Any]]:
     for index in range(PARENT_LOCATOR_COUNT):
         entry = PARENT_LOCATOR.parse(raw_header, PARENT_LOCATORS_OFFSET + index * 24)
         if entry["platform_code"] != b"\0\0\0\0" or entry["data_length"] or entry["data_offset"]:
-            locators.append({
-                "platform": entry["platform_code"].decode("latin-1"),
-                "length": entry["data_length"],
-                "offset": entry["data_offset"],
-            })
+            locators.append(
+                {
+                    "platform": entry["platform_code"].decode("latin-1"),
+                    "length": entry["data_length"],
+                    "offset": entry["data_offset"],
+                }
+            )
     return locators
 
 

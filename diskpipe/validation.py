@@ -1,0 +1,152 @@
+"""The pre-upload validation hook: `validate` for a file, `ValidatingReader`
+around an upload stream. Importable without Celery or Ceph.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
+
+from diskpipe.formats import FormatError, ImageInfo, StreamInspector, inspect
+from diskpipe.formats.detect import glance_disk_format
+from diskpipe.formats.policy import Issue, Policy, Verdict, check, load_policy
+
+__all__ = ["FormatError", "UnsafeImage", "ValidatingReader", "validate"]
+
+READ_CHUNK = 1024 * 1024
+
+
+class UnsafeImage(Exception):
+    """The image is refused; `.issues` say why (check name and message)."""
+
+    def __init__(self, issues: tuple[Issue, ...] | list[Issue], verdict: Verdict | None = None) -> None:
+        self.issues = tuple(issues)
+        self.verdict = verdict
+        super().__init__("; ".join(f"{issue.check}: {issue.message}" for issue in self.issues))
+
+
+def validate(
+    source: str | os.PathLike[str] | BinaryIO,
+    claimed: str | None = None,
+    policy: Policy | None = None,
+) -> Verdict:
+    """Inspect and judge an image at a path or in a file object.
+
+    Allocation tables are read, so table checks (past the end, overlaps,
+    over-claiming) run. Broken input raises `FormatError` (a ValueError).
+    """
+    info = inspect(source, allocation=True)
+    return check(info, policy if policy is not None else load_policy(), claimed)
+
+
+def _provisional(inspector: StreamInspector) -> ImageInfo | None:
+    """What the head of a stream already shows, for the head-decidable checks."""
+    progress = inspector.progress
+    if progress.head_matches is None or progress.contents is None:
+        return None
+    fmt = progress.head_matches[0] if progress.head_matches else "raw"
+    return ImageInfo(
+        format=fmt,
+        disk_format=glance_disk_format(fmt, progress.contents),
+        virtual_size=0,
+        file_size=inspector.bytes_seen,
+        matches=tuple(progress.head_matches),
+        contents=tuple(progress.contents),
+        streamed=True,
+    )
+
+
+class ValidatingReader:
+    """Passes an upload through unchanged while inspecting it.
+
+    Wrap an iterator of byte chunks or a binary file-like object; iterate over
+    the reader (or call `read`) to get the same bytes. As soon as the head of
+    the data makes the verdict certain (a claim that cannot match, a format
+    hidden in another, content that is no disk image...) `UnsafeImage` is
+    raised, so an upload server can abort early; the full verdict comes at the
+    end of the data (then `.verdict` holds it). Broken input raises
+    `FormatError`. Memory held is bounded by the stream inspector's bound
+    (about 1.2 MiB) plus the chunk in hand.
+    """
+
+    def __init__(
+        self,
+        upload: Iterable[bytes] | BinaryIO,
+        claimed: str | None = None,
+        policy: Policy | None = None,
+        *,
+        chunk_size: int = READ_CHUNK,
+    ) -> None:
+        self._policy = policy if policy is not None else load_policy()
+        self._claimed = claimed
+        self._inspector = StreamInspector(allocation=True)
+        self._head_checked = False
+        self._pending = b""
+        self._chunks = self._iterate(upload, chunk_size)
+        self.verdict: Verdict | None = None
+
+    @property
+    def bytes_seen(self) -> int:
+        return self._inspector.bytes_seen
+
+    @staticmethod
+    def _iterate(upload: Iterable[bytes] | BinaryIO, chunk_size: int) -> Iterator[bytes]:
+        read = getattr(upload, "read", None)
+        if read is not None:
+            while chunk := read(chunk_size):
+                yield chunk
+        else:
+            yield from upload  # type: ignore[misc]
+
+    def _pass(self, chunk: bytes) -> bytes:
+        self._inspector.feed(chunk)
+        if not self._head_checked:
+            provisional = _provisional(self._inspector)
+            if provisional is not None:
+                self._head_checked = True
+                early = check(provisional, self._policy, self._claimed, final=False)
+                if not early.safe:
+                    raise UnsafeImage(early.issues, early)
+        return chunk
+
+    def _finish(self) -> Verdict:
+        if self.verdict is None:
+            info = self._inspector.finish()
+            self.verdict = check(info, self._policy, self._claimed)
+            if not self.verdict.safe:
+                raise UnsafeImage(self.verdict.issues, self.verdict)
+        return self.verdict
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            if chunk:
+                yield self._pass(bytes(chunk))
+        self._finish()
+
+    def read(self, size: int = -1) -> bytes:
+        """File-like reading; the verdict is checked when the data ends."""
+        out = bytearray(self._pending)
+        self._pending = b""
+        while size < 0 or len(out) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self._finish()
+                break
+            if chunk:
+                out += self._pass(bytes(chunk))
+        if size >= 0 and len(out) > size:
+            self._pending = bytes(out[size:])
+            del out[size:]
+        return bytes(out)
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> ValidatingReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
