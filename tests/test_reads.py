@@ -1,0 +1,134 @@
+"""The read protocol: the same inspector answers alike from a file, from bytes
+and from a stream fed in chunks of any size; a stream never holds more than
+its bound and says "unavailable" for bytes it has passed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diskpipe.formats.errors import Unavailable
+from diskpipe.formats.reads import (
+    HEAD_RETAIN,
+    MAX_READ,
+    TAIL_RETAIN,
+    GetSize,
+    Read,
+    ReadTail,
+    Request,
+    StreamDriver,
+    run_on_bytes,
+    run_on_file,
+)
+
+DATA = bytes(range(256)) * (4 * 1024 * 1024 // 256 + 7)  # 4 MiB and a bit, non-repeating per 256
+
+
+def forward_reader() -> Generator[Request, Any, list[Any]]:
+    """Reads the way honest inspectors do: head, forward ranges, then the end."""
+    answers: list[Any] = []
+    answers.append((yield Read(0, 64)))
+    answers.append((yield Read(HEAD_RETAIN - 10, 20)))  # straddles the end of the head
+    answers.append((yield Read(300_000, 5000)))
+    answers.append((yield Read(2 * 1024 * 1024, MAX_READ)))
+    answers.append((yield Read(len(DATA) - 5, 100)))  # a short read at the end
+    answers.append((yield Read(len(DATA) + 10, 10)))  # past the end: empty
+    answers.append((yield GetSize()))
+    answers.append((yield ReadTail(1536)))
+    answers.append((yield Read(100, 10)))  # back into the head: still there
+    return answers
+
+
+def expected() -> list[Any]:
+    return [
+        DATA[0:64],
+        DATA[HEAD_RETAIN - 10 : HEAD_RETAIN + 10],
+        DATA[300_000:305_000],
+        DATA[2 * 1024 * 1024 : 2 * 1024 * 1024 + MAX_READ],
+        DATA[len(DATA) - 5 :],
+        b"",
+        len(DATA),
+        DATA[-1536:],
+        DATA[100:110],
+    ]
+
+
+def feed(driver: StreamDriver, data: bytes, chunk: int) -> Any:
+    view = memoryview(data)
+    for start in range(0, len(data), chunk):
+        driver.feed(view[start : start + chunk])
+    return driver.finish()
+
+
+def test_bytes_and_file_answer_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    path.write_bytes(DATA)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert run_on_file(forward_reader(), fd, len(DATA)) == expected()
+    finally:
+        os.close(fd)
+    assert run_on_bytes(forward_reader(), DATA) == expected()
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 65536, 4096, 17, 16 * 1024 * 1024])
+def test_stream_answers_like_a_file_for_any_chunk_size(chunk: int) -> None:
+    assert feed(StreamDriver(forward_reader()), DATA, chunk) == expected()
+
+
+def test_stream_one_byte_chunks_on_a_small_input() -> None:
+    small = DATA[:200_000]
+
+    def reader() -> Generator[Request, Any, tuple[bytes, bytes, int]]:
+        first = yield Read(0, 10)
+        later = yield Read(150_000, 100)
+        size = yield GetSize()
+        return first, later, size
+
+    assert feed(StreamDriver(reader()), small, 1) == (small[:10], small[150_000:150_100], len(small))
+
+
+def test_bytes_already_passed_are_unavailable_and_the_inspector_may_carry_on() -> None:
+    def reader() -> Generator[Request, Any, tuple[str, bytes]]:
+        yield Read(3 * 1024 * 1024, 10)
+        try:
+            yield Read(HEAD_RETAIN + 100, 10)  # passed, not in the head
+            outcome = "read"
+        except Unavailable:
+            outcome = "unavailable"
+        head = yield Read(0, 4)
+        return outcome, head
+
+    assert feed(StreamDriver(reader()), DATA, 65536) == ("unavailable", DATA[:4])
+
+
+def test_stream_memory_stays_bounded_with_huge_chunks() -> None:
+    driver = StreamDriver(forward_reader())
+    feed(driver, DATA, 16 * 1024 * 1024)
+    assert len(driver._head) <= HEAD_RETAIN
+    assert len(driver._tail) <= TAIL_RETAIN
+
+
+def test_an_inspector_asking_for_an_unbounded_read_is_a_bug() -> None:
+    def greedy() -> Generator[Request, Any, None]:
+        yield Read(0, MAX_READ + 1)
+
+    with pytest.raises(AssertionError):
+        run_on_bytes(greedy(), DATA)
+
+
+def test_an_inspector_error_surfaces_at_the_feed_that_caused_it() -> None:
+    def picky() -> Generator[Request, Any, None]:
+        data = yield Read(0, 4)
+        if data != b"GOOD":
+            raise ValueError("bad magic")
+
+    driver = StreamDriver(picky())
+    with pytest.raises(ValueError, match="bad magic"):
+        driver.feed(b"BAD!" + bytes(100))
+    with pytest.raises(ValueError, match="bad magic"):
+        driver.finish()
