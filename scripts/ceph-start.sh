@@ -139,6 +139,8 @@ pid_file = $dir/run/\$name.pid
 
 [osd]
 osd_data = $dir/osd.\$id
+# Unused by memstore, but keep even the path inside the state dir.
+osd_journal = $dir/osd.\$id/journal
 keyring = $dir/osd.\$id/keyring
 log_file = $dir/log/\$name.log
 admin_socket = $dir/run/\$name.asok

@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 import os
 import stat
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from diskpipe.formats import raw
 from diskpipe.formats.base import InspectOptions
 from diskpipe.formats.detect import Progress, inspection
 from diskpipe.formats.info import ImageInfo
-from diskpipe.formats.reads import StreamDriver, run_on_file
+from diskpipe.formats.reads import StreamDriver, run_on_file, run_on_reader
 
 Source = str | os.PathLike[str] | BinaryIO
 STREAM_CHUNK = 1024 * 1024
@@ -84,6 +85,13 @@ def _with_details(info: ImageInfo, path: str | None) -> ImageInfo:
         if opinion is not None:
             contents.append(opinion)
     return info.with_changes(contents=tuple(contents))
+
+
+def inspect_reader(
+    read_at: Callable[[int, int], bytes], size: int, *, allocation: bool = False, filename: str | None = None
+) -> ImageInfo:
+    """Inspect an image behind a positioned reader (e.g. an RBD image)."""
+    return run_on_reader(inspection(InspectOptions(allocation=allocation), filename=filename), read_at, size)
 
 
 class StreamInspector:

@@ -15,7 +15,7 @@ inspector, which leaves the facts that need them unset.
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -66,8 +66,9 @@ def _check_request(request: Request) -> None:
         raise AssertionError(f"inspector asked for too long a tail: {request}")
 
 
-def run_on_file(inspection: Generator[Request, Any, T], fd: int, size: int) -> T:
-    """Drive an inspector over an open file descriptor of known size."""
+def run_on_reader(inspection: Generator[Request, Any, T], read_at: Callable[[int, int], bytes], size: int) -> T:
+    """Drive an inspector over any positioned reader of known size
+    (a file descriptor, an RBD image...)."""
     try:
         request = next(inspection)
         while True:
@@ -77,15 +78,20 @@ def run_on_file(inspection: Generator[Request, Any, T], fd: int, size: int) -> T
                 if request.offset >= size or request.length == 0:
                     answer = b""
                 else:
-                    answer = os.pread(fd, min(request.length, size - request.offset), request.offset)
+                    answer = read_at(request.offset, min(request.length, size - request.offset))
             elif isinstance(request, ReadTail):
                 length = min(request.length, size)
-                answer = os.pread(fd, length, size - length) if length else b""
+                answer = read_at(size - length, length) if length else b""
             else:
                 answer = size
             request = inspection.send(answer)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
+
+
+def run_on_file(inspection: Generator[Request, Any, T], fd: int, size: int) -> T:
+    """Drive an inspector over an open file descriptor of known size."""
+    return run_on_reader(inspection, lambda offset, length: os.pread(fd, length, offset), size)
 
 
 def run_on_bytes(inspection: Generator[Request, Any, T], data: bytes) -> T:

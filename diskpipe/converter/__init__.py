@@ -1,0 +1,1 @@
+"""Conversion with qemu-img (as a subprocess, under limits), checksums, and stores."""

@@ -1,0 +1,252 @@
+"""Convert one image into a store: inspect -> validate -> cross-check ->
+convert -> re-inspect -> checksum -> finalize.
+
+Nothing reaches qemu-img before the policy accepts the image; qemu-img
+always gets the format the inspector found; a failure at any step removes
+the temporary image, so the store never holds a partial one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from diskpipe.converter import qemu_img
+from diskpipe.converter.checksums import Checksums, hash_image
+from diskpipe.converter.limits import convert_limits
+from diskpipe.converter.qemu_img import CancelToken, ConvertOptions, ImageSpec, QemuImgError
+from diskpipe.converter.stores.base import Location, Store, StoreUnavailable
+from diskpipe.formats import FormatError, ImageInfo, inspect
+from diskpipe.formats.api import inspect_reader
+from diskpipe.formats.policy import Issue, Policy, Verdict, check
+
+Progress = Callable[[str, float], None]  # (stage, percent of that stage)
+TARGET_FORMATS = ("raw", "qcow2")
+# Ceph/librados failures seen in qemu-img's stderr: infrastructure, not the image.
+_INFRASTRUCTURE_ERRORS = (
+    "No space left",
+    "error connecting",
+    "Connection timed out",
+    "timed out",
+    "rados",
+    "Disk quota",
+)
+
+
+class Refused(Exception):
+    """The image was refused (unsafe, malformed, or qemu disagrees with the
+    inspector); nothing was stored."""
+
+    def __init__(self, issues: list[Issue] | tuple[Issue, ...], verdict: Verdict | None = None) -> None:
+        self.issues = tuple(issues)
+        self.verdict = verdict
+        super().__init__("; ".join(f"{issue.check}: {issue.message}" for issue in self.issues))
+
+
+class ConversionFailed(RuntimeError):
+    """qemu-img (or the store) failed on an image the policy accepted."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertRequest:
+    source: str
+    image_id: str
+    to_format: str = "raw"
+    claimed: str | None = None
+    policy: Policy = field(default_factory=Policy)
+    full_hashes: bool = True  # Glance's md5 and sha512
+    sparse_hash: bool = False  # diskpipe's sparse digest (opt-in)
+    key_file: str | None = None  # LUKS passphrase file
+    options: ConvertOptions = field(default_factory=ConvertOptions)
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertResult:
+    image_id: str
+    location: Location
+    source: ImageInfo
+    stored_format: str
+    virtual_size: int
+    checksums: Checksums
+    verdict: Verdict
+    qemu_virtual_size: int  # what qemu's default reading gives (differs for CHS-sized VHDs)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """Glance's field names for the stored image."""
+        out: dict[str, Any] = {
+            "id": self.image_id,
+            "status": "active",
+            "disk_format": self.stored_format,
+            "container_format": "bare",
+            "virtual_size": self.virtual_size,
+            "locations": [{"url": self.location.url, "metadata": self.location.metadata}],
+            "source_format": self.source.format,
+            "source_disk_format": self.source.disk_format,
+            "source_virtual_size": self.qemu_virtual_size,
+        }
+        out.update(self.checksums.glance_properties())
+        if self.verdict.notes:
+            out["notes"] = list(self.verdict.notes)
+        out["timings"] = {key: round(value, 3) for key, value in self.timings.items()}
+        return out
+
+
+def source_spec(info: ImageInfo, path: str, key_file: str | None) -> tuple[ImageSpec, int]:
+    """How qemu-img must open the source, and the virtual size it will see.
+
+    A VHD that qemu 7.2 sizes by CHS geometry although its footer states a
+    larger current_size (VirtualBox, Azure, Virtual PC creators) is opened
+    with force_size_calc=current_size, so the tail (often a backup GPT) is
+    kept.
+    """
+    options: list[tuple[str, str]] = []
+    virtual_size = info.virtual_size
+    if info.format == "vpc" and info.details.get("size-source") == "chs":
+        current = info.details["footer-current-size"] // 512 * 512
+        if current > info.virtual_size:
+            options.append(("force_size_calc", "current_size"))
+            virtual_size = current
+    if info.encrypted and key_file is not None:
+        # LUKS takes the key as `key-secret`, qcow2's built-in LUKS as `encrypt.key-secret`.
+        options.append(("key-secret" if info.format == "luks" else "encrypt.key-secret", "sec0"))
+        return ImageSpec(path, info.format, tuple(options), secret_file=key_file), virtual_size
+    return ImageSpec(path, info.format, tuple(options)), virtual_size
+
+
+def cross_check(info: ImageInfo, spec: ImageSpec, expected_size: int) -> dict[str, Any]:
+    """qemu-img info (with the format given) must agree with the inspector."""
+    try:
+        report = qemu_img.info(spec)
+    except QemuImgError as error:
+        raise Refused(
+            [Issue("cross_check", f"qemu-img cannot open the image as {info.format}: {error.stderr.strip()}")]
+        ) from error
+    problems = []
+    if report.get("format") != info.format:
+        problems.append(f"format {report.get('format')!r} vs {info.format!r}")
+    if report.get("virtual-size") != expected_size:
+        problems.append(f"virtual size {report.get('virtual-size')} vs {expected_size}")
+    if report.get("backing-filename") != info.backing_file:
+        problems.append(f"backing file {report.get('backing-filename')!r} vs {info.backing_file!r}")
+    data_file = report.get("format-specific", {}).get("data", {}).get("data-file")
+    if data_file != (info.data_file or None):
+        problems.append(f"data file {data_file!r} vs {info.data_file!r}")
+    if problems:
+        raise Refused([Issue("cross_check", f"qemu-img reads the image differently: {'; '.join(problems)}")])
+    return report
+
+
+def _failed(error: QemuImgError) -> Exception:
+    if any(marker in error.stderr for marker in _INFRASTRUCTURE_ERRORS):
+        return StoreUnavailable(str(error))
+    return ConversionFailed(str(error))
+
+
+def _reinspect(target: Any, stored_format: str, virtual_size: int) -> ImageInfo:
+    """The output must be what was asked for, with no other format inside."""
+    size = target.stored_size()
+    try:
+        stored = inspect_reader(target.read_at, size)
+    except FormatError as error:
+        raise ConversionFailed(f"converted image is unreadable: {error}") from error
+    unexpected = stored.format != stored_format or (stored_format == "raw" and stored.matches)
+    if unexpected or stored.virtual_size != virtual_size:
+        raise ConversionFailed(
+            f"converted image in unexpected format: {stored.format} (matches {list(stored.matches)}), "
+            f"virtual size {stored.virtual_size}, expected {stored_format} of {virtual_size}"
+        )
+    return stored
+
+
+def convert_image(
+    request: ConvertRequest,
+    store: Store,
+    *,
+    progress: Progress | None = None,
+    cancel: CancelToken | None = None,
+    inspected: ImageInfo | None = None,
+) -> ConvertResult:
+    """Run the whole conversion of `request.source` into `store`."""
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    report = progress or (lambda stage, percent: None)
+    cancel = cancel or CancelToken()
+    if request.to_format not in TARGET_FORMATS:
+        raise ValueError(f"cannot convert to {request.to_format}")
+    if request.to_format != "raw" and store.name != "file":
+        raise ValueError("only the file store keeps qcow2 output; RBD wants raw")
+
+    report("inspect", 0.0)
+    try:
+        info = inspected or inspect(request.source, allocation=True)
+    except FormatError as error:
+        raise Refused([Issue("malformed", str(error))]) from error
+    verdict = check(info, request.policy, request.claimed)
+    if not verdict.safe:
+        raise Refused(verdict.issues, verdict)
+    if info.encrypted and request.key_file is None:
+        raise Refused([Issue("encrypted", f"encrypted {info.format} image: converting it needs the key")], verdict)
+    timings["inspect"] = time.monotonic() - started
+
+    spec, virtual_size = source_spec(info, request.source, request.key_file)
+    cross_check(info, spec, virtual_size)
+    timings["cross_check"] = time.monotonic() - started - sum(timings.values())
+    cancel.raise_if_cancelled()
+
+    target = store.begin(request.image_id, virtual_size, image_format=request.to_format)
+    try:
+        qemu_target, qemu_creates = target.qemu_target()
+        report("convert", 0.0)
+        step = time.monotonic()
+        try:
+            qemu_img.convert(
+                spec,
+                qemu_target,
+                request.to_format,
+                convert_limits(virtual_size, to_file=store.name == "file", timeout=request.timeout),
+                options=request.options,
+                create_target=qemu_creates,
+                progress=lambda percent: report("convert", percent),
+                cancel=cancel,
+            )
+        except QemuImgError as error:
+            raise _failed(error) from error
+        timings["convert"] = time.monotonic() - step
+        cancel.raise_if_cancelled()
+
+        step = time.monotonic()
+        _reinspect(target, request.to_format, virtual_size)
+        report("checksum", 0.0)
+        stored_size = target.stored_size()
+        checksums = hash_image(
+            stored_size,
+            list(target.extents()),
+            target.read_at,
+            full=request.full_hashes,
+            sparse=request.sparse_hash,
+            progress=lambda done: report("checksum", 100.0 * done / max(1, stored_size)),
+            cancelled=lambda: cancel.cancelled,
+        )
+        timings["checksum"] = time.monotonic() - step
+        cancel.raise_if_cancelled()
+        location = store.finalize(target)
+    except BaseException:
+        store.abort(target)
+        raise
+    timings["total"] = time.monotonic() - started
+    report("done", 100.0)
+    return ConvertResult(
+        image_id=request.image_id,
+        location=location,
+        source=info,
+        stored_format=request.to_format,
+        virtual_size=virtual_size,
+        checksums=checksums,
+        verdict=verdict,
+        qemu_virtual_size=info.virtual_size,
+        timings=timings,
+    )

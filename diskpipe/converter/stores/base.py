@@ -1,0 +1,135 @@
+"""The store interface.
+
+A conversion writes into a *target*: a temporary image under a name no
+reader looks at (`<id>.tmp.<owner>`), which `finalize` turns into the real
+image in one atomic step (rename; for RBD also snapshot + protect first) and
+`abort` removes. So a failed or killed conversion never leaves a half image
+under the real name, and `cleanup` finds what a dead owner left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from diskpipe.converter.checksums import Extent
+
+TMP_MARKER = ".tmp."
+
+
+class StoreError(RuntimeError):
+    """The store refused an operation (exists, in use, not found...)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached (Ceph down, directory missing): transient."""
+
+
+class ImageInUse(StoreError):
+    """The image has clones (RBD children) and cannot be deleted."""
+
+
+class ImageExists(StoreError):
+    """An image with that id is already stored."""
+
+
+class ImageNotFound(StoreError):
+    """No image with that id is stored."""
+
+
+def owner_tag() -> str:
+    """Who writes a temporary image: host and process, so a cleanup pass can
+    tell a live writer from a dead one."""
+    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+def parse_owner(tag: str) -> tuple[str, int] | None:
+    host, _, pid = tag.rpartition("-")
+    return (host, int(pid)) if host and pid.isdigit() else None
+
+
+def owner_alive(tag: str) -> bool | None:
+    """True/False for an owner on this host; None when it is another host's."""
+    parsed = parse_owner(tag)
+    if parsed is None:
+        return False
+    host, pid = parsed
+    if host != socket.gethostname().split(".")[0]:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def tmp_name(image_id: str, owner: str) -> str:
+    return f"{image_id}{TMP_MARKER}{owner}"
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    url: str  # file:///... or rbd://<fsid>/<pool>/<image>/snap
+    store: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Target(Protocol):
+    """A temporary image being written."""
+
+    image_id: str
+    name: str  # the temporary name
+    size: int
+
+    def qemu_target(self) -> tuple[str, bool]:
+        """(what qemu-img convert writes to, whether qemu creates it)."""
+        ...
+
+    def extents(self) -> Iterator[Extent]:
+        """(offset, length, holds data) of what was written, in order."""
+        ...
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+
+    def stored_size(self) -> int:
+        """Bytes of the stored image (the virtual size for raw)."""
+        ...
+
+    def write_at(self, offset: int, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Store(Protocol):
+    name: str
+
+    def begin(self, image_id: str, size: int, *, image_format: str = "raw") -> Target:
+        """Create an empty temporary image of `size` bytes (or let qemu create it)."""
+        ...
+
+    def finalize(self, target: Target) -> Location:
+        """Make the temporary image the real one, atomically."""
+        ...
+
+    def abort(self, target: Target) -> None:
+        """Remove the temporary image; never fails on one already gone."""
+        ...
+
+    def exists(self, image_id: str) -> bool: ...
+
+    def location(self, image_id: str) -> Location: ...
+
+    def open_image(self, image_id: str) -> Target:
+        """The stored image, opened for reading (verification)."""
+        ...
+
+    def delete(self, image_id: str) -> None: ...
+
+    def cleanup(self) -> list[str]:
+        """Remove temporary images whose owner is gone; return their names."""
+        ...

@@ -1,0 +1,188 @@
+"""The file store: images as sparse files in a directory (the embedded default).
+
+A conversion writes `.<id>.tmp.<owner>`; `finalize` fsyncs it and links it
+to `<id>.<format>` (a hard link fails if the name exists, so nothing is
+overwritten), then drops the temporary name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from diskpipe.converter.checksums import Extent
+from diskpipe.converter.stores.base import (
+    TMP_MARKER,
+    ImageExists,
+    ImageNotFound,
+    Location,
+    StoreUnavailable,
+    owner_alive,
+    owner_tag,
+    tmp_name,
+)
+
+FORMATS = ("raw", "qcow2")
+
+
+def file_extents(fd: int, size: int) -> Iterator[Extent]:
+    """(offset, length, holds data) from the filesystem's hole map."""
+    position = 0
+    while position < size:
+        try:
+            data_start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno == errno.ENXIO:
+                break
+            # No SEEK_DATA: report everything as data (still correct, just slower).
+            yield position, size - position, True
+            return
+        if data_start >= size:
+            break
+        hole_start = min(os.lseek(fd, data_start, os.SEEK_HOLE), size)
+        if data_start > position:
+            yield position, data_start - position, False
+        yield data_start, hole_start - data_start, True
+        position = hole_start
+    if position < size:
+        yield position, size - position, False
+
+
+class FileTarget:
+    def __init__(self, image_id: str, path: Path, final_path: Path, size: int, image_format: str) -> None:
+        self.image_id = image_id
+        self.path = path
+        self.final_path = final_path
+        self.name = path.name
+        self.size = size
+        self.format = image_format
+        self._fd: int | None = None
+
+    def qemu_target(self) -> tuple[str, bool]:
+        return str(self.path), True
+
+    def _open(self, flags: int = os.O_RDONLY) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, flags | os.O_CLOEXEC)
+        return self._fd
+
+    def create_empty(self) -> None:
+        """For writes from Python (raw streams): an empty sparse file."""
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        os.ftruncate(self._fd, self.size)
+
+    def extents(self) -> Iterator[Extent]:
+        fd = self._open()
+        yield from file_extents(fd, min(self.size, os.fstat(fd).st_size))
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return os.pread(self._open(), length, offset)
+
+    def stored_size(self) -> int:
+        return os.fstat(self._open()).st_size
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        fd = self._open(os.O_RDWR)
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def sync(self) -> None:
+        fd = self._open()
+        os.fsync(fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class FileStore:
+    name = "file"
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def _ensure(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreUnavailable(f"file store {self.directory}: {error.strerror}") from error
+
+    def _final(self, image_id: str, image_format: str = "raw") -> Path:
+        return self.directory / f"{image_id}.{image_format}"
+
+    def _find(self, image_id: str) -> Path | None:
+        for image_format in FORMATS:
+            path = self._final(image_id, image_format)
+            if path.exists():
+                return path
+        return None
+
+    def begin(self, image_id: str, size: int, *, image_format: str = "raw") -> FileTarget:
+        self._ensure()
+        if self._find(image_id) is not None:
+            raise ImageExists(f"image {image_id} already exists in {self.directory}")
+        path = self.directory / ("." + tmp_name(image_id, owner_tag()))
+        if path.exists():
+            path.unlink()
+        return FileTarget(image_id, path, self._final(image_id, image_format), size, image_format)
+
+    def finalize(self, target: FileTarget) -> Location:  # type: ignore[override]
+        target.sync()
+        target.close()
+        try:
+            os.link(target.path, target.final_path)
+        except FileExistsError as error:
+            raise ImageExists(f"image {target.image_id} already exists") from error
+        target.path.unlink()
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return self.location(target.image_id)
+
+    def abort(self, target: FileTarget) -> None:  # type: ignore[override]
+        target.close()
+        with contextlib.suppress(FileNotFoundError):
+            target.path.unlink()
+
+    def exists(self, image_id: str) -> bool:
+        return self._find(image_id) is not None
+
+    def location(self, image_id: str) -> Location:
+        path = self._find(image_id)
+        if path is None:
+            raise ImageNotFound(f"image {image_id} not found in {self.directory}")
+        return Location(url=path.resolve().as_uri(), store=self.name, metadata={"path": str(path.resolve())})
+
+    def open_image(self, image_id: str) -> FileTarget:
+        path = self._find(image_id)
+        if path is None:
+            raise ImageNotFound(f"image {image_id} not found in {self.directory}")
+        return FileTarget(image_id, path, path, path.stat().st_size, path.suffix.lstrip("."))
+
+    def delete(self, image_id: str) -> None:
+        path = self._find(image_id)
+        if path is None:
+            raise ImageNotFound(f"image {image_id} not found in {self.directory}")
+        path.unlink()
+
+    def cleanup(self) -> list[str]:
+        removed: list[str] = []
+        if not self.directory.is_dir():
+            return removed
+        for entry in self.directory.iterdir():
+            if not entry.name.startswith(".") or TMP_MARKER not in entry.name:
+                continue
+            owner = entry.name.rsplit(TMP_MARKER, 1)[1]
+            if owner_alive(owner) is False:
+                entry.unlink(missing_ok=True)
+                removed.append(entry.name)
+        return removed

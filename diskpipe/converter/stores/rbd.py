@@ -1,0 +1,337 @@
+"""The RBD store: images in a Ceph pool, the way Glance, Nova and Cinder
+expect them.
+
+Image named by the image id, format 2 with layering (plus exclusive-lock,
+object-map, fast-diff, deep-flatten: Ceph's defaults, which make `rbd du`
+and diffs cheap); thin (qemu-img skips zero regions, and a stream write
+skips all-zero blocks); a protected snapshot `snap` so clones can be made;
+location `rbd://<fsid>/<pool>/<image>/snap`.
+
+Writes go to `<id>.tmp.<owner>`; `finalize` snapshots and protects the
+temporary image and then renames it, so the real name only ever appears
+complete. librados waits minutes (or forever) by default when the cluster
+is unreachable: every connection, and every qemu-img `rbd:` target, gets
+the `[rbd]` section's timeouts so such a failure is a clear error in
+seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from diskpipe.converter.checksums import Extent
+from diskpipe.converter.stores.base import (
+    TMP_MARKER,
+    ImageExists,
+    ImageInUse,
+    ImageNotFound,
+    Location,
+    StoreError,
+    StoreUnavailable,
+    owner_alive,
+    owner_tag,
+    tmp_name,
+)
+
+SNAPSHOT = "snap"
+# layering | exclusive-lock | object-map | fast-diff | deep-flatten
+FEATURES = 1 | 4 | 8 | 16 | 32
+OWNER_KEY = "diskpipe.owner"
+CREATED_KEY = "diskpipe.created"
+
+
+@dataclass(frozen=True, slots=True)
+class RbdConfig:
+    """The `[rbd]` section of the configuration file."""
+
+    pool: str = "rbd"
+    user: str = "admin"  # the client id, without "client."
+    conf: str | None = None  # default: $CEPH_CONF, else /etc/ceph/ceph.conf
+    keyring: str | None = None
+    connect_timeout: int = 10  # client_mount_timeout, seconds
+    op_timeout: int = 30  # rados_mon_op_timeout and rados_osd_op_timeout, seconds
+    stale_after: int = 24 * 3600  # another host's leftovers are removed after this many seconds
+
+    def conf_path(self) -> str:
+        return self.conf or os.environ.get("CEPH_CONF") or "/etc/ceph/ceph.conf"
+
+    def client_options(self) -> dict[str, str]:
+        options = {
+            "client_mount_timeout": str(self.connect_timeout),
+            "rados_mon_op_timeout": str(self.op_timeout),
+            "rados_osd_op_timeout": str(self.op_timeout),
+        }
+        if self.keyring:
+            options["keyring"] = self.keyring
+        return options
+
+
+def load_rbd_config(path: str | None = None, **overrides: Any) -> RbdConfig:
+    from diskpipe.config import load_file, load_section
+
+    return load_section(RbdConfig, "rbd", load_file(path).get("rbd", {}), **overrides)
+
+
+def _escape(value: str) -> str:
+    """qemu's rbd: filename syntax separates options with ':' and takes a
+    backslash to escape the next character."""
+    return value.replace("\\", "\\\\").replace(":", "\\:").replace("@", "\\@")
+
+
+def qemu_rbd_target(config: RbdConfig, image: str) -> str:
+    """The `rbd:` filename qemu-img writes to, with auth and timeouts."""
+    parts = [
+        f"rbd:{_escape(config.pool)}/{_escape(image)}",
+        f"id={_escape(config.user)}",
+        f"conf={_escape(config.conf_path())}",
+    ]
+    parts += [f"{key}={_escape(value)}" for key, value in config.client_options().items()]
+    return ":".join(parts)
+
+
+def _bindings() -> tuple[Any, Any]:
+    try:
+        import rados
+        import rbd
+    except ImportError as error:
+        raise StoreUnavailable(
+            "the Ceph Python bindings are missing: apt-get install python3-rados python3-rbd "
+            "(scripts/setup.sh links them into the virtualenv)"
+        ) from error
+    return rados, rbd
+
+
+class RbdTarget:
+    def __init__(self, store: RbdStore, image_id: str, name: str, size: int) -> None:
+        self.store = store
+        self.image_id = image_id
+        self.name = name
+        self.size = size
+        self._image: Any = None
+
+    def qemu_target(self) -> tuple[str, bool]:
+        return qemu_rbd_target(self.store.config, self.name), False
+
+    def _open(self) -> Any:
+        if self._image is None:
+            self._image = self.store.open_raw(self.name)
+        return self._image
+
+    def extents(self) -> Iterator[Extent]:
+        found: list[Extent] = []
+        self._open().diff_iterate(
+            0, self.size, None, lambda offset, length, exists: found.append((offset, length, bool(exists)))
+        )
+        yield from sorted(found)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        data: bytes = self._open().read(offset, length)
+        return data
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        self._open().write(data, offset)
+
+    def stored_size(self) -> int:
+        size: int = self._open().size()
+        return size
+
+    def close(self) -> None:
+        if self._image is not None:
+            self._image.close()
+            self._image = None
+
+
+class RbdStore:
+    name = "rbd"
+
+    def __init__(self, config: RbdConfig | None = None) -> None:
+        self.config = config or RbdConfig()
+        self._cluster: Any = None
+        self._ioctx: Any = None
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    # -- connection -----------------------------------------------------------
+    def _connect(self) -> Any:
+        """One cluster handle per process (a forked worker makes its own)."""
+        with self._lock:
+            if self._ioctx is not None and self._pid == os.getpid():
+                return self._ioctx
+            rados, _ = _bindings()
+            self._pid = os.getpid()
+            try:
+                cluster = rados.Rados(
+                    conffile=self.config.conf_path(), rados_id=self.config.user, conf=self.config.client_options()
+                )
+                cluster.connect(timeout=self.config.connect_timeout)
+                ioctx = cluster.open_ioctx(self.config.pool)
+            except rados.ObjectNotFound as error:
+                raise StoreError(f"RBD pool {self.config.pool!r} does not exist") from error
+            except (rados.Error, OSError) as error:
+                raise StoreUnavailable(
+                    f"Ceph is unreachable ({self.config.conf_path()}, user {self.config.user}): {error}"
+                ) from error
+            self._cluster, self._ioctx = cluster, ioctx
+            return ioctx
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ioctx is not None:
+                self._ioctx.close()
+            if self._cluster is not None:
+                self._cluster.shutdown()
+            self._ioctx = self._cluster = None
+
+    def fsid(self) -> str:
+        self._connect()
+        return str(self._cluster.get_fsid())
+
+    def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a librbd call, turning cluster trouble into StoreUnavailable."""
+        rados, rbd = _bindings()
+        try:
+            return function(*args, **kwargs)
+        except rbd.ImageNotFound as error:
+            raise ImageNotFound(str(error)) from error
+        except rbd.ImageExists as error:
+            raise ImageExists(str(error)) from error
+        except (rbd.Timeout, rados.TimedOut, rados.ConnectionShutdown) as error:
+            raise StoreUnavailable(f"Ceph did not answer: {error}") from error
+
+    def open_raw(self, name: str) -> Any:
+        _, rbd = _bindings()
+        return self._call(rbd.Image, self._connect(), name)
+
+    # -- the Store interface --------------------------------------------------
+    def begin(self, image_id: str, size: int, *, image_format: str = "raw") -> RbdTarget:
+        if image_format != "raw":
+            raise StoreError("the RBD store keeps raw images only (Ceph clones copy-on-write only from raw)")
+        _, rbd = _bindings()
+        ioctx = self._connect()
+        if self.exists(image_id):
+            raise ImageExists(f"image {image_id} already exists in pool {self.config.pool}")
+        owner = owner_tag()
+        name = tmp_name(image_id, owner)
+        self._remove_image(name, missing_ok=True)
+        self._call(rbd.RBD().create, ioctx, name, size, old_format=False, features=FEATURES)
+        image = self.open_raw(name)
+        try:
+            image.metadata_set(OWNER_KEY, owner)
+            image.metadata_set(CREATED_KEY, str(int(time.time())))
+        finally:
+            image.close()
+        return RbdTarget(self, image_id, name, size)
+
+    def finalize(self, target: RbdTarget) -> Location:  # type: ignore[override]
+        _, rbd = _bindings()
+        ioctx = self._connect()
+        image = target._open()
+        self._call(image.create_snap, SNAPSHOT)
+        self._call(image.protect_snap, SNAPSHOT)
+        target.close()
+        self._call(rbd.RBD().rename, ioctx, target.name, target.image_id)
+        return self.location(target.image_id)
+
+    def abort(self, target: RbdTarget) -> None:  # type: ignore[override]
+        target.close()
+        self._remove_image(target.name, missing_ok=True)
+
+    def exists(self, image_id: str) -> bool:
+        _, rbd = _bindings()
+        try:
+            self.open_raw(image_id).close()
+        except ImageNotFound:
+            return False
+        except rbd.Error:
+            return True
+        return True
+
+    def location(self, image_id: str) -> Location:
+        if not self.exists(image_id):
+            raise ImageNotFound(f"image {image_id} not found in pool {self.config.pool}")
+        url = f"rbd://{self.fsid()}/{self.config.pool}/{image_id}/{SNAPSHOT}"
+        return Location(
+            url=url, store=self.name, metadata={"pool": self.config.pool, "image": image_id, "snapshot": SNAPSHOT}
+        )
+
+    def open_image(self, image_id: str) -> RbdTarget:
+        image = self.open_raw(image_id)
+        try:
+            size = image.size()
+        finally:
+            image.close()
+        return RbdTarget(self, image_id, image_id, size)
+
+    def children(self, image_id: str) -> list[str]:
+        """Clones of the image's snapshots (Nova/Cinder volumes and disks)."""
+        image = self.open_raw(image_id)
+        try:
+            found = []
+            for snapshot in image.list_snaps():
+                image.set_snap(snapshot["name"])
+                found += [f"{child['pool']}/{child['image']}" for child in image.list_children2()]
+            return found
+        finally:
+            image.close()
+
+    def delete(self, image_id: str) -> None:
+        clones = self.children(image_id)
+        if clones:
+            raise ImageInUse(f"image {image_id} is in use: its snapshot has clones ({', '.join(clones)})")
+        self._remove_image(image_id, missing_ok=False)
+
+    def _remove_image(self, name: str, *, missing_ok: bool) -> None:
+        _, rbd = _bindings()
+        ioctx = self._connect()
+        try:
+            image = self.open_raw(name)
+        except ImageNotFound:
+            if missing_ok:
+                return
+            raise
+        try:
+            for snapshot in list(image.list_snaps()):
+                if image.is_protected_snap(snapshot["name"]):
+                    try:
+                        self._call(image.unprotect_snap, snapshot["name"])
+                    except rbd.ImageBusy as error:
+                        raise ImageInUse(f"image {name} is in use: its snapshot has clones") from error
+                self._call(image.remove_snap, snapshot["name"])
+        finally:
+            image.close()
+        try:
+            self._call(rbd.RBD().remove, ioctx, name)
+        except ImageNotFound:
+            if not missing_ok:
+                raise
+
+    def cleanup(self) -> list[str]:
+        """Remove temporaries whose owner died (this host) or that are older
+        than `stale_after` (another host's)."""
+        _, rbd = _bindings()
+        ioctx = self._connect()
+        removed = []
+        for name in self._call(rbd.RBD().list, ioctx):
+            if TMP_MARKER not in name:
+                continue
+            owner = name.rsplit(TMP_MARKER, 1)[1]
+            alive = owner_alive(owner)
+            if alive is None:
+                try:
+                    image = self.open_raw(name)
+                    try:
+                        created = int(image.metadata_get(CREATED_KEY))
+                    finally:
+                        image.close()
+                except (StoreError, rbd.Error, ValueError):
+                    created = 0
+                alive = time.time() - created < self.config.stale_after
+            if not alive:
+                self._remove_image(name, missing_ok=True)
+                removed.append(name)
+        return removed

@@ -1,0 +1,1 @@
+"""The Celery pipeline (see app.py); empty of imports so `diskpipe` stays light."""

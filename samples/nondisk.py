@@ -1,0 +1,5 @@
+"""stub"""
+
+from samples.recipe import RecipeList
+
+RECIPES = RecipeList()
