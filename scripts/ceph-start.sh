@@ -10,8 +10,10 @@
 #   DISKPIPE_CEPH_DIR            state dir (default /tmp/diskpipe-ceph); $1 wins
 #   DISKPIPE_CEPH_PORT           mon port on 127.0.0.1 (default 6789)
 #   DISKPIPE_CEPH_POOL           RBD pool name (default rbd)
-#   DISKPIPE_CEPH_MEMSTORE_BYTES OSD capacity in bytes (default 4 GiB); RAM is
-#                                only used for data actually written
+#   DISKPIPE_CEPH_MEMSTORE_BYTES OSD capacity in bytes (default 4 GiB). RAM is
+#                                taken lazily, ~1.5-2x the bytes written. Once
+#                                ~95% is used the OSD is "full" and client
+#                                writes HANG (no error): size it above the data
 #   DISKPIPE_CEPH_CEPHX=1        enable cephx; also creates client.diskpipe with
 #                                RBD caps, keyring <STATE_DIR>/client.diskpipe.keyring
 #   DISKPIPE_CEPH_TIMEOUT        seconds to wait for readiness (default 60; a
@@ -122,12 +124,16 @@ osd_crush_chooseleaf_type = 0
 mon_allow_pool_delete = true
 run_dir = $dir/run
 crash_dir = $dir/crash
-# Keep /tmp at >95% full from shutting the mon down (default crit is 5% free).
+# A nearly full /tmp must not shut the mon down (default: below 5% free).
 mon_data_avail_crit = 1
 mon_data_avail_warn = 2
 # Expected in this setup; silenced so "ceph health" reports HEALTH_OK.
 mon_warn_on_msgr2_not_enabled = false
 mon_warn_on_insecure_global_id_reclaim_allowed = false
+# No ceph-mgr on purpose (saves RAM and start time); without this, health
+# turns HEALTH_WARN "no active mgr" 120 s after creation. Side effect: pool
+# usage stats ("ceph df", "rados df") stay empty; use "rbd du" instead.
+mon_mgr_mkfs_grace = 31536000
 
 [mon]
 mon_data = $dir/mon.\$id
@@ -197,7 +203,7 @@ run monmaptool --create --addv a "[$mon_addr]" --fsid "$fsid" "$dir/monmap"
 run ceph-mon -c "$conf" -i a --mkfs --monmap "$dir/monmap" --keyring "$mon_keyring"
 run ceph-mon -c "$conf" -i a # daemonizes
 
-# Block until the mon answers (or time out).
+# Retry a command until it succeeds or the overall deadline has passed.
 wait_for() {
     local what="$1"
     shift
@@ -218,7 +224,7 @@ osd_mkfs=(ceph-osd -c "$conf" -i 0 --mkfs --osd-uuid "$osd_uuid")
 [[ "$auth" == cephx ]] || osd_mkfs+=(--mkkey)
 run "${osd_mkfs[@]}"
 # Daemonizes; exits non-zero if the OSD fails during init. Retried as a
-# safety net against start-up races like the one described in ceph.conf.
+# safety net against start-up races (see osd_crush_update_on_start above).
 for attempt in 1 2 3; do
     run ceph-osd -c "$conf" -i 0 && break
     ((attempt < 3)) || { fail_msg="ceph-osd failed to start 3 times"; false; }
