@@ -40,7 +40,7 @@ def validate(
     return check(info, policy if policy is not None else load_policy(), claimed)
 
 
-def _provisional(inspector: StreamInspector) -> ImageInfo | None:
+def provisional_info(inspector: StreamInspector) -> ImageInfo | None:
     """What the head of a stream already shows, for the head-decidable checks."""
     progress = inspector.progress
     if progress.head_matches is None or progress.contents is None:
@@ -102,7 +102,7 @@ class ValidatingReader:
     def _pass(self, chunk: bytes) -> bytes:
         self._inspector.feed(chunk)
         if not self._head_checked:
-            provisional = _provisional(self._inspector)
+            provisional = provisional_info(self._inspector)
             if provisional is not None:
                 self._head_checked = True
                 early = check(provisional, self._policy, self._claimed, final=False)
