@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--policy", metavar="FILE", help="configuration file with a [policy] section")
     validate.add_argument("--output", choices=("human", "json"), default="human")
     validate.set_defaults(handler=cmd_validate)
+
+    from diskpipe.jobs_cli import add_commands
+
+    add_commands(commands)
     return parser
 
 

@@ -41,7 +41,7 @@ class Checksums:
     sha512: str | None = None
     sparse: str | None = None
 
-    def glance_properties(self) -> dict[str, Any]:
+    def glance_properties(self, *, include_sparse: bool = True) -> dict[str, Any]:
         """The keys Glance stores, and diskpipe's own for the sparse digest."""
         out: dict[str, Any] = {"size": self.size}
         if self.md5 is not None:
@@ -49,7 +49,7 @@ class Checksums:
         if self.sha512 is not None:
             out["os_hash_algo"] = GLANCE_HASH_ALGO
             out["os_hash_value"] = self.sha512
-        if self.sparse is not None:
+        if self.sparse is not None and include_sparse:
             out["diskpipe_sparse_hash_algo"] = SPARSE_HASH_ALGO
             out["diskpipe_sparse_hash_value"] = self.sparse
         return out

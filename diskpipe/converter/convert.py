@@ -57,7 +57,9 @@ class ConvertRequest:
     claimed: str | None = None
     policy: Policy = field(default_factory=Policy)
     full_hashes: bool = True  # Glance's md5 and sha512
-    sparse_hash: bool = False  # diskpipe's sparse digest (opt-in)
+    # diskpipe's sparse digest is always computed (verification compares it,
+    # at the cost of the allocated data only); this publishes it.
+    sparse_hash: bool = False
     key_file: str | None = None  # LUKS passphrase file
     options: ConvertOptions = field(default_factory=ConvertOptions)
     timeout: float | None = None
@@ -73,6 +75,7 @@ class ConvertResult:
     checksums: Checksums
     verdict: Verdict
     qemu_virtual_size: int  # what qemu's default reading gives (differs for CHS-sized VHDs)
+    publish_sparse: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -88,7 +91,7 @@ class ConvertResult:
             "source_disk_format": self.source.disk_format,
             "source_virtual_size": self.qemu_virtual_size,
         }
-        out.update(self.checksums.glance_properties())
+        out.update(self.checksums.glance_properties(include_sparse=self.publish_sparse))
         if self.verdict.notes:
             out["notes"] = list(self.verdict.notes)
         out["timings"] = {key: round(value, 3) for key, value in self.timings.items()}
@@ -227,7 +230,7 @@ def convert_image(
             list(target.extents()),
             target.read_at,
             full=request.full_hashes,
-            sparse=request.sparse_hash,
+            sparse=True,
             progress=lambda done: report("checksum", 100.0 * done / max(1, stored_size)),
             cancelled=lambda: cancel.cancelled,
         )
@@ -248,5 +251,6 @@ def convert_image(
         checksums=checksums,
         verdict=verdict,
         qemu_virtual_size=info.virtual_size,
+        publish_sparse=request.sparse_hash,
         timings=timings,
     )

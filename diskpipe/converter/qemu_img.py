@@ -93,6 +93,14 @@ class ImageSpec:
     options: tuple[tuple[str, str], ...] = ()
     secret_file: str | None = None  # a passphrase file, made the secret object `sec0`
 
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        """A source given as /dev/fd/N (an already checked, open file) needs
+        that descriptor passed to the child."""
+        if self.path.startswith("/dev/fd/") and self.path[8:].isdigit():
+            return (int(self.path[8:]),)
+        return ()
+
     def object_args(self) -> list[str]:
         if self.secret_file is None:
             return []
@@ -116,6 +124,7 @@ def run(
     progress: Callable[[float], None] | None = None,
     cancel: CancelToken | None = None,
     env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> str:
     """Run qemu-img with `args`; return its stdout. Raises QemuImgError,
     Cancelled, or QemuImgError with reason "timed out"."""
@@ -130,6 +139,7 @@ def run(
         preexec_fn=child_setup(limits),  # noqa: PLW1509 - rlimits and PDEATHSIG must be set in the child
         start_new_session=True,
         close_fds=True,
+        pass_fds=pass_fds,
         env=child_env,
     )
     assert process.stdout is not None and process.stderr is not None
@@ -163,6 +173,11 @@ def run(
                     del stdout[: max(0, len(stdout) - 4096)]
                 if buffer is stderr and len(stderr) > 4 * STDERR_KEPT:
                     del stderr[: len(stderr) - STDERR_KEPT]
+    except BaseException:
+        # Interrupted (Ctrl-C, a time limit): qemu-img runs in its own
+        # session, so it must be killed here or it would go on writing.
+        _kill_group(process)
+        raise
     finally:
         selector.close()
         if reason:
@@ -190,14 +205,22 @@ def info(image: ImageSpec, *, limits: Limits = INFO_LIMITS) -> dict[str, Any]:
 
     `--force-share` lets it read an image another process holds open.
     """
-    output = run(["info", *image.object_args(), "--output=json", "--force-share", *image.source_args()], limits)
+    output = run(
+        ["info", *image.object_args(), "--output=json", "--force-share", *image.source_args()],
+        limits,
+        pass_fds=image.pass_fds,
+    )
     result: dict[str, Any] = json.loads(output)
     return result
 
 
 def map_extents(image: ImageSpec, *, limits: Limits = INFO_LIMITS) -> list[dict[str, Any]]:
     """`qemu-img map --output=json`: the guest extents and whether they hold data."""
-    output = run(["map", *image.object_args(), "--output=json", "--force-share", *image.source_args()], limits)
+    output = run(
+        ["map", *image.object_args(), "--output=json", "--force-share", *image.source_args()],
+        limits,
+        pass_fds=image.pass_fds,
+    )
     result: list[dict[str, Any]] = json.loads(output)
     return result
 
@@ -267,7 +290,7 @@ def convert(
         target_options=target_options,
         progress=progress is not None,
     )
-    run(args, limits, progress=progress, cancel=cancel)
+    run(args, limits, progress=progress, cancel=cancel, pass_fds=source.pass_fds)
 
 
 def version() -> str:

@@ -112,11 +112,12 @@ class Store(Protocol):
         """Create an empty temporary image of `size` bytes (or let qemu create it)."""
         ...
 
-    def finalize(self, target: Target) -> Location:
+    # Targets are typed loosely: each store takes back only its own kind.
+    def finalize(self, target: Any) -> Location:
         """Make the temporary image the real one, atomically."""
         ...
 
-    def abort(self, target: Target) -> None:
+    def abort(self, target: Any) -> None:
         """Remove the temporary image; never fails on one already gone."""
         ...
 

@@ -133,7 +133,7 @@ class FileStore:
             path.unlink()
         return FileTarget(image_id, path, self._final(image_id, image_format), size, image_format)
 
-    def finalize(self, target: FileTarget) -> Location:  # type: ignore[override]
+    def finalize(self, target: FileTarget) -> Location:
         target.sync()
         target.close()
         try:
@@ -148,7 +148,7 @@ class FileStore:
             os.close(directory)
         return self.location(target.image_id)
 
-    def abort(self, target: FileTarget) -> None:  # type: ignore[override]
+    def abort(self, target: FileTarget) -> None:
         target.close()
         with contextlib.suppress(FileNotFoundError):
             target.path.unlink()
@@ -173,6 +173,19 @@ class FileStore:
         if path is None:
             raise ImageNotFound(f"image {image_id} not found in {self.directory}")
         path.unlink()
+
+    def purge_temporaries(self, image_id: str) -> list[str]:
+        """Remove every temporary of `image_id`, whoever wrote it (the caller
+        holds the image's lease, so none of them is live)."""
+        removed: list[str] = []
+        if not self.directory.is_dir():
+            return removed
+        prefix = "." + image_id + TMP_MARKER
+        for entry in self.directory.iterdir():
+            if entry.name.startswith(prefix):
+                entry.unlink(missing_ok=True)
+                removed.append(entry.name)
+        return removed
 
     def cleanup(self) -> list[str]:
         removed: list[str] = []

@@ -227,7 +227,7 @@ class RbdStore:
             image.close()
         return RbdTarget(self, image_id, name, size)
 
-    def finalize(self, target: RbdTarget) -> Location:  # type: ignore[override]
+    def finalize(self, target: RbdTarget) -> Location:
         _, rbd = _bindings()
         ioctx = self._connect()
         image = target._open()
@@ -237,7 +237,7 @@ class RbdStore:
         self._call(rbd.RBD().rename, ioctx, target.name, target.image_id)
         return self.location(target.image_id)
 
-    def abort(self, target: RbdTarget) -> None:  # type: ignore[override]
+    def abort(self, target: RbdTarget) -> None:
         target.close()
         self._remove_image(target.name, missing_ok=True)
 
@@ -309,6 +309,17 @@ class RbdStore:
         except ImageNotFound:
             if not missing_ok:
                 raise
+
+    def purge_temporaries(self, image_id: str) -> list[str]:
+        """Remove every temporary of `image_id`, whoever wrote it (the caller
+        holds the image's lease, so none of them is live)."""
+        _, rbd = _bindings()
+        removed = []
+        for name in self._call(rbd.RBD().list, self._connect()):
+            if name.startswith(image_id + TMP_MARKER):
+                self._remove_image(name, missing_ok=True)
+                removed.append(name)
+        return removed
 
     def cleanup(self) -> list[str]:
         """Remove temporaries whose owner died (this host) or that are older

@@ -1,0 +1,399 @@
+"""One import job, start to end, as plain functions: the Celery task and the
+embedded (in-process) `diskpipe import` run exactly this code.
+
+fetch/receive -> inspect -> validate -> convert -> store -> verify -> record
+
+The record moves queued -> saving -> active | killed through the record
+store; a lease (with a heartbeat) keeps two deliveries of one job from ever
+working side by side; everything temporary is removed on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from diskpipe.converter.checksums import hash_image
+from diskpipe.converter.convert import ConversionFailed, ConvertRequest, ConvertResult, Refused, convert_image
+from diskpipe.converter.qemu_img import Cancelled, CancelToken
+from diskpipe.converter.stores.base import ImageInUse, ImageNotFound, Store, StoreError, StoreUnavailable
+from diskpipe.formats import FormatError
+from diskpipe.formats.api import inspect_reader
+from diskpipe.formats.policy import Policy
+from diskpipe.tasks import sources
+from diskpipe.tasks.records import RecordStore, new_record
+from diskpipe.tasks.states import ACTIVE, DELETED, FINAL, KILLED, QUEUED, SAVING, IllegalTransition
+from diskpipe.validation import UnsafeImage
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY = 0.5  # seconds between progress writes
+
+
+class Transient(Exception):
+    """Worth retrying later (Ceph, Redis or the network were unavailable)."""
+
+
+class JobRefused(Exception):
+    """A refusal by a management command (protected, in use...)."""
+
+
+class LeaseLike(Protocol):
+    lost: Any
+
+    def acquire(self, *, give_up: Callable[[], bool], poll: float = 1.0, timeout: float | None = None) -> bool: ...
+
+    def start_heartbeat(self, on_tick: Callable[[], None] | None = None, interval: float | None = None) -> None: ...
+
+    def release(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ImportJob:
+    image_id: str
+    source: str  # a local path or an http(s) URL
+    claimed_format: str | None = None
+    name: str | None = None
+    to_format: str = "raw"
+    full_hashes: bool = True
+    sparse_hash: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image_id": self.image_id,
+            "source": self.source,
+            "claimed_format": self.claimed_format,
+            "name": self.name,
+            "to_format": self.to_format,
+            "full_hashes": self.full_hashes,
+            "sparse_hash": self.sparse_hash,
+        }
+
+
+@dataclass
+class Environment:
+    records: RecordStore
+    store: Store
+    policy: Policy = field(default_factory=Policy)
+    import_config: sources.ImportConfig = field(default_factory=sources.ImportConfig)
+    lease: Callable[[str], LeaseLike] | None = None  # None: one process, no lease needed
+    lease_wait: float | None = None  # how long a second delivery waits for a live lease
+    trust_local_paths: bool = False  # the embedded CLI imports any file its user can read
+    owner: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
+
+
+def is_url(source: str) -> bool:
+    return source.lower().startswith(("http://", "https://", "ftp://", "file://")) or "://" in source
+
+
+def ensure_record(records: RecordStore, job: ImportJob, attempt: str) -> dict[str, Any]:
+    """Create the queued record, or start a new attempt of a killed one.
+
+    A redelivery of the attempt that killed the record (same `attempt` id)
+    does not start another; active, saving and queued records are left as
+    they are (idempotent by image id).
+    """
+    for _ in range(5):
+        record = records.get(job.image_id)
+        if record is None:
+            fresh = new_record(
+                job.image_id, name=job.name, source=job.source, claimed_format=job.claimed_format, task_id=attempt
+            )
+            if records.create(fresh):
+                return fresh
+            continue
+        if record["status"] == KILLED and record.get("task_id") != attempt:
+            try:
+                restarted = records.transition(
+                    job.image_id,
+                    KILLED,
+                    QUEUED,
+                    task_id=attempt,
+                    source=job.source,
+                    claimed_format=job.claimed_format,
+                    reason=None,
+                )
+            except IllegalTransition:
+                continue
+            records.request_cancel(job.image_id, False)  # an old cancel must not stop the new attempt
+            return restarted
+        return record
+    raise Transient(f"image {job.image_id}: record keeps changing")
+
+
+def _record_fields(result: ConvertResult) -> dict[str, Any]:
+    fields = result.to_json()
+    fields.pop("status", None)
+    fields.pop("id", None)
+    return fields
+
+
+def verify(store: Store, result: ConvertResult) -> None:
+    """Re-inspect the stored image and compare its size and sparse digest
+    with what the conversion computed (reads only the allocated data)."""
+    image = store.open_image(result.image_id)
+    try:
+        size = image.stored_size()
+        stored = inspect_reader(image.read_at, size)
+        if result.stored_format == "raw" and (stored.format != "raw" or stored.matches or size != result.virtual_size):
+            raise ConversionFailed(
+                f"stored image does not verify: {stored.format} {list(stored.matches)} of {size} bytes, "
+                f"expected raw of {result.virtual_size}"
+            )
+        sums = hash_image(size, list(image.extents()), image.read_at, full=False, sparse=True)
+        if sums.size != result.checksums.size or sums.sparse != result.checksums.sparse:
+            raise ConversionFailed("stored image does not verify: its data differs from what was converted")
+    finally:
+        image.close()
+
+
+def _kill(records: RecordStore, image_id: str, reason: str, expected: str = SAVING) -> dict[str, Any]:
+    try:
+        return records.transition(image_id, expected, KILLED, reason=reason)
+    except IllegalTransition:
+        record = records.get(image_id)
+        assert record is not None
+        return record
+
+
+def run_import(job: ImportJob, env: Environment, attempt: str, *, final_attempt: bool = True) -> dict[str, Any]:
+    """Run one delivery of an import job; returns the record at the end.
+
+    Raises Transient when a retry may succeed and this is not the final
+    attempt (the record stays `saving` for the next delivery to take over).
+    """
+    records = env.records
+    record = ensure_record(records, job, attempt)
+    if record["status"] in FINAL:
+        return record
+    lease = env.lease(job.image_id) if env.lease is not None else None
+    if lease is not None:
+
+        def finished() -> bool:
+            current = records.get(job.image_id)
+            return current is None or current["status"] in FINAL
+
+        if not lease.acquire(give_up=finished, timeout=env.lease_wait):
+            current = records.get(job.image_id)
+            assert current is not None
+            return current
+    try:
+        return _run_with_lease(job, env, attempt, lease, final_attempt)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_with_lease(
+    job: ImportJob, env: Environment, attempt: str, lease: LeaseLike | None, final_attempt: bool
+) -> dict[str, Any]:
+    records, store = env.records, env.store
+    record = records.get(job.image_id)
+    assert record is not None
+    if record["status"] in FINAL:
+        return record
+    if records.cancel_requested(job.image_id):
+        records.request_cancel(job.image_id, False)
+        return _kill(records, job.image_id, "cancelled before it started", expected=record["status"])
+    record = records.transition(
+        job.image_id,
+        record["status"],
+        SAVING,
+        attempts=int(record.get("attempts") or 0) + 1,
+        task_id=attempt,
+        owner=env.owner,
+        reason=None,
+    )
+    cancel = CancelToken()
+    last_write = [0.0]
+
+    def check_cancel() -> None:
+        if records.cancel_requested(job.image_id):
+            cancel.cancel()
+
+    def progress(stage: str, percent: float, done: int | None = None) -> None:
+        now = time.monotonic()
+        if now - last_write[0] < PROGRESS_EVERY and percent < 100:
+            return
+        last_write[0] = now
+        try:
+            records.set_progress(
+                job.image_id, {"stage": stage, "percent": round(percent, 2), "bytes": done, "at": time.time()}
+            )
+            if lease is None:
+                check_cancel()  # no heartbeat thread: look for a cancel here
+        except Exception as error:  # noqa: BLE001 - progress is best effort (Redis may be restarting)
+            log.warning("progress of %s not recorded: %s", job.image_id, error)
+
+    if lease is not None:
+        lease.start_heartbeat(on_tick=check_cancel)
+
+    staged: sources.Staged | None = None
+    unpacked: sources.Staged | None = None
+    try:
+        _purge_temporaries(store, job.image_id)
+        if store.exists(job.image_id):
+            # A previous delivery stored the image but died before recording it.
+            return _adopt_stored(job, env, record)
+        staged = _fetch(job, env, progress, cancel)
+        cancel.raise_if_cancelled()
+        unpacked, info = sources.unpack(staged, env.import_config, label=job.image_id)
+        request = ConvertRequest(
+            source=unpacked.qemu_path,
+            image_id=job.image_id,
+            to_format=job.to_format,
+            claimed=job.claimed_format,
+            policy=env.policy,
+            full_hashes=job.full_hashes,
+            sparse_hash=job.sparse_hash,
+        )
+        result = convert_image(request, store, progress=progress, cancel=cancel, inspected=info)
+        progress("verify", 0.0)
+        try:
+            verify(store, result)
+        except ConversionFailed:
+            _delete_quietly(store, job.image_id)
+            raise
+        if lease is not None and lease.lost.is_set():
+            raise Transient("lost the lease while working")
+        fields = _record_fields(result)
+        if unpacked.unpacked:
+            fields["unpacked"] = unpacked.unpacked
+        progress("done", 100.0)
+        return records.transition(job.image_id, SAVING, ACTIVE, **fields)
+    except (Refused, UnsafeImage) as refusal:
+        reason = "; ".join(f"{issue.check}: {issue.message}" for issue in refusal.issues)
+        return _kill(records, job.image_id, f"refused: {reason}")
+    except FormatError as error:
+        return _kill(records, job.image_id, f"refused: malformed: {error}")
+    except sources.SourceRefused as error:
+        return _kill(records, job.image_id, f"refused: {error}")
+    except (Cancelled, InterruptedError):
+        records.request_cancel(job.image_id, False)
+        return _kill(records, job.image_id, "cancelled")
+    except ConversionFailed as error:
+        return _kill(records, job.image_id, f"conversion failed: {error}")
+    except (StoreUnavailable, sources.SourceUnavailable, Transient) as error:
+        if final_attempt:
+            return _kill(records, job.image_id, f"gave up after retries: {error}")
+        raise Transient(str(error)) from error
+    except StoreError as error:
+        return _kill(records, job.image_id, f"store refused: {error}")
+    except (KeyboardInterrupt, SystemExit):
+        _kill(records, job.image_id, "interrupted")
+        raise
+    finally:
+        for item in (unpacked, staged):
+            if item is not None:
+                item.close()
+
+
+def _fetch(job: ImportJob, env: Environment, progress: Callable[..., None], cancel: CancelToken) -> sources.Staged:
+    progress("fetch", 0.0)
+    if is_url(job.source):
+        return sources.download(
+            job.source,
+            env.import_config,
+            claimed=job.claimed_format,
+            policy=env.policy,
+            label=job.image_id,
+            cancelled=lambda: cancel.cancelled,
+            progress=lambda done, total: progress("fetch", 100.0 * done / total if total else 0.0, done),
+        )
+    if env.trust_local_paths:
+        config = replace(env.import_config, allowed_dirs=("/",))
+        return sources.open_local(os.path.abspath(job.source), config)
+    return sources.open_local(job.source, env.import_config)
+
+
+def _purge_temporaries(store: Store, image_id: str) -> None:
+    """With the lease held, every `<id>.tmp.*` is a dead delivery's leftover."""
+    purge = getattr(store, "purge_temporaries", None)
+    if purge is not None:
+        purge(image_id)
+
+
+def _adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any]) -> dict[str, Any]:
+    """Record an image a dead delivery finalized: verify it by hashing it anew."""
+    image = env.store.open_image(job.image_id)
+    try:
+        size = image.stored_size()
+        stored = inspect_reader(image.read_at, size)
+        if stored.format != "raw" and job.to_format == "raw":
+            raise ConversionFailed("stored image is not raw")
+        sums = hash_image(size, list(image.extents()), image.read_at, full=job.full_hashes, sparse=True)
+    finally:
+        image.close()
+    location = env.store.location(job.image_id)
+    fields: dict[str, Any] = {
+        "disk_format": job.to_format,
+        "container_format": "bare",
+        "virtual_size": stored.virtual_size,
+        "locations": [{"url": location.url, "metadata": location.metadata}],
+        **sums.glance_properties(include_sparse=job.sparse_hash),
+    }
+    return env.records.transition(job.image_id, SAVING, ACTIVE, **fields)
+
+
+def _delete_quietly(store: Store, image_id: str) -> None:
+    try:
+        store.delete(image_id)
+    except StoreError as error:
+        log.warning("could not remove unverified image %s: %s", image_id, error)
+
+
+# -- management ---------------------------------------------------------------
+
+
+def delete_image(image_id: str, env: Environment) -> dict[str, Any]:
+    """Delete a stored image: refused while protected or while it has clones."""
+    records = env.records
+    record = records.get(image_id)
+    if record is None:
+        raise KeyError(image_id)
+    if record.get("protected"):
+        raise JobRefused(f"image {image_id} is protected; unprotect it first")
+    if record["status"] == SAVING:
+        raise JobRefused(f"image {image_id} is being saved; cancel it first")
+    if record["status"] == DELETED:
+        return record
+    try:
+        env.store.delete(image_id)
+    except ImageNotFound:
+        pass
+    except ImageInUse as error:
+        raise JobRefused(str(error)) from error
+    except StoreUnavailable as error:
+        raise Transient(str(error)) from error
+    return records.transition(image_id, record["status"], DELETED, locations=[])
+
+
+def set_protected(image_id: str, records: RecordStore, protected: bool) -> dict[str, Any]:
+    if records.get(image_id) is None:
+        raise KeyError(image_id)
+    return records.update(image_id, protected=protected)
+
+
+def cancel_image(image_id: str, records: RecordStore) -> dict[str, Any]:
+    """Ask the job to stop. A queued job is killed at once; a saving one stops
+    at its next heartbeat (its worker kills qemu-img and removes the
+    temporary image)."""
+    record = records.get(image_id)
+    if record is None:
+        raise KeyError(image_id)
+    if record["status"] in FINAL:
+        return record
+    records.request_cancel(image_id)
+    if record["status"] == QUEUED:
+        try:
+            killed = records.transition(image_id, QUEUED, KILLED, reason="cancelled")
+            records.request_cancel(image_id, False)
+            return killed
+        except IllegalTransition:
+            pass
+    current = records.get(image_id)
+    assert current is not None
+    return current
