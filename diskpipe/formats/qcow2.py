@@ -147,7 +147,9 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     if crypt_method > 2:
         _anomaly(anomalies, "crypt_method", f"unsupported encryption method {crypt_method}")
 
-    _check_tables(header, cluster_size, extended_l2, anomalies)
+    # With an impossible cluster size every offset check would be noise.
+    if cluster_bits_valid:
+        _check_tables(header, cluster_size, extended_l2, anomalies)
 
     # Header extensions run up to the backing file name, else to the cluster end.
     backing_offset = header["backing_file_offset"]
@@ -192,7 +194,9 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     virtual_size = header["size"] // 512 * 512
     allocated = None
     host_end = 0
-    if options.allocation and cluster_bits_valid and header["l1_size"] <= MAX_L1_ENTRIES:
+    # Overlapping metadata makes the tables garbage: their counts would mislead.
+    tables_usable = not any(anomaly["name"] == "metadata_overlap" for anomaly in anomalies)
+    if options.allocation and cluster_bits_valid and tables_usable and header["l1_size"] <= MAX_L1_ENTRIES:
         try:
             allocated, host_end = yield from _count_allocation(
                 header, cluster_size, extended_l2, virtual_size, anomalies, details
@@ -202,7 +206,8 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     # The size comes last: a stream knows it only at its end.
     file_size: int = yield GetSize()
     details["file-size"] = file_size
-    _check_against_file_size(header, cluster_size, file_size, anomalies)
+    if cluster_bits_valid:
+        _check_against_file_size(header, cluster_size, file_size, anomalies)
     # With an external data file, data cluster offsets point into that file.
     if host_end > file_size and not incompatible & INCOMPAT_DATA_FILE:
         _anomaly(

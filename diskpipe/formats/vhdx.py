@@ -231,6 +231,8 @@ def _parse_regions(raw: bytes, anomalies: list[dict[str, str]]) -> dict[bytes, d
     regions: dict[bytes, dict[str, Any]] = {}
     for index in range(count):
         entry = REGION_ENTRY.parse(raw, 16 + index * REGION_ENTRY.size)
+        if not any(entry["guid"]):
+            continue  # an empty slot (an over-long entry count reads them)
         known = entry["guid"] in (BAT_REGION, METADATA_REGION)
         if entry["guid"] in regions:
             raise FormatError(

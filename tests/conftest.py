@@ -1,0 +1,126 @@
+"""Shared fixtures: the sample images, and real services (Redis, a one-node
+Ceph) started once per test session by the project's own scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+sys.path.insert(0, str(ROOT))  # `samples` is a checkout tool, not installed
+
+
+def _parse_env(output: str) -> dict[str, str]:
+    found = {}
+    for line in output.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.isupper():
+            found[key] = value
+    return found
+
+
+@pytest.fixture(scope="session")
+def samples_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every sample image (honest and hostile), made once per session."""
+    prebuilt = os.environ.get("DISKPIPE_SAMPLES")
+    if prebuilt and (Path(prebuilt) / "manifest.json").exists():
+        return Path(prebuilt)
+    out = tmp_path_factory.mktemp("samples")
+    subprocess.run([sys.executable, "-m", "samples", str(out)], cwd=ROOT, check=True, capture_output=True, text=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def manifest(samples_dir: Path) -> list[Any]:
+    from samples.manifest import load_manifest
+
+    return load_manifest(samples_dir)
+
+
+def qemu_info(path: Path | str, fmt: str) -> dict[str, Any]:
+    """The oracle: qemu-img info, taken live, with the format given."""
+    result = subprocess.run(
+        ["qemu-img", "info", "--output=json", "--force-share", "-f", fmt, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis (append-only), on a port of its own."""
+    state = tmp_path_factory.mktemp("redis")
+    env = dict(os.environ, DISKPIPE_REDIS_PORT=os.environ.get("DISKPIPE_TEST_REDIS_PORT", "6390"))
+    started = subprocess.run(["bash", str(SCRIPTS / "redis-start.sh"), str(state)], env=env, capture_output=True, text=True)
+    if started.returncode != 0:
+        pytest.fail(f"redis did not start: {started.stderr}")
+    url = _parse_env(started.stdout)["DISKPIPE_BROKER_URL"]
+    yield url
+    subprocess.run(["bash", str(SCRIPTS / "redis-stop.sh"), str(state)], env=env, capture_output=True)
+
+
+class Ceph:
+    def __init__(self, state: Path, conf: str, keyring: str | None, env: dict[str, str]) -> None:
+        self.state = state
+        self.conf = conf
+        self.keyring = keyring
+        self.env = env
+
+    def pids(self, daemon: str) -> list[int]:
+        found = []
+        for pidfile in self.state.rglob(f"*{daemon}*.pid"):
+            try:
+                found.append(int(pidfile.read_text().strip()))
+            except ValueError:
+                continue
+        return found
+
+    def rbd(self, *args: str) -> str:
+        return subprocess.run(["rbd", "-c", self.conf, *args], capture_output=True, text=True, check=True).stdout
+
+
+def _start_ceph(state: Path, port: str, cephx: bool, memstore: int) -> Ceph:
+    env = dict(
+        os.environ,
+        DISKPIPE_CEPH_PORT=port,
+        DISKPIPE_CEPH_MEMSTORE_BYTES=str(memstore),
+        DISKPIPE_CEPH_CEPHX="1" if cephx else "0",
+    )
+    started = subprocess.run(["bash", str(SCRIPTS / "ceph-start.sh"), str(state)], env=env, capture_output=True, text=True)
+    if started.returncode != 0:
+        pytest.fail(f"ceph did not start: {started.stderr[-3000:]}")
+    values = _parse_env(started.stdout)
+    return Ceph(state, values["CEPH_CONF"], values.get("DISKPIPE_CEPH_KEYRING"), env)
+
+
+def _stop_ceph(ceph: Ceph) -> None:
+    subprocess.run(["bash", str(SCRIPTS / "ceph-stop.sh"), str(ceph.state)], env=ceph.env, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
+    """A real one-node Ceph (memstore, no auth) with an `rbd` pool."""
+    if shutil.which("ceph-mon") is None:
+        pytest.fail("ceph-mon is not installed: run scripts/setup.sh")
+    ceph = _start_ceph(tmp_path_factory.mktemp("ceph"), os.environ.get("DISKPIPE_TEST_CEPH_PORT", "6791"), False, 3 << 30)
+    yield ceph
+    _stop_ceph(ceph)
+
+
+@pytest.fixture(scope="session")
+def ceph_cephx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
+    """A second one-node Ceph with cephx on and a `client.diskpipe` user."""
+    ceph = _start_ceph(tmp_path_factory.mktemp("ceph-cephx"), "6795", True, 1 << 30)
+    yield ceph
+    _stop_ceph(ceph)
