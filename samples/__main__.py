@@ -26,7 +26,9 @@ def _select(recipes: list[Recipe], patterns: list[str], quick: bool) -> list[Rec
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m samples", description=__doc__)
     parser.add_argument("outdir", type=Path, nargs="?", help="where to write the images and manifest.json")
-    parser.add_argument("--only", action="append", default=[], metavar="GLOB", help="build only matching sample names (repeatable)")
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="GLOB", help="build only matching sample names (repeatable)"
+    )
     parser.add_argument("--quick", action="store_true", help="a small subset, one or two per format")
     parser.add_argument("--jobs", "-j", type=int, default=max(2, (os.cpu_count() or 1) * 2), help="parallel builders")
     parser.add_argument("--list", action="store_true", help="print the sample names and exit")

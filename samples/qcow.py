@@ -1,8 +1,9 @@
 """qcow2 and qcow (v1) images made with qemu-img and filled with qemu-io.
 
-Not made, because qemu cannot: 512-byte clusters at 1 TiB (the L1 table
-would need 32 Mi entries, over qemu's 4 Mi limit), extended L2 with clusters
-below 16 KiB (qemu rejects it), qcow v1 clusters above 64 KiB.
+Not made, because qemu-img 7.2 refuses: 512-byte clusters at 1 TiB ("image
+size is too large": the L1 table would need 32 Mi entries, over the 4 Mi
+limit), extended L2 with clusters below 16 KiB, qcow v1 with any cluster
+size but its default (it has no cluster_size option).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from samples import tools
-from samples.data import SECRET, seeded, sparse_file, text_block
+from samples.data import SECRET, patch, seeded, sparse_file, text_block
 from samples.manifest import Sample
 from samples.recipe import Context, Recipe, RecipeList
 from samples.tools import Write
@@ -62,7 +63,11 @@ SPECS = (
         "extended_l2=on,cluster_size=2M",
         granule=64 * KIB,
     ),
-    Spec("qcow2-v3-zstd", "compression_type=zstd header field (incompatible bit 3), no compressed clusters", "compression_type=zstd"),
+    Spec(
+        "qcow2-v3-zstd",
+        "compression_type=zstd header field (incompatible bit 3), no compressed clusters",
+        "compression_type=zstd",
+    ),
     Spec(
         "qcow2-prealloc-metadata",
         "preallocation=metadata: every L2 entry set, map reports all as data",
@@ -121,7 +126,14 @@ SPECS = (
             (SIZE - 4 * KIB, 4 * KIB, 0x75),
         ),
     ),
-    Spec("qcow-v1", "qcow version 1 (format qcow), 4 KiB clusters", size=16 * MIB, granule=4 * KIB, fmt="qcow", quick=True),
+    Spec(
+        "qcow-v1",
+        "qcow version 1 (format qcow), 4 KiB clusters",
+        size=16 * MIB,
+        granule=4 * KIB,
+        fmt="qcow",
+        quick=True,
+    ),
 )
 
 
@@ -132,6 +144,8 @@ def _build(spec: Spec, ctx: Context) -> Sample:
     writes = _spread(spec.size) if spec.writes is None else spec.writes
     tools.create(path, spec.fmt, spec.size, spec.options)
     tools.write(path, spec.fmt, writes)
+    if not spec.fully_allocated:
+        tools.dig_holes(path)  # 2 MiB clusters are written whole, mostly zeros
     size = -(-spec.size // 512) * 512  # qemu-img create rounds the request up to 512
     return Sample(
         name=spec.name,
@@ -158,9 +172,7 @@ def odd_header(ctx: Context) -> Sample:
     rel = "qcow2/qcow2-size-1000000-header.qcow2"
     path = ctx.out(rel)
     tools.create(path, "qcow2", 1_000_000)
-    with path.open("r+b") as image:
-        image.seek(24)
-        image.write(struct.pack(">Q", 1_000_000))
+    patch(path, 24, struct.pack(">Q", 1_000_000))  # the u64be size field
     return Sample(
         name="qcow2-size-1000000-header",
         file=rel,
@@ -230,14 +242,16 @@ def with_bitmap(ctx: Context) -> Sample:
     )
 
 
-@RECIPES.add("qcow2-luks")
+@RECIPES.add("qcow2-encrypt-luks")
 def encrypted(ctx: Context) -> Sample:
-    rel = "qcow2/qcow2-luks.qcow2"
+    rel = "qcow2/qcow2-encrypt-luks.qcow2"
     path = ctx.out(rel)
     secret = f"secret,id=s0,data={SECRET}"
     size = 16 * MIB
     # iter-time 10 ms: the key derivation is what makes encrypted images slow.
-    tools.create(path, "qcow2", size, "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "--object", secret)
+    tools.create(
+        path, "qcow2", size, "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "--object", secret
+    )
     tools.write(
         f"driver=qcow2,file.filename={path},encrypt.key-secret=s0",
         "qcow2",
@@ -247,7 +261,7 @@ def encrypted(ctx: Context) -> Sample:
         "--image-opts",
     )
     return Sample(
-        name="qcow2-luks",
+        name="qcow2-encrypt-luks",
         file=rel,
         format="qcow2",
         disk_format="qcow2",

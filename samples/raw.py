@@ -6,7 +6,7 @@ that rounding, the 1 TiB sparse file checks that nothing reads the data.
 
 from __future__ import annotations
 
-from samples.data import seeded, sectors, sparse_file
+from samples.data import sectors, seeded, sparse_file
 from samples.manifest import Sample
 from samples.recipe import Context, Recipe, RecipeList
 
@@ -18,9 +18,9 @@ TIB = 1 << 40
 def _sized(name: str, size: int, description: str, quick: bool = False) -> Recipe:
     def build(ctx: Context) -> Sample:
         rel = f"raw/{name}.raw"
-        # Seeded random bytes: a fixed seed avoids magic numbers by chance and
-        # keeps the files identical between runs.
-        ctx.out(rel).write_bytes(seeded(size, seed=size))
+        # Seeded random bytes keep the files identical between runs; the NUL
+        # first byte keeps a tiny file from reading as text by chance.
+        ctx.out(rel).write_bytes(b"\0" + seeded(size - 1, seed=size) if size else b"")
         return Sample(
             name=name,
             file=rel,
@@ -45,7 +45,7 @@ RECIPES += [
 
 @RECIPES.add("raw-1t-sparse")
 def raw_sparse(ctx: Context) -> Sample:
-    rel = "raw/1t-sparse.raw"
+    rel = "raw/raw-1t-sparse.raw"
     sparse_file(ctx.out(rel), TIB)
     return Sample(
         name="raw-1t-sparse",

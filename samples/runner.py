@@ -38,16 +38,18 @@ def _build_one(recipe: Recipe, outdir: Path, scratch_root: Path, verbose: bool) 
     if sample.name != recipe.name:
         return ValueError(f"recipe {recipe.name} returned sample {sample.name}")
     if verbose:
-        print(f"  {time.monotonic() - started:6.2f}s {recipe.name}", file=sys.stderr)
+        sys.stderr.write(f"  {time.monotonic() - started:6.2f}s {recipe.name}\n")  # one write: threads interleave
     return sample
 
 
 def build(recipes: list[Recipe], outdir: Path, jobs: int, verbose: bool = False) -> Outcome:
     outdir.mkdir(parents=True, exist_ok=True)
     outcome = Outcome()
-    with tempfile.TemporaryDirectory(prefix="diskpipe-samples.") as scratch_root:
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            results = list(pool.map(lambda r: _build_one(r, outdir, Path(scratch_root), verbose), recipes))
+    with (
+        tempfile.TemporaryDirectory(prefix="diskpipe-samples.") as scratch_root,
+        ThreadPoolExecutor(max_workers=max(1, jobs)) as pool,
+    ):
+        results = list(pool.map(lambda r: _build_one(r, outdir, Path(scratch_root), verbose), recipes))
     for recipe, result in zip(recipes, results, strict=True):
         if isinstance(result, Sample):
             outcome.samples.append(result)

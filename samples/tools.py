@@ -98,8 +98,18 @@ def covered(writes: Iterable[Write], granule: int, limit: int) -> int:
     total = 0
     end = 0
     for start, stop in spans:
-        start = max(start, end)
-        if stop > start:
-            total += stop - start
+        begin = max(start, end)
+        if stop > begin:
+            total += stop - begin
             end = stop
     return total
+
+
+def dig_holes(path: Path) -> None:
+    """Rewrite a file with holes for its blocks of zeros (same bytes, less
+    disk): mkfs.xfs, cryptsetup and qemu's copy-on-write of big clusters
+    write or preallocate many zeros. `fallocate --dig-holes` is not enough:
+    it skips preallocated (unwritten) extents, which still take disk space."""
+    sparse = path.with_name(path.name + ".sparse")
+    run(["cp", "--sparse=always", path, sparse])
+    os.replace(sparse, path)

@@ -76,7 +76,9 @@ def check_diskpipe(sample: Sample, path: Path) -> list[Issue]:
 
 
 def verify(outdir: Path, patterns: list[str], with_diskpipe: bool) -> list[Issue]:
-    samples = [s for s in load_manifest(outdir) if not patterns or any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+    samples = [
+        s for s in load_manifest(outdir) if not patterns or any(fnmatch.fnmatchcase(s.name, p) for p in patterns)
+    ]
 
     def check(sample: Sample) -> list[Issue]:
         path = sample.path(outdir)
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     issues = verify(args.outdir, args.only, with_diskpipe=not args.qemu_only)
     for issue in issues:
         print(issue)
+    sys.stdout.flush()
     count = len(load_manifest(args.outdir))
     print(f"{count} samples, {len(issues)} disagreements", file=sys.stderr)
     return 1 if issues else 0
