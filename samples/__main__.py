@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from samples import verdicts
 from samples.manifest import write_manifest
 from samples.recipe import Recipe
 from samples.registry import all_recipes
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     outcome = build(recipes, args.outdir, args.jobs, args.verbose)
-    manifest = write_manifest(args.outdir, outcome.samples)
+    manifest = write_manifest(args.outdir, verdicts.apply(outcome.samples))
     for name, reason in outcome.skipped.items():
         print(f"skipped {name}: {reason}", file=sys.stderr)
     for name, reason in outcome.failed.items():

@@ -63,12 +63,11 @@ def _inspect_fd(fd: int, options: InspectOptions, filename: str | None) -> Image
         size = os.lseek(fd, 0, os.SEEK_END)
     info = run_on_file(inspection(options, filename=filename), fd, size)
     changes: dict[str, Any] = {"actual_size": status.st_blocks * 512}
-    if options.allocation and info.allocated_size is None:
-        # Raw data and fixed VHDs have no allocation table: ask the filesystem.
-        if info.format == "raw":
-            changes["allocated_size"] = raw.data_bytes(fd, 0, size)
-        elif info.format == "vpc" and info.subformat == "fixed":
-            changes["allocated_size"] = raw.data_bytes(fd, 0, min(size - 512, info.virtual_size))
+    if options.allocation and info.allocated_size is None and info.format == "raw":
+        # Raw data has no allocation table: the filesystem's holes are its map
+        # (as for `qemu-img map`). Fixed VHDs stay unset: qemu maps them as
+        # all data, whatever the host holes.
+        changes["allocated_size"] = raw.data_bytes(fd, 0, size)
     return info.with_changes(**changes)
 
 

@@ -5,11 +5,15 @@ FORMATS.md §1.5; qemu block/qcow.c.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
+from diskpipe.formats import allocation
 from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions, read_exact
+from diskpipe.formats.errors import Unavailable
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout, c_string
+from diskpipe.formats.reads import Read, Request
 
 NAME = "qcow"
 MAGIC = b"QFI\xfb"
@@ -50,15 +54,48 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
             anomalies.append({"name": "backing_file_name", "message": "backing file name too long"})
         raw = yield from read_exact(header["backing_file_offset"], min(size, MAX_BACKING_NAME + 1), head)
         backing_file = c_string(raw)
+    virtual_size = header["size"] // 512 * 512
+    allocated = None
+    if options.allocation and 9 <= cluster_bits <= 16 and 6 <= header["l2_bits"] <= 13:
+        try:
+            allocated = yield from _count_allocation(header, virtual_size)
+        except Unavailable:
+            allocated = None
     return Facts(
         format=NAME,
-        virtual_size=header["size"] // 512 * 512,
+        virtual_size=virtual_size,
+        allocated_size=allocated,
         cluster_size=1 << cluster_bits if 9 <= cluster_bits <= 16 else None,
         backing_file=backing_file,
         encrypted=header["crypt_method"] != 0,
         subformat="qcow1",
         details=details,
     )
+
+
+def _count_allocation(header: dict[str, Any], virtual_size: int) -> Generator[Request, Any, int]:
+    """Guest bytes in allocated clusters: L1 -> L2 tables of u64 offsets,
+    any non-zero entry (compressed ones too) holds data."""
+    np = allocation.numpy()
+    cluster_bits, l2_bits = header["cluster_bits"], header["l2_bits"]
+    l2_entries = 1 << l2_bits
+    l1_size = -(-virtual_size // (1 << (cluster_bits + l2_bits)))
+    total = 0
+    for first_index, piece_offset, piece_length in allocation.table_pieces(header["l1_table_offset"], l1_size * 8, 8):
+        piece: bytes = yield Read(piece_offset, piece_length)
+        l1 = np.frombuffer(piece.ljust(piece_length, b"\0"), dtype=">u8")
+        present = np.nonzero(l1)[0]
+        offsets = l1[present]
+        if np.unique(offsets).size != offsets.size:
+            return total  # shared tables: nothing more is counted
+        for l1_index, l2_offset in zip(
+            (present[np.argsort(offsets)] + first_index).tolist(), np.sort(offsets).tolist(), strict=True
+        ):
+            table: bytes = yield Read(l2_offset, l2_entries * 8)
+            entries = np.frombuffer(table.ljust(l2_entries * 8, b"\0"), dtype=">u8")
+            units = np.nonzero(entries)[0].astype(np.int64) + l1_index * l2_entries
+            total += allocation.clip_to_size(units, 1 << cluster_bits, virtual_size)
+    return total
 
 
 FORMAT = ContainerFormat(NAME, probe, inspect)

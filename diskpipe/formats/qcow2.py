@@ -424,19 +424,22 @@ def _count_allocation(
             _anomaly(anomalies, "l2_table_shared", "two L1 entries point at the same L2 table")
             return None, host_end
         units_per_cluster = 32 if extended_l2 else 1
+        entry_size = 16 if extended_l2 else 8
         for l1_index, l2_offset in zip(
             (present[np.argsort(offsets, kind="stable")] + first_index).tolist(),
             np.sort(offsets, kind="stable").tolist(),
             strict=True,
         ):
-            table: bytes = yield Read(l2_offset, cluster_size)
-            units, table_end, compressed = _scan_l2(
-                table.ljust(cluster_size, b"\0"), header["cluster_bits"], extended_l2
-            )
-            host_end = max(host_end, table_end)
-            compressed_clusters += compressed
-            first_unit = l1_index * l2_entries * units_per_cluster
-            total += allocation.clip_to_size(units + first_unit, cluster_size // units_per_cluster, virtual_size)
+            # A 2 MiB cluster's L2 table is read in bounded pieces.
+            for first_entry, table_offset, table_length in allocation.table_pieces(l2_offset, cluster_size, entry_size):
+                table: bytes = yield Read(table_offset, table_length)
+                units, table_end, compressed = _scan_l2(
+                    table.ljust(table_length, b"\0"), header["cluster_bits"], extended_l2
+                )
+                host_end = max(host_end, table_end)
+                compressed_clusters += compressed
+                first_unit = (l1_index * l2_entries + first_entry) * units_per_cluster
+                total += allocation.clip_to_size(units + first_unit, cluster_size // units_per_cluster, virtual_size)
     details["compressed-clusters"] = compressed_clusters
     return total, host_end
 

@@ -115,7 +115,9 @@ def _lz4_legacy(data: bytes) -> bytes:
 
 def _lz4_frame(data: bytes) -> bytes:
     flags = data[4]
-    header_length = 7 + (8 if flags & 0x08 else 0) + (4 if flags & 0x01 else 0)
+    # Frame descriptor: FLG, BD, header checksum; then the optional content
+    # size (FLG bit 3) and dictionary id (FLG bit 0).
+    header_length = 3 + (8 if flags & 0x08 else 0) + (4 if flags & 0x01 else 0)
     position = 4 + header_length
     size_word = int.from_bytes(data[position : position + 4], "little")
     block = data[position + 4 : position + 4 + (size_word & 0x7FFFFFFF)]
