@@ -187,7 +187,6 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     if "crypto" in extensions and crypt_method != 2:
         _anomaly(anomalies, "crypto_header", "crypto header extension without LUKS encryption")
 
-    format_specific = yield from _format_specific(header, version, compression_type, extensions, data_file, head)
     if extensions.get("feature_names"):
         details["feature-names"] = extensions["feature_names"]
 
@@ -196,13 +195,23 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     host_end = 0
     # Overlapping metadata makes the tables garbage: their counts would mislead.
     tables_usable = not any(anomaly["name"] == "metadata_overlap" for anomaly in anomalies)
-    if options.allocation and cluster_bits_valid and tables_usable and header["l1_size"] <= MAX_L1_ENTRIES:
+    count = options.allocation and cluster_bits_valid and tables_usable and header["l1_size"] <= MAX_L1_ENTRIES
+
+    # The LUKS header and the bitmap directory can lie anywhere, also among
+    # the L2 tables: their reads are merged into the table scan in file
+    # order, so a stream can answer every one of them.
+    side_reads = _side_reads(extensions, header)
+    prefetched: dict[int, bytes] = {}
+    if count:
         try:
             allocated, host_end = yield from _count_allocation(
-                header, cluster_size, extended_l2, virtual_size, anomalies, details
+                header, cluster_size, extended_l2, virtual_size, anomalies, details, side_reads, prefetched
             )
         except Unavailable:
             allocated = None
+    format_specific = yield from _format_specific(
+        header, version, compression_type, extensions, data_file, head, prefetched
+    )
     # The size comes last: a stream knows it only at its end.
     file_size: int = yield GetSize()
     details["file-size"] = file_size
@@ -315,6 +324,38 @@ def _read_extensions(
     return found
 
 
+def _side_reads(extensions: dict[str, Any], header: dict[str, Any]) -> list[tuple[int, int]]:
+    """(offset, length) of the small structures format-specific facts need."""
+    wanted = []
+    if header["crypt_method"] == 2 and "crypto" in extensions:
+        wanted.append((extensions["crypto"]["offset"], luks.HEADER_SIZE))
+    bitmaps = extensions.get("bitmaps")
+    if bitmaps and bitmaps["directory_size"] <= allocation.TABLE_PIECE:
+        wanted.append((bitmaps["directory_offset"], bitmaps["directory_size"]))
+    return sorted(wanted)
+
+
+def _prefetch(
+    pending: list[tuple[int, int]], prefetched: dict[int, bytes], before: int | None
+) -> Generator[Request, Any, None]:
+    """Read the pending side structures that lie before `before` (all if None)."""
+    while pending and (before is None or pending[0][0] < before):
+        offset, length = pending.pop(0)
+        try:
+            prefetched[offset] = yield Read(offset, length)
+        except Unavailable:
+            continue
+
+
+def _read_prefetched(
+    offset: int, length: int, head: bytes, prefetched: dict[int, bytes]
+) -> Generator[Request, Any, bytes]:
+    if offset in prefetched:
+        return prefetched[offset][:length]
+    data: bytes = yield from read_exact(offset, length, head)
+    return data
+
+
 def _feature_names(payload: bytes) -> list[dict[str, Any]]:
     names = []
     for start in range(0, len(payload) - 47, 48):
@@ -331,6 +372,7 @@ def _format_specific(
     extensions: dict[str, Any],
     data_file: str | None,
     head: bytes,
+    prefetched: dict[int, bytes],
 ) -> Generator[Request, Any, dict[str, Any]]:
     """The `format-specific` object of `qemu-img info` for qcow2."""
     data: dict[str, Any] = {
@@ -348,14 +390,17 @@ def _format_specific(
         if incompatible & INCOMPAT_DATA_FILE:
             data["data-file-raw"] = bool(header["autoclear_features"] & AUTOCLEAR_DATA_FILE_RAW)
         if "bitmaps" in extensions:
-            bitmaps = yield from _bitmaps(extensions["bitmaps"], head)
+            bitmaps = yield from _bitmaps(extensions["bitmaps"], head, prefetched)
             if bitmaps is not None:
                 data["bitmaps"] = bitmaps
     if header["crypt_method"] == 1:
         data["encrypt"] = {"format": "aes"}
     elif header["crypt_method"] == 2 and "crypto" in extensions:
         crypto = extensions["crypto"]
-        raw = yield from read_exact(crypto["offset"], luks.HEADER_SIZE, head)
+        try:
+            raw = yield from _read_prefetched(crypto["offset"], luks.HEADER_SIZE, head, prefetched)
+        except Unavailable:
+            raw = b""
         try:
             data["encrypt"] = {"format": "luks", **luks.describe(raw)}
         except FormatError:
@@ -363,12 +408,14 @@ def _format_specific(
     return {"type": NAME, "data": data}
 
 
-def _bitmaps(extension: dict[str, Any], head: bytes) -> Generator[Request, Any, list[dict[str, Any]] | None]:
+def _bitmaps(
+    extension: dict[str, Any], head: bytes, prefetched: dict[int, bytes]
+) -> Generator[Request, Any, list[dict[str, Any]] | None]:
     size = extension["directory_size"]
     if size > MAX_BITMAP_DIRECTORY or size > allocation.TABLE_PIECE:
         return None
     try:
-        directory = yield from read_exact(extension["directory_offset"], size, head)
+        directory = yield from _read_prefetched(extension["directory_offset"], size, head, prefetched)
     except Unavailable:
         return None
     bitmaps = []
@@ -392,6 +439,8 @@ def _count_allocation(
     virtual_size: int,
     anomalies: list[dict[str, str]],
     details: dict[str, Any],
+    side_reads: list[tuple[int, int]],
+    prefetched: dict[int, bytes],
 ) -> Generator[Request, Any, tuple[int | None, int]]:
     """(guest bytes with data, end of the furthest host cluster referenced).
 
@@ -408,6 +457,7 @@ def _count_allocation(
     for first_index, piece_offset, piece_length in allocation.table_pieces(
         header["l1_table_offset"], header["l1_size"] * 8, 8
     ):
+        yield from _prefetch(side_reads, prefetched, piece_offset)
         piece: bytes = yield Read(piece_offset, piece_length)
         l1 = np.frombuffer(piece[: len(piece) // 8 * 8], dtype=">u8") & np.uint64(L2_OFFSET_MASK)
         present = np.nonzero(l1)[0]
@@ -419,9 +469,11 @@ def _count_allocation(
         # bytes over and over (a cheap way to make an inspector hang).
         if bool((offsets % np.uint64(cluster_size)).any()):
             _anomaly(anomalies, "l2_table_alignment", "an L2 table offset is not cluster aligned")
+            yield from _prefetch(side_reads, prefetched, None)
             return None, host_end
         if np.unique(offsets).size != offsets.size:
             _anomaly(anomalies, "l2_table_shared", "two L1 entries point at the same L2 table")
+            yield from _prefetch(side_reads, prefetched, None)
             return None, host_end
         units_per_cluster = 32 if extended_l2 else 1
         entry_size = 16 if extended_l2 else 8
@@ -432,6 +484,7 @@ def _count_allocation(
         ):
             # A 2 MiB cluster's L2 table is read in bounded pieces.
             for first_entry, table_offset, table_length in allocation.table_pieces(l2_offset, cluster_size, entry_size):
+                yield from _prefetch(side_reads, prefetched, table_offset)
                 table: bytes = yield Read(table_offset, table_length)
                 units, table_end, compressed = _scan_l2(
                     table.ljust(table_length, b"\0"), header["cluster_bits"], extended_l2
@@ -441,6 +494,7 @@ def _count_allocation(
                 first_unit = (l1_index * l2_entries + first_entry) * units_per_cluster
                 total += allocation.clip_to_size(units + first_unit, cluster_size // units_per_cluster, virtual_size)
     details["compressed-clusters"] = compressed_clusters
+    yield from _prefetch(side_reads, prefetched, None)
     return total, host_end
 
 

@@ -74,17 +74,17 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
         if header["features"] & FEATURE_BACKING_RAW:
             backing_format = "raw"
 
-    file_size: int = yield GetSize()
-    _check_table_offset(header["l1_table_offset"], cluster_size, table_size, header_bytes, file_size)
-
     allocated = None
     # Tables above MAX_READ (clusters x table_size > 1 MiB; qemu's default is
     # 256 KiB) are not counted: reading them would break the memory bound.
     if options.allocation and table_entries * 8 <= MAX_READ:
         try:
-            allocated = yield from _count_allocation(header, table_entries, file_size)
+            allocated = yield from _count_allocation(header, table_entries)
         except Unavailable:
             allocated = None
+    # The size comes last: a stream knows it only at its end.
+    file_size: int = yield GetSize()
+    _check_table_offset(header["l1_table_offset"], cluster_size, table_size, header_bytes, file_size)
     return Facts(
         format=NAME,
         virtual_size=image_size,
@@ -111,7 +111,7 @@ def _check_table_offset(offset: int, cluster_size: int, table_size: int, header_
         raise FormatError(NAME, "QED table offset is invalid", field="l1_table_offset", offset=40)
 
 
-def _count_allocation(header: dict[str, Any], table_entries: int, file_size: int) -> Generator[Request, Any, int]:
+def _count_allocation(header: dict[str, Any], table_entries: int) -> Generator[Request, Any, int]:
     """Guest bytes with data: L2 entries other than unallocated (0) and zero (1)."""
     np = allocation.numpy()
     cluster_size = header["cluster_size"]
@@ -126,8 +126,6 @@ def _count_allocation(header: dict[str, Any], table_entries: int, file_size: int
     for l1_index, l2_offset in zip(
         present[np.argsort(offsets, kind="stable")].tolist(), np.sort(offsets).tolist(), strict=True
     ):
-        if l2_offset >= file_size:
-            continue
         table: bytes = yield Read(l2_offset, table_bytes)
         entries = np.frombuffer(table.ljust(table_bytes, b"\0"), dtype="<u8")
         units = np.nonzero(entries > ZERO_CLUSTER)[0].astype(np.int64) + l1_index * table_entries
