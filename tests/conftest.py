@@ -62,7 +62,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Redis (append-only), on a port of its own."""
     state = tmp_path_factory.mktemp("redis")
     env = dict(os.environ, DISKPIPE_REDIS_PORT=os.environ.get("DISKPIPE_TEST_REDIS_PORT", "6390"))
-    started = subprocess.run(["bash", str(SCRIPTS / "redis-start.sh"), str(state)], env=env, capture_output=True, text=True)
+    started = subprocess.run(
+        ["bash", str(SCRIPTS / "redis-start.sh"), str(state)], env=env, capture_output=True, text=True
+    )
     if started.returncode != 0:
         pytest.fail(f"redis did not start: {started.stderr}")
     url = _parse_env(started.stdout)["DISKPIPE_BROKER_URL"]
@@ -97,7 +99,9 @@ def _start_ceph(state: Path, port: str, cephx: bool, memstore: int) -> Ceph:
         DISKPIPE_CEPH_MEMSTORE_BYTES=str(memstore),
         DISKPIPE_CEPH_CEPHX="1" if cephx else "0",
     )
-    started = subprocess.run(["bash", str(SCRIPTS / "ceph-start.sh"), str(state)], env=env, capture_output=True, text=True)
+    started = subprocess.run(
+        ["bash", str(SCRIPTS / "ceph-start.sh"), str(state)], env=env, capture_output=True, text=True
+    )
     if started.returncode != 0:
         pytest.fail(f"ceph did not start: {started.stderr[-3000:]}")
     values = _parse_env(started.stdout)
@@ -113,7 +117,9 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
     """A real one-node Ceph (memstore, no auth) with an `rbd` pool."""
     if shutil.which("ceph-mon") is None:
         pytest.fail("ceph-mon is not installed: run scripts/setup.sh")
-    ceph = _start_ceph(tmp_path_factory.mktemp("ceph"), os.environ.get("DISKPIPE_TEST_CEPH_PORT", "6791"), False, 3 << 30)
+    ceph = _start_ceph(
+        tmp_path_factory.mktemp("ceph"), os.environ.get("DISKPIPE_TEST_CEPH_PORT", "6791"), False, 3 << 30
+    )
     yield ceph
     _stop_ceph(ceph)
 

@@ -61,7 +61,10 @@ def reference_for(sample: Any, path: Path, tmp_path: Path) -> Path:
         from diskpipe.formats import inspect
 
         info = inspect(path)
-        if info.details.get("size-source") == "chs" and info.details["footer-current-size"] // 512 * 512 > info.virtual_size:
+        if (
+            info.details.get("size-source") == "chs"
+            and info.details["footer-current-size"] // 512 * 512 > info.virtual_size
+        ):
             extra = ["--image-opts", f"driver=vpc,force_size_calc=current_size,file.filename={path}"]
     return reference_raw(path, sample.format, tmp_path / "reference.raw", extra)
 
@@ -73,7 +76,9 @@ def rbd_store(ceph: Any) -> Any:
     store.close()
 
 
-def test_every_format_converts_into_the_file_store_byte_identical(manifest: list[Any], samples_dir: Path, tmp_path: Path) -> None:
+def test_every_format_converts_into_the_file_store_byte_identical(
+    manifest: list[Any], samples_dir: Path, tmp_path: Path
+) -> None:
     store = FileStore(tmp_path / "store")
     samples = convertible(manifest)
     assert len(samples) >= 15
@@ -89,7 +94,9 @@ def test_every_format_converts_into_the_file_store_byte_identical(manifest: list
     assert not [entry for entry in (tmp_path / "store").iterdir() if ".tmp." in entry.name]
 
 
-def test_every_format_converts_into_rbd_thin_and_protected(manifest: list[Any], samples_dir: Path, tmp_path: Path, rbd_store: RbdStore, ceph: Any) -> None:
+def test_every_format_converts_into_rbd_thin_and_protected(
+    manifest: list[Any], samples_dir: Path, tmp_path: Path, rbd_store: RbdStore, ceph: Any
+) -> None:
     samples = convertible(manifest)
     for sample in samples:
         path = samples_dir / sample.file
@@ -109,7 +116,14 @@ def test_every_format_converts_into_rbd_thin_and_protected(manifest: list[Any], 
         # Thin: what RBD uses is the data extents, each rounded up to 4 MiB objects.
         used = json.loads(ceph.rbd("du", "--format", "json", f"rbd/{image_id}"))["images"]
         used_bytes = sum(entry["used_size"] for entry in used)
-        extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", "-f", "raw", str(reference)], capture_output=True, text=True, check=True).stdout)
+        extents = json.loads(
+            subprocess.run(
+                ["qemu-img", "map", "--output=json", "-f", "raw", str(reference)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         objects = set()
         for extent in extents:
             if extent["data"]:
@@ -121,7 +135,9 @@ def test_every_format_converts_into_rbd_thin_and_protected(manifest: list[Any], 
     assert "tmp" not in ceph.rbd("ls")
 
 
-def test_a_refused_image_never_reaches_qemu_img(samples_dir: Path, manifest: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_refused_image_never_reaches_qemu_img(
+    samples_dir: Path, manifest: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[list[str]] = []
     real_run = qemu_img.run
 
@@ -131,7 +147,9 @@ def test_a_refused_image_never_reaches_qemu_img(samples_dir: Path, manifest: lis
 
     monkeypatch.setattr(qemu_img, "run", spy)
     store = FileStore(tmp_path / "store")
-    hostile = [sample for sample in manifest if sample.group == "hostile" and sample.verdict != "safe" and not sample.claimed]
+    hostile = [
+        sample for sample in manifest if sample.group == "hostile" and sample.verdict != "safe" and not sample.claimed
+    ]
     assert hostile
     for sample in hostile:
         with pytest.raises(Refused):
@@ -168,7 +186,12 @@ def test_cancel_kills_qemu_img_and_leaves_nothing(tmp_path: Path, rbd_store: Rbd
 
     threading.Timer(0.05, lambda: started.wait(30) and token.cancel()).start()
     with pytest.raises(Cancelled):
-        convert_image(ConvertRequest(str(source), "cancelled", options=qemu_img.ConvertOptions(coroutines=1)), rbd_store, progress=progress, cancel=token)
+        convert_image(
+            ConvertRequest(str(source), "cancelled", options=qemu_img.ConvertOptions(coroutines=1)),
+            rbd_store,
+            progress=progress,
+            cancel=token,
+        )
     assert "cancelled" not in ceph.rbd("ls")
     assert not _qemu_children()
 
@@ -221,7 +244,10 @@ def test_a_conversion_killed_midway_leaves_no_image_and_the_next_run_succeeds(
 def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (not root)")
     try:
         source = tmp_path / "big.qcow2"
@@ -247,7 +273,9 @@ def test_an_unreachable_cluster_is_a_clear_error_within_seconds(tmp_path: Path) 
     assert time.monotonic() - started < 30  # a hang guard, not a speed test
 
 
-def test_cephx_auth_and_quoted_rbd_options(tmp_path: Path, ceph_cephx: Any, manifest: list[Any], samples_dir: Path) -> None:
+def test_cephx_auth_and_quoted_rbd_options(
+    tmp_path: Path, ceph_cephx: Any, manifest: list[Any], samples_dir: Path
+) -> None:
     # A keyring path with characters qemu's rbd: syntax must escape.
     odd = tmp_path / "key:ring@dir"
     odd.mkdir()

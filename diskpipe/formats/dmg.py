@@ -40,4 +40,10 @@ def facts(tail: bytes) -> Facts:
     sectors = 0
     if has_trailer(tail):
         sectors = TRAILER.parse(tail[-TRAILER_SIZE:])["sector_count"]
-    return Facts(format=NAME, virtual_size=sectors * 512, details={"koly-trailer": has_trailer(tail), "anomalies": []})
+    # qemu reports no dirty-flag for dmg.
+    return Facts(
+        format=NAME,
+        virtual_size=sectors * 512,
+        dirty=None,
+        details={"koly-trailer": has_trailer(tail), "anomalies": []},
+    )
