@@ -53,7 +53,8 @@ def config_path() -> str | None:
 
 
 @cache
-def _read_file(path: str) -> dict[str, Any]:
+def _read_file(path: str, version: tuple[int, int]) -> dict[str, Any]:
+    """Parsed once per (path, mtime and size): an edited file is read anew."""
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
@@ -65,7 +66,13 @@ def _read_file(path: str) -> dict[str, Any]:
 
 def load_file(path: str | None = None) -> dict[str, Any]:
     path = path or config_path()
-    return dict(_read_file(path)) if path else {}
+    if not path:
+        return {}
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        raise ConfigError(f"{path}: {error.strerror}") from error
+    return dict(_read_file(path, (status.st_mtime_ns, status.st_size)))
 
 
 def _convert(name: str, value: Any, annotation: Any) -> Any:

@@ -93,11 +93,17 @@ class ValidatingReader:
     @staticmethod
     def _iterate(upload: Iterable[bytes] | BinaryIO, chunk_size: int) -> Iterator[bytes]:
         read = getattr(upload, "read", None)
-        if read is not None:
-            while chunk := read(chunk_size):
-                yield chunk
-        else:
+        if read is None:
             yield from upload  # type: ignore[misc]
+            return
+        while True:
+            chunk = read(chunk_size)
+            if not chunk:
+                return
+            yield chunk
+            # Drop the reference before reading the next chunk, so only one
+            # chunk is ever alive here.
+            del chunk
 
     def _pass(self, chunk: bytes) -> bytes:
         self._inspector.feed(chunk)
@@ -121,7 +127,10 @@ class ValidatingReader:
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._chunks:
             if chunk:
-                yield self._pass(bytes(chunk))
+                checked = self._pass(bytes(chunk))
+                del chunk
+                yield checked
+                del checked
         self._finish()
 
     def read(self, size: int = -1) -> bytes:
