@@ -113,25 +113,31 @@ def test_every_format_converts_into_rbd_thin_and_protected(
         snaps = json.loads(ceph.rbd("snap", "ls", "--format", "json", f"rbd/{image_id}"))
         assert [snap["name"] for snap in snaps] == ["snap"]
         assert json.loads(ceph.rbd("info", "--format", "json", f"rbd/{image_id}@snap"))["protected"] == "true"
-        # Thin: what RBD uses is the data extents, each rounded up to 4 MiB objects.
+        if sample.virtual_size == 0:
+            exported.unlink()
+            reference.unlink()
+            continue  # `rbd du` aborts on an empty image (a Ceph 16 bug)
+        # Thin: RBD holds the 4 MiB objects that cover the data extents
+        # (qemu-img map) holding any non-zero byte; zero blocks are never written.
         used = json.loads(ceph.rbd("du", "--format", "json", f"rbd/{image_id}"))["images"]
         used_bytes = sum(entry["used_size"] for entry in used)
-        extents = json.loads(
-            subprocess.run(
-                ["qemu-img", "map", "--output=json", "-f", "raw", str(reference)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-        )
+        extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", "-f", "raw", str(reference)], capture_output=True, text=True, check=True).stdout)
         objects = set()
-        for extent in extents:
-            if extent["data"]:
-                objects.update(range(extent["start"] >> 22, (extent["start"] + extent["length"] - 1 >> 22) + 1))
-        assert used_bytes == len(objects) * (4 << 20), sample.name
+        with reference.open("rb") as handle:
+            for extent in extents:
+                if not extent["data"]:
+                    continue
+                for number in range(extent["start"] >> 22, ((extent["start"] + extent["length"] - 1) >> 22) + 1):
+                    start = max(extent["start"], number << 22)
+                    end = min(extent["start"] + extent["length"], (number + 1) << 22)
+                    handle.seek(start)
+                    if handle.read(end - start).strip(b"\0"):
+                        objects.add(number)
+        size = reference.stat().st_size
+        assert used_bytes == sum(min(4 << 20, size - (number << 22)) for number in objects), sample.name
         exported.unlink()
         reference.unlink()
-        rbd_store.delete(image_id)
+    # (Images stay: removing a snapshot costs a monitor round of ~1 s each.)
     assert "tmp" not in ceph.rbd("ls")
 
 

@@ -90,6 +90,8 @@ def _count_allocation(
     data_end = 0
     for first_index, piece_offset, piece_length in allocation.table_pieces(HEADER_SIZE, bat_entries * 4, 4):
         piece: bytes = yield Read(piece_offset, piece_length)
+        if not piece:
+            break  # past the end of the data: the rest of the table reads as zeros
         entries = np.frombuffer(piece.ljust(piece_length, b"\0"), dtype="<u4")
         present = np.nonzero(entries)[0]
         if present.size:

@@ -83,6 +83,8 @@ def _count_allocation(header: dict[str, Any], virtual_size: int) -> Generator[Re
     total = 0
     for first_index, piece_offset, piece_length in allocation.table_pieces(header["l1_table_offset"], l1_size * 8, 8):
         piece: bytes = yield Read(piece_offset, piece_length)
+        if not piece:
+            break  # past the end of the data: the rest of the table reads as zeros
         l1 = np.frombuffer(piece.ljust(piece_length, b"\0"), dtype=">u8")
         present = np.nonzero(l1)[0]
         offsets = l1[present]

@@ -459,6 +459,8 @@ def _count_allocation(
     ):
         yield from _prefetch(side_reads, prefetched, piece_offset)
         piece: bytes = yield Read(piece_offset, piece_length)
+        if not piece:
+            break  # past the end of the data: the rest of the table reads as zeros
         l1 = np.frombuffer(piece[: len(piece) // 8 * 8], dtype=">u8") & np.uint64(L2_OFFSET_MASK)
         present = np.nonzero(l1)[0]
         if not present.size:

@@ -133,6 +133,8 @@ def _count_allocation(header: dict[str, Any], virtual_size: int) -> Generator[Re
     table_bytes = header["blocks_in_image"] * 4
     for first_index, piece_offset, piece_length in allocation.table_pieces(header["offset_bmap"], table_bytes, 4):
         piece: bytes = yield Read(piece_offset, piece_length)
+        if not piece:
+            break  # past the end of the data: the rest of the table reads as zeros
         entries = np.frombuffer(piece.ljust(piece_length, b"\xff"), dtype="<u4")
         allocated = np.nonzero(entries < FIRST_UNALLOCATED)[0]
         if allocated.size:

@@ -382,6 +382,8 @@ def _count_allocation(
             piece = early_bat[relative : relative + piece_length]
         else:
             piece = yield Read(piece_offset, piece_length)
+        if not piece:
+            break  # past the end of the data: the rest of the table reads as zeros
         entries = np.frombuffer(piece.ljust(piece_length, b"\0"), dtype="<u8")
         indexes = np.arange(first_index, first_index + entries.size, dtype=np.int64)
         payload = (indexes + 1) % (chunk_ratio + 1) != 0  # every (ratio+1)th entry is a bitmap

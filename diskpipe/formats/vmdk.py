@@ -353,6 +353,8 @@ def _count_allocation(header: dict[str, Any]) -> Generator[Request, Any, tuple[i
         header["gd_offset"] * 512, gd_entries * 4, 4
     ):
         piece: bytes = yield Read(piece_offset, piece_length)
+        if not piece:
+            break  # past the end of the data: the rest of the table reads as zeros
         directory = np.frombuffer(piece.ljust(piece_length, b"\0"), dtype="<u4")
         present = np.nonzero(directory)[0]
         offsets = directory[present].astype(np.int64) * 512

@@ -304,11 +304,36 @@ class RbdStore:
                 self._call(image.remove_snap, snapshot["name"])
         finally:
             image.close()
+        for attempt in range(3):
+            try:
+                self._call(rbd.RBD().remove, ioctx, name)
+                return
+            except ImageNotFound:
+                if not missing_ok:
+                    raise
+                return
+            except rbd.ImageBusy:
+                # A killed qemu-img keeps its watch for the watch timeout
+                # (30 s). It is dead, or this temporary is abandoned: fence it
+                # off (as `rbd lock break` does) instead of waiting.
+                if attempt == 2 or not self._fence_watchers(name):
+                    raise
+
+    def _fence_watchers(self, name: str) -> bool:
+        """Blocklist the clients still watching image `name`; True if any."""
+        image = self.open_raw(name)
         try:
-            self._call(rbd.RBD().remove, ioctx, name)
-        except ImageNotFound:
-            if not missing_ok:
-                raise
+            watchers = list(image.watchers_list())
+        finally:
+            image.close()
+        own = f"client.{self._cluster.get_instance_id()}"
+        fenced = False
+        for watcher in watchers:
+            if f"client.{watcher.get('id')}" == own:
+                continue
+            self._cluster.blocklist_add(watcher["addr"], 3600)
+            fenced = True
+        return fenced
 
     def purge_temporaries(self, image_id: str) -> list[str]:
         """Remove every temporary of `image_id`, whoever wrote it (the caller
