@@ -41,7 +41,9 @@ def test_info_json_speaks_qemu_img_keys(samples_dir: Path, manifest: list[Any]) 
 def test_info_allocation_and_details(samples_dir: Path, manifest: list[Any]) -> None:
     data = by_name(manifest, "qcow2-data-offsets")
     iso = by_name(manifest, "iso-eltorito")
-    result = diskpipe("info", "--output=json", "--allocation", "--details", str(samples_dir / data.file), str(samples_dir / iso.file))
+    result = diskpipe(
+        "info", "--output=json", "--allocation", "--details", str(samples_dir / data.file), str(samples_dir / iso.file)
+    )
     assert result.returncode == 0, result.stderr
     first, second = json.loads(result.stdout)
     assert first["allocated-size"] == data.allocated
@@ -50,7 +52,9 @@ def test_info_allocation_and_details(samples_dir: Path, manifest: list[Any]) -> 
     assert iso_content["details"]["el-torito-entries"][0]["bootable"] is True
 
 
-def test_info_several_files_with_errors_gives_the_highest_code(samples_dir: Path, manifest: list[Any], tmp_path: Path) -> None:
+def test_info_several_files_with_errors_gives_the_highest_code(
+    samples_dir: Path, manifest: list[Any], tmp_path: Path
+) -> None:
     good = samples_dir / by_name(manifest, "vhd-dynamic").file
     broken = tmp_path / "broken.vhd"
     broken.write_bytes(b"conectix" + bytes(1000))
@@ -78,7 +82,9 @@ def test_info_usage_error() -> None:
     assert diskpipe("info", "--output=xml", "x").returncode == 2
 
 
-def test_validate_exit_codes_fit_a_shell_pre_upload_step(samples_dir: Path, manifest: list[Any], tmp_path: Path) -> None:
+def test_validate_exit_codes_fit_a_shell_pre_upload_step(
+    samples_dir: Path, manifest: list[Any], tmp_path: Path
+) -> None:
     honest = samples_dir / by_name(manifest, "vmdk-stream-data").file
     assert diskpipe("validate", str(honest)).returncode == 0
     assert diskpipe("validate", "--claimed-format", "vmdk", str(honest)).returncode == 0
@@ -95,7 +101,10 @@ def test_validate_exit_codes_fit_a_shell_pre_upload_step(samples_dir: Path, mani
     assert json.loads(malformed.stdout)["issues"][0]["check"] == "malformed"
     assert diskpipe("validate", str(tmp_path / "missing")).returncode == 2
     shell = subprocess.run(
-        ["bash", "-c", f"{sys.executable} -m diskpipe validate {hostile} && echo uploaded"], capture_output=True, text=True, check=False
+        ["bash", "-c", f"{sys.executable} -m diskpipe validate {hostile} && echo uploaded"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert "uploaded" not in shell.stdout
 

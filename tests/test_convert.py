@@ -121,7 +121,14 @@ def test_every_format_converts_into_rbd_thin_and_protected(
         # (qemu-img map) holding any non-zero byte; zero blocks are never written.
         used = json.loads(ceph.rbd("du", "--format", "json", f"rbd/{image_id}"))["images"]
         used_bytes = sum(entry["used_size"] for entry in used)
-        extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", "-f", "raw", str(reference)], capture_output=True, text=True, check=True).stdout)
+        extents = json.loads(
+            subprocess.run(
+                ["qemu-img", "map", "--output=json", "-f", "raw", str(reference)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         objects = set()
         with reference.open("rb") as handle:
             for extent in extents:

@@ -184,7 +184,9 @@ def test_claimed_format_table(claimed: str, name: str, fits: bool, samples_dir: 
     assert ("claimed_format" not in verdict.checks) == fits, verdict.issues
 
 
-def test_a_check_that_crashes_fails_closed(samples_dir: Path, manifest: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_check_that_crashes_fails_closed(
+    samples_dir: Path, manifest: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(info: Any, context: Any) -> Any:
         raise RuntimeError("boom")
 
@@ -196,7 +198,9 @@ def test_a_check_that_crashes_fails_closed(samples_dir: Path, manifest: list[Any
     assert "boom" in verdict.issues[0].message
 
 
-def test_policy_from_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, samples_dir: Path, manifest: list[Any]) -> None:
+def test_policy_from_file_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, samples_dir: Path, manifest: list[Any]
+) -> None:
     config = tmp_path / "diskpipe.toml"
     config.write_text('[policy]\nallowed_formats = ["raw", "bochs"]\nmax_virtual_size = "1G"\n')
     loaded = load_policy(str(config))

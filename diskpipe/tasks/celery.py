@@ -31,9 +31,11 @@ from typing import Any
 from celery import Celery, signals
 from celery.exceptions import SoftTimeLimitExceeded
 
+from diskpipe.tasks import kombu_fix
 from diskpipe.tasks.settings import CeleryConfig, load_celery_config, redis_client
 
 log = logging.getLogger(__name__)
+kombu_fix.install()
 
 config: CeleryConfig = load_celery_config()
 BROKER = config.broker_url or "redis://127.0.0.1:6379/0"
@@ -173,10 +175,17 @@ def cancel_image(image_id: str) -> dict[str, Any]:
 @app.task(name="diskpipe.cleanup")
 def cleanup() -> dict[str, Any]:
     """Remove temporaries whose owner is gone, and old staged files."""
+    from diskpipe.tasks.lease import Lease
     from diskpipe.tasks.sources import cleanup_staging
 
     environment = worker_environment()
-    return {"store": environment.store.cleanup(), "staging": cleanup_staging(environment.import_config)}
+    client = worker_redis()
+
+    def is_live(image_id: str, owner: str) -> bool:
+        # A temporary is live exactly while some delivery holds the image's lease.
+        return bool(client.exists(Lease.PREFIX + image_id))
+
+    return {"store": environment.store.cleanup(is_live), "staging": cleanup_staging(environment.import_config)}
 
 
 @signals.worker_process_init.connect

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -131,6 +131,7 @@ class Store(Protocol):
 
     def delete(self, image_id: str) -> None: ...
 
-    def cleanup(self) -> list[str]:
-        """Remove temporary images whose owner is gone; return their names."""
+    def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[str]:
+        """Remove temporary images whose writer is gone; return their names.
+        `is_live(image_id, owner)` may decide (True/False) or defer (None)."""
         ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from diskpipe.converter.checksums import Extent
@@ -187,15 +187,19 @@ class FileStore:
                 removed.append(entry.name)
         return removed
 
-    def cleanup(self) -> list[str]:
+    def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[str]:
+        """Remove temporaries whose writer is gone (see RbdStore.cleanup)."""
         removed: list[str] = []
         if not self.directory.is_dir():
             return removed
         for entry in self.directory.iterdir():
             if not entry.name.startswith(".") or TMP_MARKER not in entry.name:
                 continue
-            owner = entry.name.rsplit(TMP_MARKER, 1)[1]
-            if owner_alive(owner) is False:
+            image_id, _, owner = entry.name[1:].rpartition(TMP_MARKER)
+            alive = is_live(image_id, owner) if is_live is not None else None
+            if alive is None:
+                alive = owner_alive(owner)
+            if alive is False:
                 entry.unlink(missing_ok=True)
                 removed.append(entry.name)
         return removed

@@ -17,10 +17,11 @@ seconds.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from diskpipe.converter.stores.base import (
     tmp_name,
 )
 
+log = logging.getLogger(__name__)
 SNAPSHOT = "snap"
 # layering | exclusive-lock | object-map | fast-diff | deep-flatten
 FEATURES = 1 | 4 | 8 | 16 | 32
@@ -238,8 +240,14 @@ class RbdStore:
         return self.location(target.image_id)
 
     def abort(self, target: RbdTarget) -> None:
-        target.close()
-        self._remove_image(target.name, missing_ok=True)
+        """Remove the temporary image; when Ceph cannot be reached now, leave
+        it to `cleanup` (it never carries the real name)."""
+        _, rbd = _bindings()
+        try:
+            target.close()
+            self._remove_image(target.name, missing_ok=True)
+        except (StoreError, rbd.Error) as error:
+            log.warning("could not remove %s now, cleanup will: %s", target.name, error)
 
     def exists(self, image_id: str) -> bool:
         _, rbd = _bindings()
@@ -346,17 +354,22 @@ class RbdStore:
                 removed.append(name)
         return removed
 
-    def cleanup(self) -> list[str]:
-        """Remove temporaries whose owner died (this host) or that are older
-        than `stale_after` (another host's)."""
+    def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[str]:
+        """Remove abandoned temporaries. `is_live(image_id, owner)` decides
+        first when given (the pipeline asks whether the image's lease is
+        held); otherwise, or when it cannot tell, a temporary is abandoned
+        when its owner process on this host is gone, or when another host's is
+        older than `stale_after`."""
         _, rbd = _bindings()
         ioctx = self._connect()
         removed = []
         for name in self._call(rbd.RBD().list, ioctx):
             if TMP_MARKER not in name:
                 continue
-            owner = name.rsplit(TMP_MARKER, 1)[1]
-            alive = owner_alive(owner)
+            image_id, _, owner = name.rpartition(TMP_MARKER)
+            alive = is_live(image_id, owner) if is_live is not None else None
+            if alive is None:
+                alive = owner_alive(owner)
             if alive is None:
                 try:
                     image = self.open_raw(name)

@@ -1,0 +1,433 @@
+"""The Celery pipeline with real parts: Redis (append-only), worker processes
+started with `celery -A diskpipe.tasks worker`, and a one-node Ceph.
+
+Jobs go from submission to `active`; hostile images end `killed`; killed
+workers, a restarted Redis and a paused Ceph lose no job, run none twice and
+leave no half image; 50 jobs at once all end active.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diskpipe.tasks.records import RedisRecords
+from diskpipe.tasks.settings import redis_client
+from tests.conftest import ROOT, Ceph
+
+FINAL = ("active", "killed", "deleted")
+
+
+class Workers:
+    """Celery worker processes sharing one configuration."""
+
+    def __init__(self, config: Path, broker: str, logs: Path) -> None:
+        self.config = config
+        self.broker = broker
+        self.logs = logs
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, DISKPIPE_CONFIG=str(self.config), DISKPIPE_BROKER_URL=self.broker, PYTHONUNBUFFERED="1")
+
+    def start(self, name: str, concurrency: int = 2) -> None:
+        log = self.logs / f"{name}.log"
+        handle = log.open("ab")
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "diskpipe.tasks",
+                "worker",
+                "-l",
+                "info",
+                "-c",
+                str(concurrency),
+                "-n",
+                f"{name}@%h",
+                "--without-mingle",
+                "--without-gossip",
+            ],  # fmt: skip
+            cwd=ROOT,
+            env=self.env(),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes[name] = process
+        deadline = time.monotonic() + 60
+        while b" ready." not in log.read_bytes():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {name} did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the whole worker: main process and pool children."""
+        process = self.processes.pop(name)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            process = self.processes.pop(name)
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def imports(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("imports")
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory, redis_url: str, ceph: Ceph, imports: Path) -> Iterator[Workers]:
+    base = tmp_path_factory.mktemp("workers")
+    config = base / "diskpipe.toml"
+    config.write_text(
+        f"""
+[store]
+kind = "rbd"
+[rbd]
+conf = "{ceph.conf}"
+connect_timeout = 5
+op_timeout = 6
+[import]
+allowed_dirs = ["{imports}"]
+staging_dir = "{base / "staging"}"
+[celery]
+visibility_timeout = 12
+lease_ttl = 6
+max_retries = 2
+retry_backoff_max = 2
+"""
+    )
+    pool = Workers(config, redis_url, base)
+    pool.start("w1")
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture
+def records(redis_url: str) -> RedisRecords:
+    return RedisRecords(redis_client(redis_url))
+
+
+def submit(broker: str, source: str, image_id: str | None = None, **kwargs: Any) -> str:
+    from celery import Celery
+
+    image_id = image_id or f"img-{uuid.uuid4().hex[:10]}"
+    client = Celery(broker=broker)
+    client.send_task(
+        "diskpipe.import_image", kwargs={"image_id": image_id, "source": source, **kwargs}, queue="diskpipe"
+    )
+    return image_id
+
+
+def wait_final(records: RedisRecords, image_id: str, timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = records.get(image_id)
+        if record is not None and record["status"] in FINAL:
+            return record
+        time.sleep(0.2)
+    raise AssertionError(f"{image_id} did not finish: {records.get(image_id)} {records.get_progress(image_id)}")
+
+
+def wait_stage(records: RedisRecords, image_id: str, stages: tuple[str, ...], timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        progress = records.get_progress(image_id)
+        record = records.get(image_id)
+        if progress and progress["stage"] in stages and record and record["status"] == "saving":
+            return record
+        time.sleep(0.05)
+    raise AssertionError(f"{image_id} never reached {stages}: {records.get(image_id)}")
+
+
+def stage(imports: Path, source: Path, name: str | None = None) -> str:
+    target = imports / (name or source.name)
+    subprocess.run(["cp", "--sparse=always", str(source), str(target)], check=True)
+    return str(target)
+
+
+def reference_md5(path: Path, fmt: str, tmp_path: Path) -> str:
+    out = tmp_path / f"ref-{uuid.uuid4().hex[:6]}.raw"
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(out)], check=True)
+    digest = hashlib.md5(out.read_bytes()).hexdigest()
+    out.unlink()
+    return digest
+
+
+def rbd_names(ceph: Ceph) -> list[str]:
+    return ceph.rbd("ls").split()
+
+
+def long_source(tmp_path: Path, imports: Path, name: str) -> str:
+    """A job that takes several seconds: 4 GiB to hash, some data to convert."""
+    path = tmp_path / f"{name}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "6G"], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 0 32M", "-c", "write -P 0x5a 5G 16M", str(path)],
+        check=True,
+        capture_output=True,
+    )
+    return stage(imports, path)
+
+
+SOURCES = [
+    ("qcow2-data-offsets", "qcow2"),
+    ("vmdk-stream-data", "vmdk"),
+    ("vhd-dynamic", "vpc"),
+    ("vhd-fixed-vbox", "vpc"),
+    ("vhdx-dynamic", "vhdx"),
+    ("vdi-dynamic", "vdi"),
+    ("qed-default", "qed"),
+    ("parallels-data", "parallels"),
+    ("raw-1m-random", "raw"),
+]
+
+
+def test_every_source_format_reaches_active(
+    workers: Workers, records: RedisRecords, redis_url: str, ceph: Ceph, imports: Path, samples_dir: Path,
+    manifest: list[Any], tmp_path: Path,
+) -> None:  # fmt: skip
+    submitted = {}
+    for name, fmt in SOURCES:
+        entry = next(entry for entry in manifest if entry.name == name)
+        source = stage(imports, samples_dir / entry.file)
+        submitted[submit(redis_url, source)] = (entry, fmt)
+    for image_id, (entry, fmt) in submitted.items():
+        record = wait_final(records, image_id)
+        assert record["status"] == "active", record
+        assert record["disk_format"] == "raw" and record["container_format"] == "bare"
+        assert record["locations"][0]["url"].endswith(f"/rbd/{image_id}/snap")
+        assert record["os_hash_algo"] == "sha512" and len(record["os_hash_value"]) == 128
+        if fmt != "vpc":
+            assert record["checksum"] == reference_md5(samples_dir / entry.file, fmt, tmp_path)
+        assert record["attempts"] == 1
+    assert not [name for name in rbd_names(ceph) if ".tmp." in name]
+
+
+def test_hostile_and_forbidden_sources_end_killed_with_nothing_stored(
+    workers: Workers,
+    records: RedisRecords,
+    redis_url: str,
+    ceph: Ceph,
+    imports: Path,
+    samples_dir: Path,
+    manifest: list[Any],
+) -> None:
+    backing = next(entry for entry in manifest if entry.name == "hostile-qcow2-backing-passwd")
+    refused = submit(redis_url, stage(imports, samples_dir / backing.file))
+    outside = submit(redis_url, "/etc/shadow")
+    mismatch = submit(
+        redis_url,
+        stage(imports, samples_dir / next(e for e in manifest if e.name == "qcow2-v3-c64k").file, "claimed.img"),
+        claimed_format="raw",
+    )
+    for image_id, reason in (
+        (refused, "backing_file"),
+        (outside, "outside the import directories"),
+        (mismatch, "claimed_format"),
+    ):
+        record = wait_final(records, image_id)
+        assert record["status"] == "killed"
+        assert reason in record["reason"]
+        assert record["attempts"] == 1  # refusals are never retried
+        assert not [name for name in rbd_names(ceph) if name.startswith(image_id)]
+
+
+def test_idempotent_by_image_id(
+    workers: Workers, records: RedisRecords, redis_url: str, imports: Path, samples_dir: Path, manifest: list[Any]
+) -> None:
+    entry = next(entry for entry in manifest if entry.name == "qcow2-v3-c64k")
+    source = stage(imports, samples_dir / entry.file, "idem.qcow2")
+    image_id = submit(redis_url, source)
+    first = wait_final(records, image_id)
+    assert first["status"] == "active"
+    submit(redis_url, source, image_id)  # an active id: nothing is redone
+    time.sleep(2)
+    again = records.get(image_id)
+    assert again is not None and again["attempts"] == 1 and again["updated_at"] == first["updated_at"]
+    # A killed id starts a new attempt.
+    killed_id = submit(redis_url, "/etc/shadow")
+    assert wait_final(records, killed_id)["status"] == "killed"
+    submit(redis_url, source, killed_id)
+    deadline = time.monotonic() + 60
+    while (records.get(killed_id) or {}).get("status") != "active" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    retried = records.get(killed_id)
+    assert retried is not None and retried["status"] == "active" and retried["attempts"] == 2
+
+
+@pytest.mark.parametrize("victim", ["child", "whole-worker"])
+def test_a_killed_worker_loses_no_job_and_runs_none_twice(
+    victim: str, workers: Workers, records: RedisRecords, redis_url: str, ceph: Ceph, imports: Path, tmp_path: Path
+) -> None:
+    workers.start("spare", concurrency=1) if victim == "whole-worker" else None
+    source = long_source(tmp_path, imports, f"long-{victim}")
+    image_id = submit(redis_url, source)
+    record = wait_stage(records, image_id, ("convert", "checksum"))
+    host, _, pid = record["owner"].rpartition("-")
+    if victim == "child":
+        os.kill(int(pid), signal.SIGKILL)
+    else:
+        name = next(name for name, process in workers.processes.items() if _is_parent(process.pid, int(pid)))
+        workers.kill(name)
+        if name == "w1":
+            workers.start("w1")
+    final = wait_final(records, image_id, timeout=240)
+    assert final["status"] == "active", final
+    assert final["attempts"] == 2
+    assert final["checksum"] == reference_md5(Path(source), "qcow2", tmp_path)
+    names = rbd_names(ceph)
+    assert names.count(image_id) == 1
+    assert not [name for name in names if name.startswith(image_id + ".tmp.")]
+    if "spare" in workers.processes:
+        workers.kill("spare")
+
+
+def _is_parent(parent: int, child: int) -> bool:
+    try:
+        status = Path(f"/proc/{child}/status").read_text()
+    except FileNotFoundError:
+        return False
+    ppid = int(next(line for line in status.splitlines() if line.startswith("PPid:")).split()[1])
+    return ppid == parent
+
+
+def test_a_redis_restart_mid_job_does_not_lose_it(
+    workers: Workers, records: RedisRecords, redis_url: str, imports: Path, tmp_path: Path
+) -> None:
+    source = long_source(tmp_path, imports, "long-redis")
+    image_id = submit(redis_url, source)
+    wait_stage(records, image_id, ("convert", "checksum"))
+    import redis
+
+    plain = redis.Redis.from_url(redis_url)  # no automatic retries around SHUTDOWN
+    directory = Path(plain.config_get("dir")["dir"])
+    plain.shutdown()  # append-only: the jobs and records survive the restart
+    time.sleep(2)
+    subprocess.run(["redis-server", str(directory / "redis.conf")], check=True, capture_output=True)
+    final = wait_final(records, image_id, timeout=240)
+    assert final["status"] == "active", final
+    # The worker rode out the restart and still takes jobs.
+    assert all(process.poll() is None for process in workers.processes.values())
+    after = submit(redis_url, "/etc/shadow")
+    assert wait_final(records, after, timeout=60)["status"] == "killed"
+
+
+def test_a_paused_ceph_ends_the_job_killed_with_a_clear_reason_and_nothing_left(
+    workers: Workers,
+    records: RedisRecords,
+    redis_url: str,
+    ceph: Ceph,
+    imports: Path,
+    samples_dir: Path,
+    manifest: list[Any],
+) -> None:
+    from celery import Celery
+
+    entry = next(entry for entry in manifest if entry.name == "qcow2-data-offsets")
+    source = stage(imports, samples_dir / entry.file, "paused.qcow2")
+    (osd,) = ceph.pids("osd")
+    os.kill(osd, signal.SIGSTOP)
+    try:
+        image_id = submit(redis_url, source)
+        record = wait_final(records, image_id, timeout=240)
+    finally:
+        os.kill(osd, signal.SIGCONT)
+    assert record["status"] == "killed"
+    assert "gave up after retries" in record["reason"] and (
+        "Ceph" in record["reason"] or "rbd" in record["reason"].lower()
+    )
+    assert record["attempts"] == 3  # the first try and two retries
+    removed = (
+        Celery(broker=redis_url, backend=redis_url).send_task("diskpipe.cleanup", queue="diskpipe").get(timeout=120)
+    )
+    assert all(name.startswith(image_id) for name in removed["store"])
+    assert not [name for name in rbd_names(ceph) if name.startswith(image_id)]
+
+
+def test_fifty_jobs_at_once_on_two_workers(
+    workers: Workers,
+    records: RedisRecords,
+    redis_url: str,
+    ceph: Ceph,
+    imports: Path,
+    samples_dir: Path,
+    manifest: list[Any],
+) -> None:
+    workers.start("w2", concurrency=1)
+    entry = next(entry for entry in manifest if entry.name == "qcow2-v3-c64k")
+    source = stage(imports, samples_dir / entry.file, "load.qcow2")
+    ids = [submit(redis_url, source, f"load-{index:02d}-{uuid.uuid4().hex[:6]}") for index in range(50)]
+    finals = [wait_final(records, image_id, timeout=600) for image_id in ids]
+    assert [record["status"] for record in finals] == ["active"] * 50
+    assert all(record["attempts"] == 1 for record in finals)
+    names = rbd_names(ceph)
+    assert all(names.count(image_id) == 1 for image_id in ids)
+    assert len({record["checksum"] for record in finals}) == 1
+    workers.kill("w2")
+
+
+def test_cancel_and_delete_through_the_cli(
+    workers: Workers,
+    records: RedisRecords,
+    redis_url: str,
+    ceph: Ceph,
+    imports: Path,
+    tmp_path: Path,
+    samples_dir: Path,
+    manifest: list[Any],
+) -> None:
+    env = workers.env()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "diskpipe", *args], env=env, capture_output=True, text=True, check=False
+        )
+
+    source = long_source(tmp_path, imports, "long-cancel")
+    image_id = submit(redis_url, source)
+    wait_stage(records, image_id, ("convert", "checksum"))
+    cancelled = cli("cancel", image_id, "--output=json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout)["status"] == "killed"
+    assert not [name for name in rbd_names(ceph) if name.startswith(image_id)]
+
+    entry = next(entry for entry in manifest if entry.name == "qcow2-v3-c64k")
+    done = cli("import", stage(imports, samples_dir / entry.file, "cli.qcow2"), "--output=json", "--quiet")
+    assert done.returncode == 0, done.stderr
+    stored = json.loads(done.stdout)["id"]
+    assert cli("status", stored, "--output=json").returncode == 0
+    assert stored in cli("list").stdout
+    assert cli("protect", stored).returncode == 0
+    refused = cli("delete", stored)
+    assert refused.returncode == 1 and "protected" in refused.stderr
+    assert cli("unprotect", stored).returncode == 0
+    ceph.rbd("clone", f"rbd/{stored}@snap", "rbd/a-clone")
+    in_use = cli("delete", stored)
+    assert in_use.returncode == 1 and "in use" in in_use.stderr
+    ceph.rbd("rm", "rbd/a-clone")
+    deleted = cli("delete", stored, "--output=json")
+    assert deleted.returncode == 0, deleted.stderr
+    assert json.loads(deleted.stdout)["status"] == "deleted"
+    assert stored not in rbd_names(ceph)
