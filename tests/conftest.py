@@ -63,13 +63,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     state = tmp_path_factory.mktemp("redis")
     env = dict(os.environ, DISKPIPE_REDIS_PORT=os.environ.get("DISKPIPE_TEST_REDIS_PORT", "6390"))
     started = subprocess.run(
-        ["bash", str(SCRIPTS / "redis-start.sh"), str(state)], env=env, capture_output=True, text=True
+        ["bash", str(SCRIPTS / "redis-start.sh"), str(state)], env=env, capture_output=True, text=True, check=False
     )
     if started.returncode != 0:
         pytest.fail(f"redis did not start: {started.stderr}")
     url = _parse_env(started.stdout)["DISKPIPE_BROKER_URL"]
     yield url
-    subprocess.run(["bash", str(SCRIPTS / "redis-stop.sh"), str(state)], env=env, capture_output=True)
+    subprocess.run(["bash", str(SCRIPTS / "redis-stop.sh"), str(state)], env=env, capture_output=True, check=False)
 
 
 class Ceph:
@@ -100,7 +100,7 @@ def _start_ceph(state: Path, port: str, cephx: bool, memstore: int) -> Ceph:
         DISKPIPE_CEPH_CEPHX="1" if cephx else "0",
     )
     started = subprocess.run(
-        ["bash", str(SCRIPTS / "ceph-start.sh"), str(state)], env=env, capture_output=True, text=True
+        ["bash", str(SCRIPTS / "ceph-start.sh"), str(state)], env=env, capture_output=True, text=True, check=False
     )
     if started.returncode != 0:
         pytest.fail(f"ceph did not start: {started.stderr[-3000:]}")
@@ -109,7 +109,9 @@ def _start_ceph(state: Path, port: str, cephx: bool, memstore: int) -> Ceph:
 
 
 def _stop_ceph(ceph: Ceph) -> None:
-    subprocess.run(["bash", str(SCRIPTS / "ceph-stop.sh"), str(ceph.state)], env=ceph.env, capture_output=True)
+    subprocess.run(
+        ["bash", str(SCRIPTS / "ceph-stop.sh"), str(ceph.state)], env=ceph.env, capture_output=True, check=False
+    )
 
 
 @pytest.fixture(scope="session")

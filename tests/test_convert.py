@@ -41,7 +41,7 @@ def convertible(manifest: list[Any]) -> list[Any]:
 
 
 def reference_raw(path: Path, fmt: str, out: Path, extra: list[str] | None = None) -> Path:
-    source = ["-f", fmt, str(path)] if not extra else extra
+    source = extra or ["-f", fmt, str(path)]
     subprocess.run(["qemu-img", "convert", "-O", "raw", *source, str(out)], check=True, capture_output=True)
     return out
 
@@ -184,7 +184,9 @@ def _slow_source(tmp_path: Path) -> Path:
 
 
 def _qemu_children() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", "qemu-img convert"], capture_output=True, text=True).stdout.split()
+    found = subprocess.run(
+        ["pgrep", "-f", "qemu-img convert"], capture_output=True, text=True, check=False
+    ).stdout.split()
     return [int(pid) for pid in found]
 
 
@@ -258,7 +260,9 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
     mount = tmp_path / "small"
     mount.mkdir()
     if (
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True).returncode
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True, check=False
+        ).returncode
         != 0
     ):
         pytest.skip("cannot mount a tmpfs here (not root)")

@@ -27,6 +27,18 @@ from diskpipe.tasks.settings import redis_client
 from tests.conftest import ROOT, Ceph
 
 FINAL = ("active", "killed", "deleted")
+CELERY_WORKER = [
+    sys.executable,
+    "-m",
+    "celery",
+    "-A",
+    "diskpipe.tasks",
+    "worker",
+    "-l",
+    "info",
+    "--without-mingle",
+    "--without-gossip",
+]
 
 
 class Workers:
@@ -45,22 +57,7 @@ class Workers:
         log = self.logs / f"{name}.log"
         handle = log.open("ab")
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "diskpipe.tasks",
-                "worker",
-                "-l",
-                "info",
-                "-c",
-                str(concurrency),
-                "-n",
-                f"{name}@%h",
-                "--without-mingle",
-                "--without-gossip",
-            ],  # fmt: skip
+            [*CELERY_WORKER, "-c", str(concurrency), "-n", f"{name}@%h"],
             cwd=ROOT,
             env=self.env(),
             stdout=handle,
@@ -285,7 +282,7 @@ def test_a_killed_worker_loses_no_job_and_runs_none_twice(
     source = long_source(tmp_path, imports, f"long-{victim}")
     image_id = submit(redis_url, source)
     record = wait_stage(records, image_id, ("convert", "checksum"))
-    host, _, pid = record["owner"].rpartition("-")
+    _, _, pid = record["owner"].rpartition("-")
     if victim == "child":
         os.kill(int(pid), signal.SIGKILL)
     else:

@@ -21,16 +21,14 @@ import logging
 from typing import Any
 
 log = logging.getLogger(__name__)
-_installed = False
 
 
 def install() -> None:
-    global _installed
-    if _installed:
-        return
     from kombu.transport import redis as kombu_redis
 
     original = kombu_redis.QoS.restore_unacked
+    if getattr(original, "diskpipe_guard", False):
+        return
 
     def restore_unacked(self: Any, client: Any = None) -> Any:
         transport = getattr(self.channel, "connection", None)
@@ -43,5 +41,5 @@ def install() -> None:
             return None
         return original(self, client)
 
+    restore_unacked.diskpipe_guard = True  # type: ignore[attr-defined]
     kombu_redis.QoS.restore_unacked = restore_unacked
-    _installed = True
