@@ -176,10 +176,12 @@ def run_import(job: ImportJob, env: Environment, attempt: str, *, final_attempt:
             current = records.get(job.image_id)
             return current is None or current["status"] in FINAL
 
+        waited = time.monotonic()
         if not lease.acquire(give_up=finished, timeout=env.lease_wait):
             current = records.get(job.image_id)
             assert current is not None
             return current
+        log.info("image %s: lease taken after %.1f s", job.image_id, time.monotonic() - waited)
     try:
         return _run_with_lease(job, env, attempt, lease, final_attempt)
     finally:
@@ -234,7 +236,9 @@ def _run_with_lease(
     staged: sources.Staged | None = None
     unpacked: sources.Staged | None = None
     try:
+        started = time.monotonic()
         _purge_temporaries(store, job.image_id)
+        log.info("image %s: leftovers purged in %.1f s", job.image_id, time.monotonic() - started)
         if store.exists(job.image_id):
             # A previous delivery stored the image but died before recording it.
             return _adopt_stored(job, env, record)
