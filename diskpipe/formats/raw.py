@@ -20,6 +20,9 @@ def data_bytes(fd: int, start: int, end: int) -> int | None:
     found with SEEK_DATA/SEEK_HOLE; None where the filesystem cannot say."""
     total = 0
     position = start
+    # SEEK_DATA/SEEK_HOLE move the file offset, which the caller may share
+    # (a dup'd descriptor): put it back afterwards.
+    saved = os.lseek(fd, 0, os.SEEK_CUR)
     try:
         while position < end:
             try:
@@ -35,4 +38,6 @@ def data_bytes(fd: int, start: int, end: int) -> int | None:
             position = hole_start
     except OSError:
         return None
+    finally:
+        os.lseek(fd, saved, os.SEEK_SET)
     return total

@@ -419,23 +419,25 @@ def extract_ova(staged: Staged, config: ImportConfig, label: str) -> Staged:
     fd, path = new_staging_file(config, label)
     result = Staged(fd=fd, path=path, owned=True, description=f"{staged.description} (ova)")
     try:
-        with open(os.dup(staged.fd), "rb") as source, tarfile.open(fileobj=source, mode="r:") as tar:
-            members = tar.getmembers()
-            ovf = next((member for member in members if member.name.lower().endswith(".ovf")), None)
-            if ovf is None:
-                raise SourceRefused("the OVA holds no .ovf descriptor")
-            disk_name = _ovf_disk_file(tar, ovf)
-            member = next((member for member in members if member.name == disk_name), None)
-            if member is None or not member.isfile():
-                raise SourceRefused(f"the OVA does not hold the disk {disk_name!r} its OVF names")
-            if member.size > config.max_decompressed:
-                raise SourceRefused(f"the OVA's disk is {member.size} bytes, above the cap")
-            handle = tar.extractfile(member)
-            assert handle is not None
-            writer = SparseWriter(fd, config.max_decompressed, f"disk {disk_name} of {staged.description}")
-            while chunk := handle.read(COPY_CHUNK):
-                writer.write(chunk)
-            writer.finish()
+        with open(os.dup(staged.fd), "rb") as source:
+            source.seek(0)  # a dup shares the file offset: start from the beginning
+            with tarfile.open(fileobj=source, mode="r:") as tar:
+                members = tar.getmembers()
+                ovf = next((member for member in members if member.name.lower().endswith(".ovf")), None)
+                if ovf is None:
+                    raise SourceRefused("the OVA holds no .ovf descriptor")
+                disk_name = _ovf_disk_file(tar, ovf)
+                member = next((member for member in members if member.name == disk_name), None)
+                if member is None or not member.isfile():
+                    raise SourceRefused(f"the OVA does not hold the disk {disk_name!r} its OVF names")
+                if member.size > config.max_decompressed:
+                    raise SourceRefused(f"the OVA's disk is {member.size} bytes, above the cap")
+                handle = tar.extractfile(member)
+                assert handle is not None
+                writer = SparseWriter(fd, config.max_decompressed, f"disk {disk_name} of {staged.description}")
+                while chunk := handle.read(COPY_CHUNK):
+                    writer.write(chunk)
+                writer.finish()
     except tarfile.TarError as error:
         result.close()
         raise SourceRefused(f"{staged.description}: not a readable OVA: {error}") from error
@@ -445,7 +447,6 @@ def extract_ova(staged: Staged, config: ImportConfig, label: str) -> Staged:
     return result
 
 
-UNPACKABLE = frozenset({"gzip", "xz", "bzip2", "zstd"})
 MAX_UNPACK_DEPTH = 2
 
 
