@@ -22,7 +22,7 @@ APT_PACKAGES=(
     qemu-utils qemu-block-extra libmagic1
     redis-server
     ceph-mon ceph-osd ceph-common python3-rados python3-rbd
-    cryptsetup-bin gdisk fdisk e2fsprogs xfsprogs btrfs-progs dosfstools
+    cryptsetup-bin gdisk fdisk e2fsprogs xfsprogs btrfs-progs squashfs-tools dosfstools
     cpio gzip xz-utils zstd lz4 bzip2 debootstrap
     python3-venv
 )
