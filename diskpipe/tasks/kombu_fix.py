@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def install() -> None:
     from kombu.transport import redis as kombu_redis
 
-    original = kombu_redis.QoS.restore_unacked
+    original: Any = kombu_redis.QoS.restore_unacked
     if getattr(original, "diskpipe_guard", False):
         return
 
@@ -42,4 +42,4 @@ def install() -> None:
         return original(self, client)
 
     restore_unacked.diskpipe_guard = True  # type: ignore[attr-defined]
-    kombu_redis.QoS.restore_unacked = restore_unacked
+    setattr(kombu_redis.QoS, "restore_unacked", restore_unacked)  # noqa: B010 - replacing a method on purpose
