@@ -173,6 +173,17 @@ def reference_md5(path: Path, fmt: str, tmp_path: Path) -> str:
     return digest
 
 
+def wait_ceph_answers(ceph: Ceph, timeout: float = 180) -> None:
+    """After SIGCONT the OSD takes a moment to serve again."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe = subprocess.run(["timeout", "10", "rbd", "-c", ceph.conf, "ls"], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return
+        time.sleep(1)
+    raise AssertionError("Ceph did not come back after the pause")
+
+
 def rbd_names(ceph: Ceph) -> list[str]:
     return ceph.rbd("ls").split()
 
@@ -353,6 +364,7 @@ def test_a_paused_ceph_ends_the_job_killed_with_a_clear_reason_and_nothing_left(
         record = wait_final(records, image_id, timeout=240)
     finally:
         os.kill(osd, signal.SIGCONT)
+        wait_ceph_answers(ceph)
     assert record["status"] == "killed"
     assert "gave up after retries" in record["reason"] and (
         "Ceph" in record["reason"] or "rbd" in record["reason"].lower()

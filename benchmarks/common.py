@@ -1,0 +1,146 @@
+"""Shared pieces of the benchmarks: repeated timings reported as a median
+with the spread, the machine and versions, result files, and a throw-away
+one-node Ceph with a memstore big enough for benchmark images."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / "benchmarks" / "work"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Repeated wall-clock measurements of one thing."""
+
+    samples: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        return min(self.samples), max(self.samples)
+
+    def text(self, unit: str = "s") -> str:
+        low, high = self.spread
+        return f"{self.median:.3f} {unit} ({low:.3f}–{high:.3f}, n={len(self.samples)})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"median": self.median, "min": self.spread[0], "max": self.spread[1], "samples": list(self.samples)}
+
+
+def measure(function: Callable[[], Any], repeat: int, *, before: Callable[[], Any] | None = None) -> Timing:
+    samples = []
+    for _ in range(repeat):
+        if before is not None:
+            before()
+        started = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - started)
+    return Timing(tuple(samples))
+
+
+def interleaved(functions: dict[str, Callable[[], Any]], repeat: int, before: Callable[[], Any] | None = None) -> dict[str, Timing]:
+    """Time several candidates in turns (a, b, c, a, b, c...) so a noisy
+    moment on the shared machine hits all of them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeat):
+        for name, function in functions.items():
+            if before is not None:
+                before()
+            started = time.perf_counter()
+            function()
+            samples[name].append(time.perf_counter() - started)
+    return {name: Timing(tuple(values)) for name, values in samples.items()}
+
+
+def _command_version(args: list[str]) -> str:
+    try:
+        output = subprocess.run(args, capture_output=True, text=True, check=False).stdout
+    except FileNotFoundError:
+        return "not installed"
+    return output.strip().splitlines()[0] if output.strip() else "?"
+
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    except (OSError, ValueError):
+        memory = 0
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory / (1 << 30), 1),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "qemu_img": _command_version(["qemu-img", "--version"]),
+        "ceph": _command_version(["ceph", "--version"]),
+        "diskpipe_commit": commit,
+    }
+
+
+def machine_markdown(info: dict[str, Any]) -> str:
+    return (
+        f"{info['date']} · {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB · "
+        f"Linux {info['kernel']} · Python {info['python']} · {info['qemu_img']} · {info['ceph']} · "
+        f"diskpipe {info['diskpipe_commit']}"
+    )
+
+
+def write_results(name: str, markdown: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    path = RESULTS / f"{name}.md"
+    path.write_text(markdown)
+    return path
+
+
+@dataclass
+class BenchCeph:
+    conf: str
+    state: Path
+    env: dict[str, str]
+
+    def rbd(self, *args: str) -> str:
+        return subprocess.run(["rbd", "-c", self.conf, *args], capture_output=True, text=True, check=True).stdout
+
+
+@contextmanager
+def ceph_cluster(memstore_bytes: int = 10 << 30, port: int = 6797) -> Iterator[BenchCeph]:
+    """A one-node Ceph for a benchmark run (memstore takes about twice the
+    data written in RAM: give it room and delete images as you go)."""
+    state = WORK / f"ceph-{port}"
+    env = dict(os.environ, DISKPIPE_CEPH_PORT=str(port), DISKPIPE_CEPH_MEMSTORE_BYTES=str(memstore_bytes))
+    started = subprocess.run(["bash", str(ROOT / "scripts" / "ceph-start.sh"), str(state)], env=env, capture_output=True, text=True, check=False)
+    if started.returncode != 0:
+        raise RuntimeError(f"ceph did not start:\n{started.stderr[-2000:]}")
+    conf = next(line.split("=", 1)[1] for line in started.stdout.splitlines() if line.startswith("CEPH_CONF="))
+    try:
+        yield BenchCeph(conf, state, env)
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts" / "ceph-stop.sh"), str(state)], env=env, capture_output=True, check=False)
