@@ -55,7 +55,9 @@ def measure(function: Callable[[], Any], repeat: int, *, before: Callable[[], An
     return Timing(tuple(samples))
 
 
-def interleaved(functions: dict[str, Callable[[], Any]], repeat: int, before: Callable[[], Any] | None = None) -> dict[str, Timing]:
+def interleaved(
+    functions: dict[str, Callable[[], Any]], repeat: int, before: Callable[[], Any] | None = None
+) -> dict[str, Timing]:
     """Time several candidates in turns (a, b, c, a, b, c...) so a noisy
     moment on the shared machine hits all of them alike."""
     samples: dict[str, list[float]] = {name: [] for name in functions}
@@ -90,7 +92,9 @@ def machine() -> dict[str, Any]:
         memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
     except (OSError, ValueError):
         memory = 0
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu": cpu,
@@ -136,11 +140,19 @@ def ceph_cluster(memstore_bytes: int = 10 << 30, port: int = 6797) -> Iterator[B
     data written in RAM: give it room and delete images as you go)."""
     state = WORK / f"ceph-{port}"
     env = dict(os.environ, DISKPIPE_CEPH_PORT=str(port), DISKPIPE_CEPH_MEMSTORE_BYTES=str(memstore_bytes))
-    started = subprocess.run(["bash", str(ROOT / "scripts" / "ceph-start.sh"), str(state)], env=env, capture_output=True, text=True, check=False)
+    started = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "ceph-start.sh"), str(state)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if started.returncode != 0:
         raise RuntimeError(f"ceph did not start:\n{started.stderr[-2000:]}")
     conf = next(line.split("=", 1)[1] for line in started.stdout.splitlines() if line.startswith("CEPH_CONF="))
     try:
         yield BenchCeph(conf, state, env)
     finally:
-        subprocess.run(["bash", str(ROOT / "scripts" / "ceph-stop.sh"), str(state)], env=env, capture_output=True, check=False)
+        subprocess.run(
+            ["bash", str(ROOT / "scripts" / "ceph-stop.sh"), str(state)], env=env, capture_output=True, check=False
+        )
