@@ -13,9 +13,7 @@ K/M/G/T suffixes, lists accept comma-separated text in the environment).
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
@@ -55,6 +53,8 @@ def config_path() -> str | None:
 @cache
 def _read_file(path: str, version: tuple[int, int]) -> dict[str, Any]:
     """Parsed once per (path, mtime and size): an edited file is read anew."""
+    import tomllib
+
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
@@ -121,18 +121,31 @@ def load_section(
     if not isinstance(file_values, Mapping):
         raise ConfigError(f"[{name}] must be a table")
     hints = typing.get_type_hints(cls)
-    fields = {field.name for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = _field_names(cls)
     unknown = set(file_values) - fields
     if unknown:
         raise ConfigError(f"[{name}]: unknown keys {sorted(unknown)}")
     values: dict[str, Any] = {}
     for field_name in fields:
-        raw: Any = file_values.get(field_name, dataclasses.MISSING)
+        raw: Any = file_values.get(field_name, _MISSING)
         env_value = os.environ.get(f"{ENV_PREFIX}{name.upper()}_{field_name.upper()}")
         if env_value is not None:
             raw = env_value
         if field_name in overrides and overrides[field_name] is not None:
             raw = overrides[field_name]
-        if raw is not dataclasses.MISSING:
+        if raw is not _MISSING:
             values[field_name] = _convert(f"{name}.{field_name}", raw, hints[field_name])
     return cls(**values)
+
+
+_MISSING = object()
+
+
+def _field_names(cls: type[Any]) -> set[str]:
+    """A section is a NamedTuple (kept off dataclasses on the fast CLI path)
+    or a dataclass."""
+    if hasattr(cls, "_fields"):
+        return set(cls._fields)
+    import dataclasses
+
+    return {field.name for field in dataclasses.fields(cls)}

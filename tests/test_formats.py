@@ -5,7 +5,6 @@ the file for any chunk size."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -97,7 +96,7 @@ def test_allocation_equals_qemu_img_map(sample: Any, samples_dir: Path) -> None:
 
 
 def _facts(info: ImageInfo) -> dict[str, Any]:
-    facts = dataclasses.asdict(info)
+    facts = info._asdict()
     for key in FILE_ONLY_FACTS:
         facts.pop(key)
     return facts

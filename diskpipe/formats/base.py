@@ -10,8 +10,7 @@ the retained head bytes alone and returns a `Content`.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from diskpipe.formats.info import Content, Facts
 from diskpipe.formats.reads import Read, Request
@@ -20,8 +19,7 @@ from diskpipe.formats.reads import Read, Request
 PROBE_SIZE = 2048
 
 
-@dataclass(frozen=True, slots=True)
-class InspectOptions:
+class InspectOptions(NamedTuple):
     """What an inspection should read beyond headers and footers."""
 
     # Read allocation tables (qcow2 L1/L2, BATs, grain tables, block maps).
@@ -31,15 +29,13 @@ class InspectOptions:
 Inspection = Generator[Request, Any, Facts]
 
 
-@dataclass(frozen=True, slots=True)
-class ContainerFormat:
+class ContainerFormat(NamedTuple):
     name: str  # the qemu driver name, passed as `-f`
     probe: Callable[[bytes], bool]  # on the zero-padded 2048-byte probe buffer
     inspect: Callable[[bytes, InspectOptions], Inspection]  # head bytes -> Facts
 
 
-@dataclass(frozen=True, slots=True)
-class ContentSniffer:
+class ContentSniffer(NamedTuple):
     kind: str
     sniff: Callable[[bytes], Content | None]  # on the retained head bytes
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+# An immutable empty mapping: a safe default for `details` (NamedTuples have
+# no default factories; the classes are NamedTuples rather than dataclasses
+# because importing dataclasses costs the CLI several milliseconds).
+NO_DETAILS: dict[str, Any] = MappingProxyType({})  # type: ignore[assignment]
 
 # Glance's disk_format names for qemu drivers that have one. Drivers Glance
 # has no name for keep their qemu name (qcow, qed, luks, bochs, cloop, dmg).
@@ -24,8 +29,7 @@ GLANCE_DISK_FORMAT = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Content:
+class Content(NamedTuple):
     """Something recognised inside raw data: an ISO, a partition table, ...
 
     `kind` is one of: iso, udf, gpt, mbr, filesystem, kernel, ramdisk,
@@ -35,7 +39,7 @@ class Content:
 
     kind: str
     name: str
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = NO_DETAILS
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "name": self.name}
@@ -44,8 +48,7 @@ class Content:
         return out
 
 
-@dataclass(frozen=True, slots=True)
-class Facts:
+class Facts(NamedTuple):
     """What one container inspector found (merged into `ImageInfo`)."""
 
     format: str
@@ -60,12 +63,11 @@ class Facts:
     subformat: str | None = None
     format_specific: dict[str, Any] | None = None
     # diskpipe's own facts for the policy (feature bits, extents, locators...)
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = NO_DETAILS
     allocated_size: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ImageInfo:
+class ImageInfo(NamedTuple):
     """Everything diskpipe knows about one image.
 
     `format` is the qemu-img driver to pass as `-f`; `disk_format` is Glance's
@@ -90,7 +92,7 @@ class ImageInfo:
     corrupt: bool = False
     subformat: str | None = None
     format_specific: dict[str, Any] | None = None
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = NO_DETAILS
     matches: tuple[str, ...] = ()
     contents: tuple[Content, ...] = ()
     allocated_size: int | None = None
@@ -100,7 +102,7 @@ class ImageInfo:
         return {content.kind for content in self.contents}
 
     def with_changes(self, **changes: Any) -> ImageInfo:
-        return replace(self, **changes)
+        return self._replace(**changes)
 
     def to_json(self) -> dict[str, Any]:
         """The `qemu-img info --output=json` keys plus diskpipe's own."""

@@ -10,8 +10,7 @@ manifest records them. The same function serves `diskpipe info`,
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from diskpipe.formats.info import ImageInfo
 
@@ -57,8 +56,7 @@ RAW_FAMILY_CLAIMS = frozenset({"raw", "iso", "ami", "aki", "ari"})
 NON_DISK_KINDS = frozenset({"compressed", "archive", "text", "other"})
 
 
-@dataclass(frozen=True, slots=True)
-class Policy:
+class Policy(NamedTuple):
     """The `[policy]` section of the configuration file."""
 
     allowed_formats: frozenset[str] = DEFAULT_ALLOWED_FORMATS
@@ -68,8 +66,7 @@ class Policy:
     allow_luks: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class Issue:
+class Issue(NamedTuple):
     check: str
     message: str
 
@@ -77,12 +74,11 @@ class Issue:
         return {"check": self.check, "message": self.message}
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     safe: bool
     issues: tuple[Issue, ...] = ()
     notes: tuple[str, ...] = ()
-    info: ImageInfo | None = field(default=None, compare=False)
+    info: ImageInfo | None = None
 
     @property
     def checks(self) -> list[str]:
@@ -92,8 +88,7 @@ class Verdict:
         return {"safe": self.safe, "issues": [issue.to_json() for issue in self.issues], "notes": list(self.notes)}
 
 
-@dataclass(frozen=True, slots=True)
-class Context:
+class Context(NamedTuple):
     """What a check may consult besides the facts."""
 
     policy: Policy

@@ -10,8 +10,7 @@ hidden after a NUL, and values where the two readings disagree. FORMATS.md §6.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 # qemu accepts these as standalone descriptor files; the two sparse types
 # exist only as the descriptor embedded in a binary extent.
@@ -30,8 +29,7 @@ _STRICT_EXTENT = re.compile(rb'\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)\s+"([^
 MAX_REPORTED_LINES = 8
 
 
-@dataclass(frozen=True, slots=True)
-class Extent:
+class Extent(NamedTuple):
     access: str
     sectors: int
     type: str
@@ -50,20 +48,25 @@ class Extent:
         return out
 
 
-@dataclass(slots=True)
 class Descriptor:
     """Facts of one descriptor text (standalone file or embedded)."""
 
-    text_bytes: int
-    create_type: str | None = None
-    cid: int | None = None
-    parent_cid: int | None = None
-    cid_valid: bool = True
-    parent_hint: str | None = None
-    extents: list[Extent] = field(default_factory=list)  # lines qemu scans as extents
-    unexpected_lines: list[str] = field(default_factory=list)
-    hidden_text: bool = False
-    disagreements: list[str] = field(default_factory=list)
+    __slots__ = (
+        "cid", "cid_valid", "create_type", "disagreements", "extents", "hidden_text",
+        "parent_cid", "parent_hint", "text_bytes", "unexpected_lines",
+    )  # fmt: skip
+
+    def __init__(self, text_bytes: int) -> None:
+        self.text_bytes = text_bytes
+        self.create_type: str | None = None
+        self.cid: int | None = None
+        self.parent_cid: int | None = None
+        self.cid_valid = True
+        self.parent_hint: str | None = None
+        self.extents: list[Extent] = []  # lines qemu scans as extents
+        self.unexpected_lines: list[str] = []
+        self.hidden_text = False
+        self.disagreements: list[str] = []
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {

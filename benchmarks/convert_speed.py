@@ -1,0 +1,315 @@
+"""Conversion into Ceph RBD: diskpipe end to end against Glance's two-step way
+and plain qemu-img, side by side in one run, on a realistic guest disk.
+
+    python -m benchmarks.convert_speed [--repeat N] [--quick]
+
+Sources: the 4 GiB Debian minbase disk of `benchmarks.guest` as qcow2,
+compressed qcow2, vmdk streamOptimized and vpc. Candidates, interleaved:
+- diskpipe: inspect, validate, cross-check, convert straight into RBD,
+  snapshot + protect, Glance's md5/sha512 over every byte, verify;
+- diskpipe without the full-size hashes (only the sparse digest, whose own
+  cost is reported beside it);
+- Glance's way: `qemu-img convert` to a temporary raw file, then an upload in
+  8 MiB chunks through librbd, md5 and sha512 over every chunk, all-zero
+  chunks skipped (`not any(chunk)`), snapshot + protect;
+- plain `qemu-img convert -W -m 16 -f FMT -O raw SRC rbd:POOL/NAME`.
+Also: the cost per GiB of the hashes and of zero tests, the qemu-img options
+(-W, -m, -t, -S) measured on the qcow2 source, and the address space a
+`convert` into RBD needs (which sets diskpipe's limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    WORK,
+    BenchCeph,
+    Timing,
+    ceph_cluster,
+    interleaved,
+    machine,
+    machine_markdown,
+    write_results,
+)
+from benchmarks.guest import build
+from diskpipe.converter.convert import ConvertRequest, convert_image
+from diskpipe.converter.qemu_img import ConvertOptions
+from diskpipe.converter.stores.rbd import RbdConfig, RbdStore, qemu_rbd_target
+from diskpipe.tasks.pipeline import verify
+
+GiB = 1 << 30
+GLANCE_CHUNK = 8 << 20
+SOURCES = {
+    "qcow2": ["-O", "qcow2"],
+    "qcow2-compressed": ["-O", "qcow2", "-c"],
+    "vmdk-stream": ["-O", "vmdk", "-o", "subformat=streamOptimized"],
+    "vpc": ["-O", "vpc", "-o", "subformat=dynamic,force_size=on"],
+}
+SOURCE_FORMAT = {"qcow2": "qcow2", "qcow2-compressed": "qcow2", "vmdk-stream": "vmdk", "vpc": "vpc"}
+
+
+def make_sources(guest: Path) -> dict[str, Path]:
+    directory = WORK / "convert-sources"
+    directory.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for name, args in SOURCES.items():
+        path = directory / f"guest.{name}"
+        if not path.exists():
+            temporary = path.with_suffix(".tmp")
+            subprocess.run(["qemu-img", "convert", "-f", "raw", *args, str(guest), str(temporary)], check=True)
+            temporary.rename(path)
+        made[name] = path
+    return made
+
+
+def remove_all(ceph: BenchCeph) -> None:
+    """Empty the pool between runs (outside the timings)."""
+    for name in ceph.rbd("ls").split():
+        snaps = ceph.rbd("snap", "ls", f"rbd/{name}")
+        if "snap" in snaps:
+            subprocess.run(
+                ["rbd", "-c", ceph.conf, "snap", "unprotect", f"rbd/{name}@snap"], capture_output=True, check=False
+            )
+            subprocess.run(["rbd", "-c", ceph.conf, "snap", "purge", f"rbd/{name}"], capture_output=True, check=False)
+        subprocess.run(["rbd", "-c", ceph.conf, "rm", f"rbd/{name}"], capture_output=True, check=False)
+
+
+def glance_way(source: Path, fmt: str, ceph: BenchCeph, scratch: Path) -> None:
+    """Glance's import: convert to a temporary raw file, then upload it."""
+    import rados
+    import rbd
+
+    temporary = scratch / f"glance-{uuid.uuid4().hex[:8]}.raw"
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(source), str(temporary)], check=True)
+    try:
+        size = temporary.stat().st_size
+        cluster = rados.Rados(conffile=ceph.conf)
+        cluster.connect(timeout=10)
+        try:
+            ioctx = cluster.open_ioctx("rbd")
+            name = f"glance-{uuid.uuid4().hex[:8]}"
+            rbd.RBD().create(ioctx, name, size, order=23, old_format=False, features=1)
+            md5, sha512 = hashlib.md5(), hashlib.sha512()
+            with rbd.Image(ioctx, name) as image, temporary.open("rb") as handle:
+                offset = 0
+                while chunk := handle.read(GLANCE_CHUNK):
+                    md5.update(chunk)
+                    sha512.update(chunk)
+                    if any(chunk):  # glance_store's thin provisioning test
+                        image.write(chunk, offset)
+                    offset += len(chunk)
+                image.create_snap("snap")
+                image.protect_snap("snap")
+            ioctx.close()
+        finally:
+            cluster.shutdown()
+    finally:
+        temporary.unlink()
+
+
+def plain_qemu(source: Path, fmt: str, ceph: BenchCeph, options: list[str] | None = None) -> None:
+    name = f"plain-{uuid.uuid4().hex[:8]}"
+    target = qemu_rbd_target(RbdConfig(conf=ceph.conf), name)
+    args = options if options is not None else ["-W", "-m", "16"]
+    subprocess.run(["qemu-img", "convert", *args, "-f", fmt, "-O", "raw", str(source), target], check=True)
+
+
+def diskpipe_way(source: Path, store: RbdStore, *, hashes: bool, report: list[dict[str, float]]) -> None:
+    image_id = f"dp-{uuid.uuid4().hex[:8]}"
+    result = convert_image(ConvertRequest(str(source), image_id, full_hashes=hashes), store)
+    started = time.perf_counter()
+    verify(store, result)
+    timings = dict(result.timings)
+    timings["verify"] = time.perf_counter() - started
+    report.append(timings)
+
+
+def hash_costs() -> dict[str, float]:
+    """Seconds per GiB: the hashes alone and in parallel, and zero tests."""
+    buffer = bytes(64 << 20)
+    pieces = GiB // len(buffer)
+    costs: dict[str, float] = {}
+    for name in ("md5", "sha512"):
+        hasher = hashlib.new(name)
+        started = time.perf_counter()
+        for _ in range(pieces):
+            hasher.update(buffer)
+        costs[f"{name}_s_per_gib"] = time.perf_counter() - started
+
+    def run(name: str) -> None:
+        hasher = hashlib.new(name)
+        for _ in range(pieces):
+            hasher.update(buffer)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("md5", "sha512")]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    costs["md5_and_sha512_two_threads_s_per_gib"] = time.perf_counter() - started
+    chunk = bytes(GLANCE_CHUNK)
+    started = time.perf_counter()
+    for _ in range(16):
+        any(chunk)
+    costs["any_zero_test_s_per_gib"] = (time.perf_counter() - started) * (GiB / (16 * GLANCE_CHUNK))
+    zeros = bytes(GLANCE_CHUNK)
+    started = time.perf_counter()
+    for _ in range(128):
+        _ = chunk == zeros
+    costs["memcmp_zero_test_s_per_gib"] = (time.perf_counter() - started) * (GiB / (128 * GLANCE_CHUNK))
+    return costs
+
+
+def peak_address_space(source: Path, fmt: str, ceph: BenchCeph) -> int:
+    """VmPeak of a qemu-img convert into RBD, sampled from /proc while it runs."""
+    name = f"vm-{uuid.uuid4().hex[:8]}"
+    target = qemu_rbd_target(RbdConfig(conf=ceph.conf), name)
+    process = subprocess.Popen(["qemu-img", "convert", "-W", "-m", "16", "-f", fmt, "-O", "raw", str(source), target])
+    peak = 0
+    while process.poll() is None:
+        try:
+            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+                if line.startswith("VmPeak:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.01)
+    return peak
+
+
+OPTION_SETS = {
+    "default (-m 8)": [],
+    "-W -m 16": ["-W", "-m", "16"],
+    "-W -m 32": ["-W", "-m", "32"],
+    "-m 1": ["-m", "1"],
+    "-W -m 16 -t none": ["-W", "-m", "16", "-t", "none"],
+    "-W -m 16 -S 64k": ["-W", "-m", "16", "-S", "64k"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one source, one run each")
+    args = parser.parse_args(argv)
+    repeat = 1 if args.quick else args.repeat
+
+    guest = build(WORK / "guest.raw")
+    guest_path = Path(str(guest["path"]))
+    sources = make_sources(guest_path)
+    if args.quick:
+        sources = {"qcow2": sources["qcow2"]}
+    scratch = WORK / "convert-scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {"machine": machine(), "guest": guest, "repeat": repeat, "sources": {}}
+    data["hash_costs"] = hash_costs()
+
+    with ceph_cluster(memstore_bytes=12 << 30, port=6797) as ceph:
+        store = RbdStore(RbdConfig(conf=ceph.conf, op_timeout=120))
+        for name, source in sources.items():
+            fmt = SOURCE_FORMAT[name]
+            with_hashes: list[dict[str, float]] = []
+            without_hashes: list[dict[str, float]] = []
+            timings = interleaved(
+                {
+                    "diskpipe": lambda s=source: diskpipe_way(s, store, hashes=True, report=with_hashes),
+                    "diskpipe-no-full-hashes": lambda s=source: diskpipe_way(
+                        s, store, hashes=False, report=without_hashes
+                    ),
+                    "glance": lambda s=source, f=fmt: glance_way(s, f, ceph, scratch),
+                    "qemu-img": lambda s=source, f=fmt: plain_qemu(s, f, ceph),
+                },
+                repeat,
+                before=lambda: remove_all(ceph),
+            )
+            sparse_digest = Timing(tuple(entry["checksum"] + entry["verify"] for entry in without_hashes))
+            data["sources"][name] = {
+                "file_size": source.stat().st_size,
+                "timings": {key: value.to_json() for key, value in timings.items()},
+                "diskpipe_steps": with_hashes,
+                "diskpipe_no_hash_steps": without_hashes,
+                "sparse_digest_and_verify": sparse_digest.to_json(),
+                "ratio_diskpipe_to_glance": timings["diskpipe"].median / timings["glance"].median,
+                "ratio_no_hashes_to_qemu_img": timings["diskpipe-no-full-hashes"].median / timings["qemu-img"].median,
+            }
+            print(name, {key: value.text() for key, value in timings.items()}, file=sys.stderr)
+        remove_all(ceph)
+        qcow2 = sources["qcow2"]
+        options = interleaved(
+            {label: lambda o=opts: plain_qemu(qcow2, "qcow2", ceph, o) for label, opts in OPTION_SETS.items()},
+            repeat,
+            before=lambda: remove_all(ceph),
+        )
+        data["qemu_options"] = {label: timing.to_json() for label, timing in options.items()}
+        remove_all(ceph)
+        data["qemu_img_peak_address_space"] = peak_address_space(qcow2, "qcow2", ceph)
+        remove_all(ceph)
+        store.close()
+
+    markdown = render(data)
+    print(markdown)
+    write_results("convert_speed", markdown, data)
+    return 0
+
+
+def render(data: dict[str, Any]) -> str:
+    lines = [
+        "# Conversion into Ceph RBD",
+        "",
+        machine_markdown(data["machine"]),
+        "",
+        f"Guest disk: 4 GiB virtual, {data['guest']['source']}. Median wall time of {data['repeat']} interleaved runs "
+        "(min–max); every candidate writes a thin raw image with a protected snapshot into the same one-node Ceph.",
+        "",
+        "| source | diskpipe (Glance hashes) | diskpipe (no full hashes) | Glance's way | plain qemu-img | diskpipe / Glance | no-hash / qemu-img | sparse digest + verify |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in data["sources"].items():
+        timings = entry["timings"]
+
+        def cell(key: str, timings: dict[str, Any] = timings) -> str:
+            return f"{timings[key]['median']:.2f} s ({timings[key]['min']:.2f}–{timings[key]['max']:.2f})"
+
+        lines.append(
+            f"| {name} | {cell('diskpipe')} | {cell('diskpipe-no-full-hashes')} | {cell('glance')} | {cell('qemu-img')} | "
+            f"**{entry['ratio_diskpipe_to_glance']:.2f}×** | **{entry['ratio_no_hashes_to_qemu_img']:.2f}×** | "
+            f"{entry['sparse_digest_and_verify']['median']:.2f} s |"
+        )
+    costs = data["hash_costs"]
+    lines += [
+        "",
+        "Cost per GiB on this machine (one core unless stated): "
+        f"md5 {costs['md5_s_per_gib']:.2f} s, sha512 {costs['sha512_s_per_gib']:.2f} s, "
+        f"both on two threads {costs['md5_and_sha512_two_threads_s_per_gib']:.2f} s wall; "
+        f"zero test with `any(chunk)` (Glance) {costs['any_zero_test_s_per_gib']:.2f} s, "
+        f"with a C compare (`chunk == zeros`) {costs['memcmp_zero_test_s_per_gib']:.3f} s.",
+        "",
+        "## qemu-img options (qcow2 source into RBD)",
+        "",
+        "| options | median | min–max |",
+        "|---|---|---|",
+    ]
+    for label, timing in data["qemu_options"].items():
+        lines.append(f"| `{label}` | {timing['median']:.2f} s | {timing['min']:.2f}–{timing['max']:.2f} |")
+    lines += [
+        "",
+        f"Peak address space of a `qemu-img convert` into RBD: {data['qemu_img_peak_address_space'] / GiB:.2f} GiB "
+        "(diskpipe's limit for convert is 4 GiB).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

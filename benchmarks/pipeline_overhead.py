@@ -1,0 +1,257 @@
+"""What the Celery pipeline costs on top of the conversion itself.
+
+    python -m benchmarks.pipeline_overhead [--repeat N] [--jobs N] [--quick]
+
+1. The same conversion of an image holding more than 1 GiB of data, run
+   directly (`convert_image` + verify, in this process) and as a Celery job
+   (`send_task('diskpipe.import_image')` to a warm worker process, until the
+   record is `active`), interleaved. Goal: the job's overhead ≤ 5 %.
+2. Throughput for small images: N jobs submitted at once, with one and with
+   two worker processes, in jobs per minute.
+
+Real parts: a one-node Ceph and a Redis started for the run, `celery worker`
+processes started with the project's configuration file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import ROOT, WORK, BenchCeph, ceph_cluster, interleaved, machine, machine_markdown, write_results
+from diskpipe.converter.convert import ConvertRequest, convert_image
+from diskpipe.converter.stores.rbd import RbdConfig, RbdStore
+from diskpipe.tasks.pipeline import verify
+from diskpipe.tasks.records import RedisRecords
+from diskpipe.tasks.settings import redis_client
+
+REDIS_PORT = 6398
+BIG_DATA = 1200 << 20
+
+
+def big_source() -> Path:
+    """A 4 GiB qcow2 holding 1.2 GiB of incompressible data."""
+    path = WORK / "overhead-big.qcow2"
+    if path.exists():
+        return path
+    raw = WORK / "overhead-big.raw"
+    with raw.open("wb") as handle:
+        handle.truncate(4 << 30)
+        handle.seek(1 << 30)
+        for _ in range(BIG_DATA >> 24):
+            handle.write(os.urandom(16 << 20))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True)
+    raw.unlink()
+    return path
+
+
+def small_source() -> Path:
+    path = WORK / "overhead-small.qcow2"
+    if not path.exists():
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "256M"], check=True)
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 0 16M", str(path)], check=True, capture_output=True
+        )
+    return path
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    state = WORK / "overhead-redis"
+    env = dict(os.environ, DISKPIPE_REDIS_PORT=str(REDIS_PORT))
+    started = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "redis-start.sh"), str(state)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    url = next(line.split("=", 1)[1] for line in started.stdout.splitlines() if line.startswith("DISKPIPE_BROKER_URL="))
+    try:
+        yield url
+    finally:
+        subprocess.run(
+            ["bash", str(ROOT / "scripts" / "redis-stop.sh"), str(state)], env=env, capture_output=True, check=False
+        )
+
+
+class Workers:
+    def __init__(self, config: Path, broker: str) -> None:
+        self.config = config
+        self.broker = broker
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, count: int) -> None:
+        env = dict(os.environ, DISKPIPE_CONFIG=str(self.config), DISKPIPE_BROKER_URL=self.broker)
+        for index in range(count):
+            log = WORK / f"overhead-worker-{len(self.processes)}.log"
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "diskpipe.tasks",
+                    "worker",
+                    "-l",
+                    "warning",
+                    "-c",
+                    "1",
+                    "-n",
+                    f"bench{len(self.processes)}-{index}@%h",
+                    "--without-mingle",
+                    "--without-gossip",
+                ],  # fmt: skip
+                cwd=ROOT,
+                env=env,
+                stdout=log.open("wb"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            self.processes.append(process)
+        time.sleep(6)  # startup (imports, broker connection, startup cleanup)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            process.wait(timeout=60)
+        self.processes.clear()
+
+
+def submit_and_wait(broker: str, records: RedisRecords, sources: list[Path]) -> None:
+    from celery import Celery
+
+    client = Celery(broker=broker)
+    ids = []
+    for source in sources:
+        image_id = f"job-{uuid.uuid4().hex[:10]}"
+        client.send_task(
+            "diskpipe.import_image", kwargs={"image_id": image_id, "source": str(source)}, queue="diskpipe"
+        )
+        ids.append(image_id)
+    pending = set(ids)
+    while pending:
+        for image_id in list(pending):
+            record = records.get(image_id)
+            if record is not None and record["status"] in ("active", "killed"):
+                if record["status"] != "active":
+                    raise RuntimeError(f"job {image_id} ended killed: {record['reason']}")
+                pending.discard(image_id)
+        time.sleep(0.05)
+
+
+def remove_all(ceph: BenchCeph) -> None:
+    for name in ceph.rbd("ls").split():
+        subprocess.run(
+            ["rbd", "-c", ceph.conf, "snap", "unprotect", f"rbd/{name}@snap"], capture_output=True, check=False
+        )
+        subprocess.run(["rbd", "-c", ceph.conf, "snap", "purge", f"rbd/{name}"], capture_output=True, check=False)
+        subprocess.run(["rbd", "-c", ceph.conf, "rm", f"rbd/{name}"], capture_output=True, check=False)
+
+
+def direct(source: Path, store: RbdStore) -> None:
+    result = convert_image(ConvertRequest(str(source), f"direct-{uuid.uuid4().hex[:8]}"), store)
+    verify(store, result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=30, help="small jobs per throughput run")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    repeat = 1 if args.quick else args.repeat
+    jobs = 8 if args.quick else args.jobs
+    WORK.mkdir(parents=True, exist_ok=True)
+    big, small = big_source(), small_source()
+    data: dict[str, Any] = {
+        "machine": machine(),
+        "repeat": repeat,
+        "jobs": jobs,
+        "big_source_bytes": big.stat().st_size,
+    }
+
+    with ceph_cluster(memstore_bytes=12 << 30, port=6797) as ceph, redis_server() as broker:
+        config = WORK / "overhead.toml"
+        config.write_text(
+            f'[store]\nkind = "rbd"\n[rbd]\nconf = "{ceph.conf}"\nop_timeout = 120\n'
+            f'[import]\nallowed_dirs = ["{WORK}"]\nstaging_dir = "{WORK / "overhead-staging"}"\n'
+        )
+        store = RbdStore(RbdConfig(conf=ceph.conf, op_timeout=120))
+        records = RedisRecords(redis_client(broker))
+        workers = Workers(config, broker)
+        workers.start(1)
+        try:
+            timings = interleaved(
+                {"direct": lambda: direct(big, store), "celery job": lambda: submit_and_wait(broker, records, [big])},
+                repeat,
+                before=lambda: remove_all(ceph),
+            )
+            data["big"] = {name: timing.to_json() for name, timing in timings.items()}
+            data["overhead"] = timings["celery job"].median / timings["direct"].median - 1
+            remove_all(ceph)
+            throughput = {}
+            for count in (1, 2):
+                if count == 2:
+                    workers.start(1)
+                started = time.perf_counter()
+                submit_and_wait(broker, records, [small] * jobs)
+                elapsed = time.perf_counter() - started
+                throughput[f"{count} worker{'s' if count > 1 else ''}"] = {
+                    "seconds": elapsed,
+                    "jobs_per_minute": jobs / elapsed * 60,
+                }
+                remove_all(ceph)
+            data["throughput"] = throughput
+        finally:
+            workers.stop()
+            store.close()
+
+    markdown = render(data)
+    print(markdown)
+    write_results("pipeline_overhead", markdown, data)
+    return 0
+
+
+def render(data: dict[str, Any]) -> str:
+    big = data["big"]
+    lines = [
+        "# Celery pipeline overhead",
+        "",
+        machine_markdown(data["machine"]),
+        "",
+        f"A 4 GiB qcow2 holding 1.2 GiB of data, converted into RBD with Glance's hashes and verified; "
+        f"median of {data['repeat']} interleaved runs (min–max).",
+        "",
+        "| run | median | min–max |",
+        "|---|---|---|",
+    ]
+    for name, timing in big.items():
+        lines.append(f"| {name} | {timing['median']:.2f} s | {timing['min']:.2f}–{timing['max']:.2f} s |")
+    lines += [
+        "",
+        f"Overhead of the Celery job over the direct conversion: **{data['overhead'] * 100:+.1f} %** (goal ≤ 5 %).",
+        "",
+        f"Throughput, {data['jobs']} small jobs (256 MiB qcow2, 16 MiB of data) submitted at once:",
+        "",
+        "| workers | seconds | jobs/minute |",
+        "|---|---|---|",
+    ]
+    for name, entry in data["throughput"].items():
+        lines.append(f"| {name} | {entry['seconds']:.1f} | {entry['jobs_per_minute']:.0f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
