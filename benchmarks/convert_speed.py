@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import subprocess
 import sys
 import threading
@@ -43,7 +42,6 @@ from benchmarks.common import (
 )
 from benchmarks.guest import build
 from diskpipe.converter.convert import ConvertRequest, convert_image
-from diskpipe.converter.qemu_img import ConvertOptions
 from diskpipe.converter.stores.rbd import RbdConfig, RbdStore, qemu_rbd_target
 from diskpipe.tasks.pipeline import verify
 
@@ -223,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             without_hashes: list[dict[str, float]] = []
             timings = interleaved(
                 {
-                    "diskpipe": lambda s=source: diskpipe_way(s, store, hashes=True, report=with_hashes),
-                    "diskpipe-no-full-hashes": lambda s=source: diskpipe_way(
-                        s, store, hashes=False, report=without_hashes
+                    "diskpipe": lambda s=source, r=with_hashes: diskpipe_way(s, store, hashes=True, report=r),
+                    "diskpipe-no-full-hashes": lambda s=source, r=without_hashes: diskpipe_way(
+                        s, store, hashes=False, report=r
                     ),
                     "glance": lambda s=source, f=fmt: glance_way(s, f, ceph, scratch),
                     "qemu-img": lambda s=source, f=fmt: plain_qemu(s, f, ceph),

@@ -35,6 +35,8 @@ from diskpipe.tasks.records import RedisRecords
 from diskpipe.tasks.settings import redis_client
 
 REDIS_PORT = 6398
+WORKER_COMMAND = [sys.executable, "-m", "celery", "-A", "diskpipe.tasks", "worker", "-l", "warning", "-c", "1",
+                  "--without-mingle", "--without-gossip"]  # fmt: skip
 BIG_DATA = 1200 << 20
 
 
@@ -95,22 +97,7 @@ class Workers:
         for index in range(count):
             log = WORK / f"overhead-worker-{len(self.processes)}.log"
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "diskpipe.tasks",
-                    "worker",
-                    "-l",
-                    "warning",
-                    "-c",
-                    "1",
-                    "-n",
-                    f"bench{len(self.processes)}-{index}@%h",
-                    "--without-mingle",
-                    "--without-gossip",
-                ],  # fmt: skip
+                [*WORKER_COMMAND, "-n", f"bench{len(self.processes)}-{index}@%h"]
                 cwd=ROOT,
                 env=env,
                 stdout=log.open("wb"),
