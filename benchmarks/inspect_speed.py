@@ -48,6 +48,11 @@ VENV_BIN = ROOT / ".venv" / "bin"
 # bare start-up we compare against is the same binary.
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 DISKPIPE = str(VENV_BIN / "diskpipe")
+# Start-up subprocesses run from here, not from the repository: with the
+# repository as working directory `python -c "import diskpipe"` would load the
+# source tree while the `diskpipe` command loads the installed copy, and the
+# two numbers would not be about the same code.
+NEUTRAL_CWD = WORK
 QEMU_TIMEOUT = 60  # seconds; a hostile image must not hang the benchmark
 
 # oslo names the *content* it found; qemu names the driver that opens it.
@@ -257,12 +262,14 @@ def accuracy(
 def cli_timings(sample_path: str, repeat: int) -> dict[str, Timing]:
     """Wall time of one `diskpipe info` call, next to a bare interpreter and
     to the imports alone: the gaps split start-up, import and work."""
-    checked = subprocess.run([DISKPIPE, "info", sample_path], capture_output=True, text=True, check=False)
+    checked = subprocess.run(
+        [DISKPIPE, "info", sample_path], capture_output=True, text=True, check=False, cwd=NEUTRAL_CWD
+    )
     if checked.returncode != 0:
         raise SystemExit(f"`diskpipe info {sample_path}` failed:\n{checked.stderr}")
 
-    def call(args: list[str]) -> Callable[[], None]:
-        return lambda: subprocess.run(args, capture_output=True, check=True)
+    def call(args: list[str]) -> Callable[[], object]:
+        return lambda: subprocess.run(args, capture_output=True, check=True, cwd=NEUTRAL_CWD)
 
     commands = {
         "diskpipe info": call([DISKPIPE, "info", sample_path]),
@@ -284,7 +291,7 @@ def import_times(args: list[str], runs: int) -> dict[str, dict[str, Any]]:
     collected: dict[str, dict[str, Any]] = {}
     for _ in range(runs + 1):
         stderr = subprocess.run(
-            [PYTHON, "-X", "importtime", *args], capture_output=True, text=True, check=True, cwd=ROOT
+            [PYTHON, "-X", "importtime", *args], capture_output=True, text=True, check=True, cwd=NEUTRAL_CWD
         ).stderr
         for line in stderr.splitlines():
             if not line.startswith("import time:"):
@@ -308,6 +315,28 @@ def import_times(args: list[str], runs: int) -> dict[str, dict[str, Any]]:
         }
         for name, entry in collected.items()
     }
+
+
+def installed_diskpipe() -> dict[str, Any]:
+    """Which diskpipe the command runs, and whether it is the code measured
+    in process (a regular install is a copy that can lag behind the tree)."""
+    import diskpipe
+
+    here = Path(diskpipe.__file__).resolve().parent
+    printed = subprocess.run(
+        [PYTHON, "-c", "import diskpipe; print(diskpipe.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=NEUTRAL_CWD,
+    ).stdout.strip()
+    there = Path(printed).resolve().parent
+    if there == here:
+        return {"path": str(there), "same_as_measured": True, "stale_files": []}
+    mine = {path.relative_to(here): path.read_bytes() for path in here.rglob("*.py")}
+    theirs = {path.relative_to(there): path.read_bytes() for path in there.rglob("*.py")}
+    stale = sorted(str(name) for name in mine.keys() | theirs.keys() if mine.get(name) != theirs.get(name))
+    return {"path": str(there), "same_as_measured": not stale, "stale_files": stale}
 
 
 # --- report ---------------------------------------------------------------
@@ -372,9 +401,19 @@ def markdown_report(data: dict[str, Any]) -> str:
         lines += [f"- {item['name']}: {item['problem']}" for item in data["accuracy"]["oracle_trouble"]]
 
     cli = data["cli"]
+    installed = cli["installed"]
+    loaded = (
+        "the same code as measured in process"
+        if installed["same_as_measured"]
+        else "**a copy that differs from the source tree measured in process** ("
+        + ", ".join(installed["stale_files"][:8])
+        + ")"
+    )
     lines += [
         "",
         f"## One CLI call ({cli['repeat']} interleaved runs, sample `{cli['sample']}`)",
+        "",
+        f"The command loads diskpipe from `{installed['path']}`: {loaded}.",
         "",
         "| command | median | min–max |",
         "|---|---:|---:|",
@@ -460,10 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"timing {len(paths)} images × 3 tools × {repeat} passes ...", file=sys.stderr)
     timings, answers = throughput(paths, repeat)
     answers["oslo"] = [oslo_mapped(a, Path(p)) for a, p in zip(answers["oslo"], paths, strict=True)]
-    speed = {name: {**rate(len(paths), timing), "timing": timing.to_json()} for name, timing in timings.items()}
+    rates = {name: rate(len(paths), timing) for name, timing in timings.items()}
+    speed = {name: {**rates[name], "timing": timing.to_json()} for name, timing in timings.items()}
     ratios = {
-        "diskpipe/oslo": speed["diskpipe"]["images_per_s"] / speed["oslo"]["images_per_s"],
-        "diskpipe/qemu-img": speed["diskpipe"]["images_per_s"] / speed["qemu-img"]["images_per_s"],
+        "diskpipe/oslo": rates["diskpipe"]["images_per_s"] / rates["oslo"]["images_per_s"],
+        "diskpipe/qemu-img": rates["diskpipe"]["images_per_s"] / rates["qemu-img"]["images_per_s"],
     }
 
     print("checking against qemu-img info -f ...", file=sys.stderr)
@@ -555,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "cli": {
             "sample": cli_sample.name,
+            "installed": installed_diskpipe(),
             "repeat": cli_repeat,
             "timings": {name: timing.to_json() for name, timing in cli.items()},
             "ratio_to_bare": info_s / bare_s,

@@ -97,7 +97,7 @@ class Workers:
         for index in range(count):
             log = WORK / f"overhead-worker-{len(self.processes)}.log"
             process = subprocess.Popen(
-                [*WORKER_COMMAND, "-n", f"bench{len(self.processes)}-{index}@%h"]
+                [*WORKER_COMMAND, "-n", f"bench{len(self.processes)}-{index}@%h"],
                 cwd=ROOT,
                 env=env,
                 stdout=log.open("wb"),

@@ -360,6 +360,10 @@ bytes of one replica: multiply by the pool's replication (usually 3) for raw cap
 """
 
 
+def bar_text(size: float) -> str:
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / MIB:.0f} MiB"
+
+
 def chart(results: list[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
@@ -406,17 +410,14 @@ def chart(results: list[dict[str, Any]], out: Path) -> None:
             positions.append(group)
             labels.append("RBD\n(stores raw)")
         for container in bars:
-            axis.bar_label(container, fmt="%.2f", padding=2, fontsize=8)
+            # GiB with two decimals would show 91 and 95 MiB alike as "0.09".
+            sizes = [patch.get_height() * GIB for patch in container.patches]
+            axis.bar_label(container, labels=[bar_text(size) for size in sizes], padding=2, fontsize=8)
         virtual = result["virtual_size"] / GIB
         axis.axhline(virtual, color="grey", linestyle="--", linewidth=1)
+        # Mid-plot: the ends hold the raw and thick bars that reach the line.
         axis.text(
-            positions[-1] + 0.6,
-            virtual,
-            f"virtual {virtual:.2f} GiB",
-            ha="right",
-            va="bottom",
-            fontsize=9,
-            color="dimgrey",
+            (len(rows) - 1) / 2, virtual, f"virtual size {virtual:.2f} GiB", ha="center", va="bottom", color="dimgrey"
         )
         axis.set_xticks(positions, labels, fontsize=9)
         axis.set_xlim(-0.6, positions[-1] + 0.6)
