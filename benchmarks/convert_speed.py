@@ -189,7 +189,7 @@ def peak_address_space(source: Path, fmt: str, ceph: BenchCeph) -> int:
 OPTION_SETS = {
     "default (-m 8)": [],
     "-W -m 16": ["-W", "-m", "16"],
-    "-W -m 32": ["-W", "-m", "32"],
+    "-W -m 4": ["-W", "-m", "4"],
     "-m 1": ["-m", "1"],
     "-W -m 16 -t none": ["-W", "-m", "16", "-t", "none"],
     "-W -m 16 -S 64k": ["-W", "-m", "16", "-S", "64k"],
