@@ -7,7 +7,6 @@ that needs them, so `diskpipe info` starts fast.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -18,7 +17,30 @@ EXIT_REFUSED = 1  # refused, unsafe or malformed image
 EXIT_USAGE = 2  # usage, I/O or infrastructure error
 
 
+def _terminal_width() -> int:
+    """What argparse's formatter asks shutil for, without importing shutil
+    (and the bz2/lzma modules it pulls in): every add_argument call builds a
+    formatter, so this runs on every start."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+        super().__init__(prog, indent_increment, max_help_position, width or _terminal_width() - 2)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -112,6 +134,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             exit_code = max(exit_code, EXIT_USAGE)
     if args.output == "json":
         document: Any = entries[0] if len(entries) == 1 else entries
+        import json
+
         print(json.dumps(document, indent=2))
     else:
         for index, entry in enumerate(entries):
@@ -156,6 +180,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"diskpipe: {name}: {error.strerror or error}", file=sys.stderr)
         return EXIT_USAGE
     if args.output == "json":
+        import json
+
         print(json.dumps(result, indent=2))
     elif exit_code == EXIT_OK:
         print(f"{name}: safe ({result.get('format', '?')}, disk_format {result.get('disk_format', '?')})")
@@ -167,7 +193,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return exit_code
 
 
-def build_parser() -> argparse.ArgumentParser:
+INSPECTION_COMMANDS = ("info", "validate")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; given the command about to run and it is one
+    of INSPECTION_COMMANDS, only those (the job commands' module is not
+    imported on the fast path)."""
     parser = _Parser(prog="diskpipe", description="Inspect, validate, convert and store VM disk images.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -189,15 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--output", choices=("human", "json"), default="human")
     validate.set_defaults(handler=cmd_validate)
 
-    from diskpipe.jobs_cli import add_commands
+    if command not in INSPECTION_COMMANDS:
+        from diskpipe.jobs_cli import add_commands
 
-    add_commands(commands)
+        add_commands(commands)
     return parser
 
 
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The sub-command named by argv, if it is the first non-option word."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(words))
+    args = parser.parse_args(words)
     try:
         result: int = args.handler(args)
         return result

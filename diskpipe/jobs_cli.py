@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diskpipe.progress import ProgressDisplay
+if TYPE_CHECKING:
+    from diskpipe.progress import ProgressDisplay
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 WAIT_POLL = 0.5
@@ -99,9 +98,12 @@ def _print_record(record: dict[str, Any], progress: dict[str, Any] | None, outpu
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    import uuid
+
     from diskpipe.converter.convert import ConversionFailed, ConvertRequest, Refused, convert_image
     from diskpipe.converter.stores.base import StoreError, StoreUnavailable
     from diskpipe.formats.policy import load_policy
+    from diskpipe.progress import ProgressDisplay
 
     store = _make_store(args)
     image_id = args.id or str(uuid.uuid4())
@@ -148,6 +150,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _follow(records: Any, image_id: str, display: ProgressDisplay, timeout: float | None = None) -> dict[str, Any]:
     """Poll a record until its job ends, showing progress."""
+    import time
+
     deadline = time.monotonic() + timeout if timeout else None
     while True:
         record = records.get(image_id)
@@ -180,8 +184,10 @@ class _ShowingRecords:
 
 def cmd_import(args: argparse.Namespace) -> int:
     import os
+    import uuid
 
     from diskpipe.formats.policy import load_policy
+    from diskpipe.progress import ProgressDisplay
     from diskpipe.tasks.pipeline import Environment, ImportJob, ensure_record, is_url, run_import
     from diskpipe.tasks.sources import load_import_config
 
@@ -268,6 +274,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from diskpipe.progress import ProgressDisplay
     from diskpipe.tasks.pipeline import cancel_image
 
     records = _records(args)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,7 @@ SPARSE_BLOCK = 64 * 1024
 READ_PIECE = 4 * 1024 * 1024  # a multiple of SPARSE_BLOCK
 ZERO_PIECE = bytes(16 * 1024 * 1024)
 _QUEUE_DEPTH = 8  # buffers in flight per hashing thread (bounds memory)
+READ_AHEAD = 2  # pieces read ahead of the one being hashed
 
 Extent = tuple[int, int, bool]  # (offset, length, holds data)
 
@@ -149,6 +152,33 @@ def data_ranges(extents: Iterable[Extent], size: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def _pieces(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    for start, end in ranges:
+        for offset in range(start, end, READ_PIECE):
+            yield offset, min(READ_PIECE, end - offset)
+
+
+def _read_ahead(
+    read_at: Callable[[int, int], bytes], pieces: Iterable[tuple[int, int]], depth: int = READ_AHEAD
+) -> Iterator[tuple[int, int, bytes]]:
+    """(offset, length, data) in order, the next `depth` pieces being read on
+    a thread while the caller hashes this one: librbd reads and pread drop
+    the GIL, so reading and hashing overlap instead of adding up."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+    pending: deque[tuple[int, int, Future[bytes]]] = deque()
+    try:
+        for offset, length in pieces:
+            pending.append((offset, length, pool.submit(read_at, offset, length)))
+            if len(pending) > depth:
+                first, size, future = pending.popleft()
+                yield first, size, future.result()
+        while pending:
+            first, size, future = pending.popleft()
+            yield first, size, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def hash_image(
     size: int,
     extents: Iterable[Extent],
@@ -165,20 +195,16 @@ def hash_image(
     hasher = ImageHasher(full=full, sparse=sparse)
     position = 0
     try:
-        for start, end in data_ranges(extents, size):
-            hasher.zeros(position, start - position)
-            position = start
-            while position < end:
-                if cancelled is not None and cancelled():
-                    raise InterruptedError("hashing cancelled")
-                piece = min(READ_PIECE, end - position)
-                data = read_at(position, piece)
-                if len(data) != piece:
-                    raise OSError(f"short read at {position}: {len(data)} of {piece} bytes")
-                hasher.data(position, data)
-                position += piece
-                if progress is not None:
-                    progress(position)
+        for offset, length, data in _read_ahead(read_at, _pieces(data_ranges(extents, size))):
+            if cancelled is not None and cancelled():
+                raise InterruptedError("hashing cancelled")
+            if len(data) != length:
+                raise OSError(f"short read at {offset}: {len(data)} of {length} bytes")
+            hasher.zeros(position, offset - position)
+            hasher.data(offset, data)
+            position = offset + length
+            if progress is not None:
+                progress(position)
         hasher.zeros(position, size - position)
     finally:
         result = hasher.finish()

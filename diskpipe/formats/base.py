@@ -7,8 +7,6 @@ inside raw data (ISO, partition tables, filesystems, kernels, ramdisks) from
 the retained head bytes alone and returns a `Content`.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 

@@ -1,7 +1,5 @@
 """The facts an inspection finds: `ImageInfo` and the pieces it is made of."""
 
-from __future__ import annotations
-
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -101,7 +99,7 @@ class ImageInfo(NamedTuple):
     def content_kinds(self) -> set[str]:
         return {content.kind for content in self.contents}
 
-    def with_changes(self, **changes: Any) -> ImageInfo:
+    def with_changes(self, **changes: Any) -> "ImageInfo":
         return self._replace(**changes)
 
     def to_json(self) -> dict[str, Any]:

@@ -7,8 +7,6 @@ manifest records them. The same function serves `diskpipe info`,
 `diskpipe validate`, the Python hook and the pipeline.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 

@@ -12,8 +12,6 @@ lie outside the head) is answered by throwing `Unavailable` into the
 inspector, which leaves the facts that need them unset.
 """
 
-from __future__ import annotations
-
 import os
 from collections.abc import Callable, Generator
 from typing import Any, NamedTuple, TypeVar

@@ -113,6 +113,12 @@ class Store(Protocol):
         ...
 
     # Targets are typed loosely: each store takes back only its own kind.
+    def seal(self, target: Any) -> None:
+        """Freeze the written data (file: fsync; RBD: snapshot + protect).
+        It only reads the image, so it may run while the data is hashed;
+        finalize seals a target that is not sealed yet."""
+        ...
+
     def finalize(self, target: Any) -> Location:
         """Make the temporary image the real one, atomically."""
         ...

@@ -133,8 +133,11 @@ class FileStore:
             path.unlink()
         return FileTarget(image_id, path, self._final(image_id, image_format), size, image_format)
 
-    def finalize(self, target: FileTarget) -> Location:
+    def seal(self, target: FileTarget) -> None:
         target.sync()
+
+    def finalize(self, target: FileTarget) -> Location:
+        target.sync()  # again: cheap when sealed, and finalize must not rely on it
         target.close()
         try:
             os.link(target.path, target.final_path)

@@ -114,6 +114,7 @@ class RbdTarget:
         self.image_id = image_id
         self.name = name
         self.size = size
+        self.sealed = False
         self._image: Any = None
 
     def qemu_target(self) -> tuple[str, bool]:
@@ -229,12 +230,24 @@ class RbdStore:
             image.close()
         return RbdTarget(self, image_id, name, size)
 
+    def seal(self, target: RbdTarget) -> None:
+        # Its own handle: the target's may be reading (hashing) meanwhile.
+        # Creating a snapshot waits for a monitor round (a new pool snap id:
+        # up to paxos_propose_interval, 1 s by default), the reason to
+        # overlap it with hashing.
+        image = self.open_raw(target.name)
+        try:
+            self._call(image.create_snap, SNAPSHOT)
+            self._call(image.protect_snap, SNAPSHOT)
+        finally:
+            image.close()
+        target.sealed = True
+
     def finalize(self, target: RbdTarget) -> Location:
         _, rbd = _bindings()
         ioctx = self._connect()
-        image = target._open()
-        self._call(image.create_snap, SNAPSHOT)
-        self._call(image.protect_snap, SNAPSHOT)
+        if not target.sealed:
+            self.seal(target)
         target.close()
         self._call(rbd.RBD().rename, ioctx, target.name, target.image_id)
         return self.location(target.image_id)

@@ -1,0 +1,250 @@
+"""Run every benchmark, one after the other, and publish the results.
+
+    python -m benchmarks.run_all [--quick] [--only NAME ...] [--no-readme]
+
+Each benchmark runs in its own interpreter (a crash or a leaked cluster of
+one cannot skew the next) and writes benchmarks/results/NAME.{md,json}
+(space also .csv and .png). Then this script writes
+benchmarks/results/summary.{md,png} — the headline numbers of all four,
+with the machine, versions and date — and puts the summary table and the
+charts into README.md between the `benchmarks:start`/`benchmarks:end`
+markers. Nothing else runs meanwhile: the timings are only as good as the
+machine is idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, ROOT, machine, machine_markdown
+
+BENCHMARKS = ("inspect_speed", "convert_speed", "pipeline_overhead", "space")
+README = ROOT / "README.md"
+START_MARK = "<!-- benchmarks:start -->"
+END_MARK = "<!-- benchmarks:end -->"
+GIB = 1 << 30
+# Links are written against this placeholder, then made relative to where
+# the text lands (results/summary.md or the README at the top).
+HERE = "@results@/"
+
+
+def run(name: str, quick: bool) -> dict[str, Any]:
+    command = [sys.executable, "-m", f"benchmarks.{name}"]
+    if quick and name != "space":  # space has no quick mode: one guest disk is its whole job
+        command.append("--quick")
+    print(f"== {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    completed = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, check=False)
+    elapsed = time.monotonic() - started
+    print(f"== {name}: exit {completed.returncode} after {elapsed:.0f} s", file=sys.stderr, flush=True)
+    return {"exit": completed.returncode, "seconds": elapsed}
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def human(size: float) -> str:
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / (1 << 20):.1f} MiB"
+
+
+def _median(timing: dict[str, Any]) -> str:
+    return f"{timing['median']:.2f} s ({timing['min']:.2f}–{timing['max']:.2f})"
+
+
+def inspect_lines(data: dict[str, Any]) -> list[str]:
+    speed, accuracy = data["speed"], data["accuracy"]
+    tools = accuracy["tools"]
+    total = accuracy["images"]
+    cli = data["cli"]
+    info = cli["timings"]["diskpipe info"]["median"] * 1000
+    bare = cli["timings"]["python -c pass"]["median"] * 1000
+    return [
+        f"**Inspection** ({len(data['answers'])} images, {data['repeat']} passes; [details]({HERE}inspect_speed.md))",
+        "",
+        "| tool | images/s | vs diskpipe | format and size right (of those qemu-img opens) |",
+        "|---|--:|--:|--:|",
+        *(
+            f"| {label} | {speed[key]['images_per_s']:.0f} | "
+            f"{speed['diskpipe']['images_per_s'] / speed[key]['images_per_s']:.1f}× slower | "
+            f"{tools[key]['both']}/{total} |"
+            if key != "diskpipe"
+            else f"| {label} | {speed[key]['images_per_s']:.0f} | – | {tools[key]['both']}/{total} |"
+            for key, label in (
+                ("diskpipe", "diskpipe `inspect()`"),
+                ("oslo", "oslo.utils format_inspector"),
+                ("qemu-img", "`qemu-img info` (probing)"),
+            )
+        ),
+        "",
+        f"One `diskpipe info` call: {info:.0f} ms wall (a bare `python -c pass`: {bare:.0f} ms).",
+        "",
+    ]
+
+
+def convert_lines(data: dict[str, Any]) -> list[str]:
+    lines = [
+        f"**Conversion into RBD** (4 GiB Debian guest, {data['repeat']} interleaved runs; "
+        f"[details]({HERE}convert_speed.md))",
+        "",
+        "| source | diskpipe, Glance hashes | Glance's way | ratio | diskpipe, no full hashes | plain qemu-img | ratio |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name, entry in data["sources"].items():
+        timings = entry["timings"]
+        lines.append(
+            f"| {name} | {_median(timings['diskpipe'])} | {_median(timings['glance'])} | "
+            f"**{entry['ratio_diskpipe_to_glance']:.2f}×** | {_median(timings['diskpipe-no-full-hashes'])} | "
+            f"{_median(timings['qemu-img'])} | **{entry['ratio_no_hashes_to_qemu_img']:.2f}×** |"
+        )
+    return [*lines, ""]
+
+
+def pipeline_lines(data: dict[str, Any]) -> list[str]:
+    big = data["big"]
+    throughput = ", ".join(f"{name}: {entry['jobs_per_minute']:.0f}" for name, entry in data["throughput"].items())
+    return [
+        f"**Celery pipeline** ([details]({HERE}pipeline_overhead.md)): a 4 GiB qcow2 with 1.2 GiB of "
+        f"data takes {_median(big['direct'])} converted directly and {_median(big['celery job'])} as a Celery job "
+        f"(overhead **{data['overhead'] * 100:+.1f} %**); small jobs per minute — {throughput}.",
+        "",
+    ]
+
+
+def space_lines(data: dict[str, Any]) -> list[str]:
+    lines = [f"**Space** ([details]({HERE}space.md)):", ""]
+    for result in data["inputs"]:
+        virtual = result["virtual_size"]
+        lines += [
+            f"`{result['name']}`, {virtual / GIB:.2f} GiB virtual:",
+            "",
+            "| version | file size | on disk | % of virtual on disk |",
+            "|---|--:|--:|--:|",
+        ]
+        for row in result["files"]:
+            lines.append(
+                f"| {row['version']} | {human(row['file_size'])} | {human(row['on_disk'])} | "
+                f"{100 * row['on_disk'] / max(1, virtual):.1f} % |"
+            )
+        for row in result.get("rbd", []):
+            lines.append(
+                f"| {row['version']} (`rbd du`) | {human(row['provisioned'])} provisioned | "
+                f"{human(row['used'])} | {100 * row['used'] / max(1, virtual):.1f} % |"
+            )
+        lines.append("")
+    return lines
+
+
+def summary_chart(inspect: dict[str, Any] | None, convert: dict[str, Any] | None, out: Path) -> bool:
+    """Two panels: images/s per inspector (log scale) and conversion time
+    per source and candidate. Returns False when there is nothing to plot."""
+    if inspect is None and convert is None:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1, 2]})
+    if inspect is not None:
+        tools = ("diskpipe", "oslo", "qemu-img")
+        rates = [inspect["speed"][tool]["images_per_s"] for tool in tools]
+        bars = left.bar(tools, rates, color=["tab:green", "tab:orange", "tab:blue"])
+        left.bar_label(bars, labels=[f"{rate:.0f}" for rate in rates], padding=2)
+        left.set_yscale("log")
+        left.set_ylabel("images per second (log scale, higher is better)")
+        left.set_title("Inspection speed")
+    if convert is not None:
+        candidates = (
+            ("diskpipe", "diskpipe (Glance hashes)", "tab:green"),
+            ("glance", "Glance's way", "tab:orange"),
+            ("diskpipe-no-full-hashes", "diskpipe (no full hashes)", "tab:olive"),
+            ("qemu-img", "plain qemu-img", "tab:blue"),
+        )
+        sources = list(convert["sources"])
+        width = 0.8 / len(candidates)
+        for index, (key, label, color) in enumerate(candidates):
+            medians = [convert["sources"][source]["timings"][key]["median"] for source in sources]
+            positions = [group + (index - (len(candidates) - 1) / 2) * width for group in range(len(sources))]
+            bars = right.bar(positions, medians, width, label=label, color=color)
+            right.bar_label(bars, labels=[f"{value:.1f}" for value in medians], padding=2, fontsize=8)
+        right.set_xticks(range(len(sources)), sources)
+        right.set_ylabel("seconds (median, lower is better)")
+        right.set_title("4 GiB guest disk into Ceph RBD")
+        right.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def summary(runs: dict[str, dict[str, Any]]) -> str:
+    inspect, convert = load("inspect_speed"), load("convert_speed")
+    pipeline, space = load("pipeline_overhead"), load("space")
+    lines = ["# Benchmark summary", "", machine_markdown(machine()), ""]
+    if runs:
+        lines += [
+            "This run: "
+            + ", ".join(f"{name} exit {run['exit']} in {run['seconds']:.0f} s" for name, run in runs.items()),
+            "",
+        ]
+    lines += inspect_lines(inspect) if inspect else []
+    lines += convert_lines(convert) if convert else []
+    lines += pipeline_lines(pipeline) if pipeline else []
+    lines += space_lines(space) if space else []
+    if summary_chart(inspect, convert, RESULTS / "summary.png"):
+        lines += [f"![inspection and conversion]({HERE}summary.png)", ""]
+    if (RESULTS / "space.png").exists() and space:
+        lines += [f"![space per format]({HERE}space.png)", ""]
+    lines += [
+        "Reproduce: `bash scripts/setup.sh --test --bench && .venv/bin/python -m benchmarks.run_all` "
+        "(about half an hour on two cores; `--quick` for a smoke run).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def update_readme(text: str) -> None:
+    readme = README.read_text()
+    if START_MARK not in readme or END_MARK not in readme:
+        raise SystemExit(f"README.md lacks the {START_MARK} … {END_MARK} markers")
+    head, rest = readme.split(START_MARK, 1)
+    _, tail = rest.split(END_MARK, 1)
+    # In the README the summary sits under its own heading, one level down.
+    body = text.replace("# Benchmark summary\n\n", "", 1)
+    README.write_text(f"{head}{START_MARK}\n{body}\n{END_MARK}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer repeats and sources")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these (the summary uses all results)")
+    parser.add_argument("--summary-only", action="store_true", help="rebuild the summary from the stored results")
+    parser.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    args = parser.parse_args(argv)
+
+    runs: dict[str, dict[str, Any]] = {}
+    if not args.summary_only:
+        for name in args.only or BENCHMARKS:
+            runs[name] = run(name, args.quick)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = summary(runs)
+    (RESULTS / "summary.md").write_text(text.replace(HERE, ""))
+    if not args.no_readme:
+        update_readme(text.replace(HERE, "benchmarks/results/"))
+    print(text.replace(HERE, ""))
+    failed = [name for name, run in runs.items() if run["exit"] != 0]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
