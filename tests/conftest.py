@@ -46,6 +46,23 @@ def manifest(samples_dir: Path) -> list[Any]:
     return load_manifest(samples_dir)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that takes `sample_name` runs once per sample recipe."""
+    if "sample_name" in metafunc.fixturenames:
+        from samples.registry import all_recipes
+
+        metafunc.parametrize("sample_name", [recipe.name for recipe in all_recipes()])
+
+
+@pytest.fixture
+def sample(sample_name: str, manifest: list[Any]) -> Any:
+    """The manifest entry of the sample named by `sample_name`."""
+    found = next((entry for entry in manifest if entry.name == sample_name), None)
+    if found is None:
+        pytest.fail(f"sample {sample_name} was not built (see `python -m samples -v`)")
+    return found
+
+
 def qemu_info(path: Path | str, fmt: str) -> dict[str, Any]:
     """The oracle: qemu-img info, taken live, with the format given."""
     result = subprocess.run(

@@ -13,24 +13,9 @@ from typing import Any
 import pytest
 
 from diskpipe.formats import FormatError, ImageInfo, StreamInspector, inspect
-from samples.registry import all_recipes
 from tests.conftest import qemu_info
 
-ALL_SAMPLES = [recipe.name for recipe in all_recipes()]
 FILE_ONLY_FACTS = ("actual_size", "filename", "streamed")
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "sample_name" in metafunc.fixturenames:
-        metafunc.parametrize("sample_name", ALL_SAMPLES)
-
-
-@pytest.fixture
-def sample(sample_name: str, manifest: list[Any]) -> Any:
-    found = next((entry for entry in manifest if entry.name == sample_name), None)
-    if found is None:
-        pytest.fail(f"sample {sample_name} was not built (see `python -m samples -v`)")
-    return found
 
 
 def _comparable(format_specific: dict[str, Any] | None, *, text_descriptor: bool) -> dict[str, Any] | None:

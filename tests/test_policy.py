@@ -16,22 +16,6 @@ import diskpipe
 from diskpipe.formats import FormatError, StreamInspector, inspect
 from diskpipe.formats import policy as policy_module
 from diskpipe.formats.policy import Policy, check, load_policy
-from samples.registry import all_recipes
-
-ALL_SAMPLES = [recipe.name for recipe in all_recipes()]
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "sample_name" in metafunc.fixturenames:
-        metafunc.parametrize("sample_name", ALL_SAMPLES)
-
-
-@pytest.fixture
-def sample(sample_name: str, manifest: list[Any]) -> Any:
-    found = next((entry for entry in manifest if entry.name == sample_name), None)
-    if found is None:
-        pytest.fail(f"sample {sample_name} was not built")
-    return found
 
 
 def file_verdict(path: Path, claimed: str | None) -> tuple[str, list[str]]:
