@@ -27,7 +27,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, WORK, BenchCeph, ceph_cluster, interleaved, machine, machine_markdown, write_results
+from benchmarks.common import (
+    ROOT,
+    WORK,
+    ceph_cluster,
+    empty_pool,
+    interleaved,
+    machine,
+    machine_markdown,
+    write_results,
+)
 from diskpipe.converter.convert import ConvertRequest, convert_image
 from diskpipe.converter.stores.rbd import RbdConfig, RbdStore
 from diskpipe.tasks.pipeline import verify
@@ -137,15 +146,6 @@ def submit_and_wait(broker: str, records: RedisRecords, sources: list[Path]) -> 
         time.sleep(0.05)
 
 
-def remove_all(ceph: BenchCeph) -> None:
-    for name in ceph.rbd("ls").split():
-        subprocess.run(
-            ["rbd", "-c", ceph.conf, "snap", "unprotect", f"rbd/{name}@snap"], capture_output=True, check=False
-        )
-        subprocess.run(["rbd", "-c", ceph.conf, "snap", "purge", f"rbd/{name}"], capture_output=True, check=False)
-        subprocess.run(["rbd", "-c", ceph.conf, "rm", f"rbd/{name}"], capture_output=True, check=False)
-
-
 def direct(source: Path, store: RbdStore) -> None:
     result = convert_image(ConvertRequest(str(source), f"direct-{uuid.uuid4().hex[:8]}"), store)
     verify(store, result)
@@ -182,11 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             timings = interleaved(
                 {"direct": lambda: direct(big, store), "celery job": lambda: submit_and_wait(broker, records, [big])},
                 repeat,
-                before=lambda: remove_all(ceph),
+                before=lambda: empty_pool(ceph),
             )
             data["big"] = {name: timing.to_json() for name, timing in timings.items()}
             data["overhead"] = timings["celery job"].median / timings["direct"].median - 1
-            remove_all(ceph)
+            empty_pool(ceph)
             throughput = {}
             for count in (1, 2):
                 if count == 2:
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds": elapsed,
                     "jobs_per_minute": jobs / elapsed * 60,
                 }
-                remove_all(ceph)
+                empty_pool(ceph)
             data["throughput"] = throughput
         finally:
             workers.stop()
