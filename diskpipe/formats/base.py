@@ -7,6 +7,10 @@ inside raw data (ISO, partition tables, filesystems, kernels, ramdisks) from
 the retained head bytes alone and returns a `Content`.
 """
 
+# No `from __future__ import annotations` here: typing.NamedTuple would turn
+# every field's string annotation into a ForwardRef, compiling it, at import
+# time, a cost paid by every `diskpipe info` start.
+
 from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 

@@ -1,5 +1,9 @@
 """The facts an inspection finds: `ImageInfo` and the pieces it is made of."""
 
+# No `from __future__ import annotations` here: typing.NamedTuple would turn
+# every field's string annotation into a ForwardRef, compiling it, at import
+# time, a cost paid by every `diskpipe info` start.
+
 from types import MappingProxyType
 from typing import Any, NamedTuple
 

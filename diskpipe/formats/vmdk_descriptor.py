@@ -7,6 +7,10 @@ lines that are not comments, `key=value` pairs, ddb entries or extents, text
 hidden after a NUL, and values where the two readings disagree. FORMATS.md §6.
 """
 
+# No `from __future__ import annotations` here: typing.NamedTuple would turn
+# every field's string annotation into a ForwardRef, compiling it, at import
+# time, a cost paid by every `diskpipe info` start.
+
 import re
 from typing import Any, NamedTuple
 
