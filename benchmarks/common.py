@@ -116,6 +116,11 @@ def machine_markdown(info: dict[str, Any]) -> str:
     )
 
 
+def timing_cell(timing: dict[str, Any]) -> str:
+    """A Timing's JSON as a table cell: median (min–max), seconds."""
+    return f"{timing['median']:.2f} s ({timing['min']:.2f}–{timing['max']:.2f})"
+
+
 def write_results(name: str, markdown: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -135,27 +140,36 @@ class BenchCeph:
 
 
 @contextmanager
-def ceph_cluster(memstore_bytes: int = 10 << 30, port: int = 6797) -> Iterator[BenchCeph]:
-    """A one-node Ceph for a benchmark run (memstore takes about twice the
-    data written in RAM: give it room and delete images as you go)."""
-    state = WORK / f"ceph-{port}"
-    env = dict(os.environ, DISKPIPE_CEPH_PORT=str(port), DISKPIPE_CEPH_MEMSTORE_BYTES=str(memstore_bytes))
+def script_service(name: str, state: Path, env: dict[str, str], announces: str) -> Iterator[str]:
+    """Run scripts/NAME-start.sh STATE for the length of the block and stop it
+    with NAME-stop.sh; yields the value of the `ANNOUNCES=` line it prints."""
     started = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "ceph-start.sh"), str(state)],
+        ["bash", str(ROOT / "scripts" / f"{name}-start.sh"), str(state)],
         env=env,
         capture_output=True,
         text=True,
         check=False,
     )
     if started.returncode != 0:
-        raise RuntimeError(f"ceph did not start:\n{started.stderr[-2000:]}")
-    conf = next(line.split("=", 1)[1] for line in started.stdout.splitlines() if line.startswith("CEPH_CONF="))
+        raise RuntimeError(f"{name} did not start:\n{started.stderr[-2000:]}")
+    prefix = f"{announces}="
+    value = next(line.removeprefix(prefix) for line in started.stdout.splitlines() if line.startswith(prefix))
     try:
-        yield BenchCeph(conf, state, env)
+        yield value
     finally:
         subprocess.run(
-            ["bash", str(ROOT / "scripts" / "ceph-stop.sh"), str(state)], env=env, capture_output=True, check=False
+            ["bash", str(ROOT / "scripts" / f"{name}-stop.sh"), str(state)], env=env, capture_output=True, check=False
         )
+
+
+@contextmanager
+def ceph_cluster(memstore_bytes: int = 10 << 30, port: int = 6797) -> Iterator[BenchCeph]:
+    """A one-node Ceph for a benchmark run (memstore takes about twice the
+    data written in RAM: give it room and delete images as you go)."""
+    state = WORK / f"ceph-{port}"
+    env = dict(os.environ, DISKPIPE_CEPH_PORT=str(port), DISKPIPE_CEPH_MEMSTORE_BYTES=str(memstore_bytes))
+    with script_service("ceph", state, env, "CEPH_CONF") as conf:
+        yield BenchCeph(conf, state, env)
 
 
 # A pool snapshot (create or remove) is a monitor proposal, and the monitor

@@ -40,6 +40,7 @@ from benchmarks.common import (
     interleaved,
     machine,
     machine_markdown,
+    timing_cell,
     write_results,
 )
 from benchmarks.guest import build
@@ -273,7 +274,7 @@ def render(data: dict[str, Any]) -> str:
         timings = entry["timings"]
 
         def cell(key: str, timings: dict[str, Any] = timings) -> str:
-            return f"{timings[key]['median']:.2f} s ({timings[key]['min']:.2f}–{timings[key]['max']:.2f})"
+            return timing_cell(timings[key])
 
         lines.append(
             f"| {name} | {cell('diskpipe')} | {cell('diskpipe-no-full-hashes')} | {cell('glance')} | {cell('qemu-img')} | "

@@ -35,6 +35,7 @@ from benchmarks.common import (
     interleaved,
     machine,
     machine_markdown,
+    script_service,
     write_results,
 )
 from diskpipe.converter.convert import ConvertRequest, convert_image
@@ -77,22 +78,9 @@ def small_source() -> Path:
 
 @contextmanager
 def redis_server() -> Iterator[str]:
-    state = WORK / "overhead-redis"
     env = dict(os.environ, DISKPIPE_REDIS_PORT=str(REDIS_PORT))
-    started = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "redis-start.sh"), str(state)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    url = next(line.split("=", 1)[1] for line in started.stdout.splitlines() if line.startswith("DISKPIPE_BROKER_URL="))
-    try:
+    with script_service("redis", WORK / "overhead-redis", env, "DISKPIPE_BROKER_URL") as url:
         yield url
-    finally:
-        subprocess.run(
-            ["bash", str(ROOT / "scripts" / "redis-stop.sh"), str(state)], env=env, capture_output=True, check=False
-        )
 
 
 class Workers:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, ROOT, machine, machine_markdown
+from benchmarks.common import RESULTS, ROOT, machine, machine_markdown, timing_cell
 
 BENCHMARKS = ("inspect_speed", "convert_speed", "pipeline_overhead", "space")
 README = ROOT / "README.md"
@@ -53,10 +53,6 @@ def load(name: str) -> dict[str, Any] | None:
 
 def human(size: float) -> str:
     return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / (1 << 20):.1f} MiB"
-
-
-def _median(timing: dict[str, Any]) -> str:
-    return f"{timing['median']:.2f} s ({timing['min']:.2f}–{timing['max']:.2f})"
 
 
 def inspect_lines(data: dict[str, Any]) -> list[str]:
@@ -101,9 +97,9 @@ def convert_lines(data: dict[str, Any]) -> list[str]:
     for name, entry in data["sources"].items():
         timings = entry["timings"]
         lines.append(
-            f"| {name} | {_median(timings['diskpipe'])} | {_median(timings['glance'])} | "
-            f"**{entry['ratio_diskpipe_to_glance']:.2f}×** | {_median(timings['diskpipe-no-full-hashes'])} | "
-            f"{_median(timings['qemu-img'])} | **{entry['ratio_no_hashes_to_qemu_img']:.2f}×** | "
+            f"| {name} | {timing_cell(timings['diskpipe'])} | {timing_cell(timings['glance'])} | "
+            f"**{entry['ratio_diskpipe_to_glance']:.2f}×** | {timing_cell(timings['diskpipe-no-full-hashes'])} | "
+            f"{timing_cell(timings['qemu-img'])} | **{entry['ratio_no_hashes_to_qemu_img']:.2f}×** | "
             f"{entry.get('ratio_no_digest_to_qemu_img', float('nan')):.2f}× |"
         )
     return [*lines, ""]
@@ -114,7 +110,7 @@ def pipeline_lines(data: dict[str, Any]) -> list[str]:
     throughput = ", ".join(f"{name}: {entry['jobs_per_minute']:.0f}" for name, entry in data["throughput"].items())
     return [
         f"**Celery pipeline** ([details]({HERE}pipeline_overhead.md)): a 4 GiB qcow2 with 1.2 GiB of "
-        f"data takes {_median(big['direct'])} converted directly and {_median(big['celery job'])} as a Celery job "
+        f"data takes {timing_cell(big['direct'])} converted directly and {timing_cell(big['celery job'])} as a Celery job "
         f"(overhead **{data['overhead'] * 100:+.1f} %**); small jobs per minute — {throughput}.",
         "",
     ]
