@@ -5,8 +5,13 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from samples.manifest import Sample
 from samples.tools import Write
+
+if TYPE_CHECKING:
+    from samples.recipe import Context
 
 # Fixed identifiers: the same run on any machine gives the same bytes where the
 # tools let us choose (UUIDs, timestamps, seeds).
@@ -53,3 +58,21 @@ def read_at(path: Path, offset: int, length: int) -> bytes:
 def sectors(size: int) -> int:
     """Size rounded up to whole 512-byte sectors (qemu's raw virtual size)."""
     return -(-size // 512) * 512
+
+
+def written_raw_sample(
+    ctx: Context, name: str, rel: str, data: bytes, *, disk_format: str, contents: list[str], description: str
+) -> Sample:
+    """Write `data` as the whole sample file: raw, padded by qemu to whole
+    sectors, every byte written (no holes)."""
+    ctx.out(rel).write_bytes(data)
+    return Sample(
+        name=name,
+        file=rel,
+        format="raw",
+        disk_format=disk_format,
+        contents=contents,
+        virtual_size=sectors(len(data)),
+        allocated=len(data),
+        description=description,
+    )

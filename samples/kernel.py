@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from samples.data import sectors, seeded
+from samples.data import seeded, written_raw_sample
 from samples.manifest import Sample
 from samples.recipe import Context, RecipeList
 
@@ -66,17 +66,8 @@ def arm64_image() -> bytes:
 
 
 def _sample(ctx: Context, name: str, data: bytes, description: str) -> Sample:
-    rel = f"kernel/{name}"
-    ctx.out(rel).write_bytes(data)
-    return Sample(
-        name=name,
-        file=rel,
-        format="raw",
-        disk_format="aki",
-        contents=["kernel"],
-        virtual_size=sectors(len(data)),
-        allocated=len(data),  # written in full: no holes
-        description=description,
+    return written_raw_sample(
+        ctx, name, f"kernel/{name}", data, disk_format="aki", contents=["kernel"], description=description
     )
 
 

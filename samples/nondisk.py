@@ -12,7 +12,7 @@ import time
 import zipfile
 
 from samples import tools
-from samples.data import EPOCH, sectors, sparse_file, text_block
+from samples.data import EPOCH, sparse_file, text_block, written_raw_sample
 from samples.manifest import Sample
 from samples.recipe import Context, RecipeList
 from samples.vmdk import pin_cid
@@ -45,17 +45,7 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
 
 
 def _sample(ctx: Context, name: str, rel: str, data: bytes, kind: str, description: str) -> Sample:
-    ctx.out(rel).write_bytes(data)
-    return Sample(
-        name=name,
-        file=rel,
-        format="raw",
-        disk_format="raw",
-        contents=[kind],
-        virtual_size=sectors(len(data)),
-        allocated=len(data),
-        description=description,
-    )
+    return written_raw_sample(ctx, name, rel, data, disk_format="raw", contents=[kind], description=description)
 
 
 @RECIPES.add("tar-archive", quick=True)

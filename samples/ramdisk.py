@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from samples import tools
-from samples.data import EPOCH, sectors, text_block
+from samples.data import EPOCH, text_block, written_raw_sample
 from samples.manifest import Sample
 from samples.recipe import Context, Recipe, RecipeList
 
@@ -64,16 +64,13 @@ def _recipe(suffix: str, command: list[str] | None, description: str) -> Recipe:
         data = initramfs(ctx)
         if command is not None:
             data = tools.run(command, stdin=data)
-        rel = f"ramdisk/{name}.img"
-        ctx.out(rel).write_bytes(data)
-        return Sample(
-            name=name,
-            file=rel,
-            format="raw",
+        return written_raw_sample(
+            ctx,
+            name,
+            f"ramdisk/{name}.img",
+            data,
             disk_format="ari",
             contents=["ramdisk"],
-            virtual_size=sectors(len(data)),
-            allocated=len(data),
             description=f"initramfs: {description}",
         )
 
