@@ -146,6 +146,8 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
 @pytest.fixture(scope="session")
 def ceph_cephx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
     """A second one-node Ceph with cephx on and a `client.diskpipe` user."""
-    ceph = _start_ceph(tmp_path_factory.mktemp("ceph-cephx"), "6795", True, 1 << 30)
+    ceph = _start_ceph(
+        tmp_path_factory.mktemp("ceph-cephx"), os.environ.get("DISKPIPE_TEST_CEPHX_PORT", "6795"), True, 1 << 30
+    )
     yield ceph
     _stop_ceph(ceph)
