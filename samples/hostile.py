@@ -3,8 +3,8 @@ with the verdict and the exact check names it must get under the default
 policy.
 
 They are made with qemu-img where qemu can make them (backing files, data
-files) and otherwise by patching honest images byte by byte (FORMATS.md has
-the offsets). Every one is judged the same way from a file and from a
+files) and otherwise by patching honest images byte by byte (docs/formats.md
+has the offsets). Every one is judged the same way from a file and from a
 stream: table problems are placed where a stream sees them too.
 """
 

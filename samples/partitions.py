@@ -3,7 +3,7 @@ with 4096-byte logical sectors built by hand (sgdisk cannot be told the
 sector size of a plain file).
 
 They are raw to qemu. Glance would call a partitioned disk `raw`, so that is
-the disk_format recorded (FORMATS.md §10 also counts whole disks as AMI
+the disk_format recorded (docs/formats.md §10.4 also counts whole disks as AMI
 material, but an AMI upload is the partitionless filesystem).
 """
 

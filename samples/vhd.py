@@ -1,7 +1,7 @@
 """VHD (qemu driver `vpc`): dynamic and fixed, and the creator-application
 cases where qemu 7.2 sizes a disk by its CHS geometry or by current_size.
 
-FORMATS.md §3.4: qemu 7.2 trusts current_size only for the creators `win `,
+docs/formats.md §3.4: qemu 7.2 trusts current_size only for the creators `win `,
 `qem2`, `d2v `, `CTXS`, `tap\\0` (or the maximum geometry); every other
 creator (`vpc `, `qemu`, `vbox`, Azure's `wa\\0\\0`) is sized by
 cylinders × heads × sectors. Tools that write an exact current_size with a

@@ -197,7 +197,7 @@ def vmware_footer(path: Path) -> None:
     qemu keeps the grain directory offset in the head header; VMware writes
     GD_AT_END there and appends footer marker + header copy (with the real
     offset) + end-of-stream marker, which is the layout qemu must parse from
-    the tail (FORMATS.md §6.3).
+    the tail (docs/formats.md §6.3).
     """
     size = path.stat().st_size
     if size % 512 or read_at(path, size - 512, 512) != bytes(512):

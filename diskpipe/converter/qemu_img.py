@@ -228,7 +228,7 @@ def map_extents(image: ImageSpec, *, limits: Limits = INFO_LIMITS) -> list[dict[
 @dataclass(frozen=True, slots=True)
 class ConvertOptions:
     """qemu-img convert's tuning knobs, chosen by measurement (see
-    benchmarks/convert_options.py): out-of-order writes and 16 coroutines
+    benchmarks/convert_speed.py): out-of-order writes and 16 coroutines
     keep librbd's queue full; 4 KiB sparse detection keeps the target thin."""
 
     out_of_order: bool = True  # -W

@@ -1,5 +1,5 @@
 """Bochs growing redolog images (`format: bochs`): detected and named so they
-are never mistaken for raw; refused by the default policy. qemu block/bochs.c."""
+are never mistaken for raw; refused by the default policy. docs/formats.md §13; qemu block/bochs.c."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """cloop compressed loop images (`format: cloop`): detected and named, refused
-by the default policy. qemu block/cloop.c."""
+by the default policy. docs/formats.md §14; qemu block/cloop.c."""
 
 from __future__ import annotations
 

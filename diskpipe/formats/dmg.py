@@ -1,5 +1,5 @@
 """Apple disk images (`format: dmg`): named, never mistaken for raw, refused
-by the default policy.
+by the default policy (docs/formats.md §15).
 
 qemu picks its dmg driver by file name alone (a name ending in `.dmg`); a real
 UDIF image also ends with a 512-byte `koly` trailer, which diskpipe looks for

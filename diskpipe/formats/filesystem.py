@@ -1,4 +1,4 @@
-"""Bare filesystems (Amazon `ami` when partitionless): FORMATS.md §10."""
+"""Bare filesystems (Amazon `ami` when partitionless): docs/formats.md §10.3."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ISO 9660 and UDF volumes inside raw data (FORMATS.md §8; ECMA-119, El Torito).
+"""ISO 9660 and UDF volumes inside raw data (docs/formats.md §8; ECMA-119, El Torito).
 
 The default path reads the volume descriptors itself from the retained head;
 `iso_details` asks pycdlib for more when the caller wants details.

@@ -1,4 +1,4 @@
-"""Kernels (Amazon `aki`) inside raw data: FORMATS.md §10; Linux
+"""Kernels (Amazon `aki`) inside raw data: docs/formats.md §10.1; Linux
 Documentation/arch/x86/boot.rst and the arm64 booting document."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """LUKS: version 1 is qemu's `luks` driver; version 2 is raw to qemu 7.2.
 
-FORMATS.md §7. No key is needed for any fact here; the payload itself stays
+docs/formats.md §7. No key is needed for any fact here; the payload itself stays
 opaque, which the policy notes.
 """
 

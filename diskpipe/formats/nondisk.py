@@ -1,5 +1,5 @@
 """Content that is not a disk image at all: archives (tar, OVA, zip...), text,
-and whatever libmagic names.
+and whatever libmagic names (docs/formats.md §16).
 
 The cheap checks here run on every inspection; python-magic is the second
 opinion for raw data nothing else recognised, loaded only when asked for

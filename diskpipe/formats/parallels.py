@@ -1,4 +1,4 @@
-"""Parallels / Virtuozzo (`format: parallels`, Glance's `ploop`). FORMATS.md §0;
+"""Parallels / Virtuozzo (`format: parallels`, Glance's `ploop`). docs/formats.md §12;
 qemu docs/interop/parallels.txt."""
 
 from __future__ import annotations

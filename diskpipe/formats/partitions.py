@@ -1,4 +1,4 @@
-"""MBR and GPT partition tables inside raw data (FORMATS.md §9; UEFI spec ch. 5).
+"""MBR and GPT partition tables inside raw data (docs/formats.md §9; UEFI spec ch. 5).
 
 `55 AA` at byte 510 is not unique to partition tables: FAT/NTFS boot sectors
 and x86 kernels carry it too, so an MBR needs sane entries and must not look

@@ -1,6 +1,6 @@
 """qcow version 1 (`format: qcow`): old, still opened by qemu, refused by policy.
 
-FORMATS.md §1.5; qemu block/qcow.c.
+docs/formats.md §1.5; qemu block/qcow.c.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """qcow2 (versions 2 and 3; version 1 lives in `qcow`).
 
-Layout and qemu 7.2's open rules: FORMATS.md §1, qemu docs/interop/qcow2.rst.
+Layout and qemu 7.2's open rules: docs/formats.md §1, qemu docs/interop/qcow2.rst.
 Facts qemu refuses to open (unknown version, out-of-range fields, tables past
 the end) are reported as anomalies for the policy instead of raising, so a
 hostile image gets a verdict that names the problem.

@@ -1,4 +1,4 @@
-"""QED, the QEMU Enhanced Disk format: FORMATS.md §2, qemu docs/interop/qed_spec.rst."""
+"""QED, the QEMU Enhanced Disk format: docs/formats.md §2, qemu docs/interop/qed_spec.rst."""
 
 from __future__ import annotations
 

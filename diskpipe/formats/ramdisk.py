@@ -1,4 +1,4 @@
-"""Ramdisks (Amazon `ari`) and compressed streams inside raw data (FORMATS.md §10).
+"""Ramdisks (Amazon `ari`) and compressed streams inside raw data (docs/formats.md §10.2).
 
 A cpio archive, or a compressed stream whose decompressed start is a cpio
 archive, is a ramdisk. Any other compressed stream is compressed content,

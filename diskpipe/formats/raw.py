@@ -1,4 +1,4 @@
-"""Raw data: what qemu opens when no probe matches (FORMATS.md §0, §11)."""
+"""Raw data: what qemu opens when no probe matches (docs/formats.md §0, §11)."""
 
 from __future__ import annotations
 

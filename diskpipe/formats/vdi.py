@@ -1,4 +1,4 @@
-"""VDI (VirtualBox): FORMATS.md §5, VirtualBox VDICore.h."""
+"""VDI (VirtualBox): docs/formats.md §5, VirtualBox VDICore.h."""
 
 from __future__ import annotations
 

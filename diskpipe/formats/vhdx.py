@@ -1,4 +1,4 @@
-"""VHDX: FORMATS.md §4, Microsoft's [MS-VHDX] specification.
+"""VHDX: docs/formats.md §4, Microsoft's [MS-VHDX] specification.
 
 Structures whose CRC-32C fails are treated as qemu treats them: one bad
 header copy is tolerated, a bad region table is an error.

@@ -1,4 +1,4 @@
-"""VMDK: binary sparse extents (KDMV, COWD) and text descriptors. FORMATS.md §6.
+"""VMDK: binary sparse extents (KDMV, COWD) and text descriptors. docs/formats.md §6.
 
 The inspector never opens an extent or any other file an image names: a text
 descriptor's extents are reported with the sizes the descriptor states.

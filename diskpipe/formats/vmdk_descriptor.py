@@ -4,7 +4,7 @@ qemu reads a descriptor with substring searches (the first "createType",
 the first "CID", any line that scans as an extent). diskpipe reports what
 qemu would use and, beside it, what a strict line-by-line reading finds:
 lines that are not comments, `key=value` pairs, ddb entries or extents, text
-hidden after a NUL, and values where the two readings disagree. FORMATS.md §6.
+hidden after a NUL, and values where the two readings disagree. docs/formats.md §6.4.
 """
 
 # No `from __future__ import annotations` here: typing.NamedTuple would turn

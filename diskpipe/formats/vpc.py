@@ -1,5 +1,5 @@
 """VHD (`format: vpc`): dynamic and differencing disks by their footer copy at
-offset 0, fixed disks by their footer at the end. FORMATS.md §3.
+offset 0, fixed disks by their footer at the end. docs/formats.md §3.
 
 qemu's probe misses fixed VHDs (it looks at offset 0 only); diskpipe finds
 them by the footer at the end and sizes them as `qemu-img info -f vpc` does.

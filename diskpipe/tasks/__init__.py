@@ -1,1 +1,1 @@
-"""The Celery pipeline (see app.py); empty of imports so `diskpipe` stays light."""
+"""The Celery pipeline (its app is in `celery.py`); empty of imports so `diskpipe` stays light."""
