@@ -22,8 +22,11 @@ from urllib.parse import parse_qs, quote, urlsplit
 import pytest
 
 from diskpipe.config import ConfigError
+from diskpipe.converter.stores.file import FileStore
 from diskpipe.formats.policy import Policy
 from diskpipe.tasks import addresses, sources, transfer
+from diskpipe.tasks.pipeline import Environment, ImportJob, Transient, run_import
+from diskpipe.tasks.records import SqliteRecords
 
 # The address-table server binds 127.0.0.2 and only 127.0.0.2/32 is allowed,
 # so every spelling of 127.0.0.1 must be refused in both places.
@@ -429,3 +432,22 @@ def test_a_slow_start_is_not_judged_before_one_window() -> None:
     clock.now += 1
     with pytest.raises(transfer.TransferTooSlow, match="below min_rate"):
         pacer.received(1)
+
+
+def test_a_slow_server_is_a_transient_failure_not_a_bad_image(
+    serve: Callable[[Behaviour], RawServer], tmp_path: Path
+) -> None:
+    """Retried like a network failure; the last attempt records which limit was hit."""
+    server = serve(trickles_body)
+    env = Environment(
+        records=SqliteRecords(str(tmp_path / "records.sqlite")),
+        store=FileStore(tmp_path / "store"),
+        policy=Policy(),
+        import_config=_config(server.port, tmp_path, **DEADLINE_ONLY),
+    )
+    job = ImportJob("slow", f"http://127.0.0.1:{server.port}/disk.raw")
+    with pytest.raises(Transient, match="download_timeout 2 s reached"):
+        run_import(job, env, "a1", final_attempt=False)
+    record = run_import(job, env, "a2", final_attempt=True)
+    assert record["status"] == "killed"
+    assert record["reason"].startswith("gave up after retries") and "download_timeout 2 s reached" in record["reason"]
