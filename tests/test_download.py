@@ -13,6 +13,8 @@ import http.server
 import ipaddress
 import os
 import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -451,3 +453,43 @@ def test_a_slow_server_is_a_transient_failure_not_a_bad_image(
     record = run_import(job, env, "a2", final_attempt=True)
     assert record["status"] == "killed"
     assert record["reason"].startswith("gave up after retries") and "download_timeout 2 s reached" in record["reason"]
+
+
+@pytest.fixture
+def tls_server_context(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
+    """A certificate for 127.0.0.1 that the download's default context trusts."""
+    key, certificate = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(certificate), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    return context
+
+
+def over_tls(context: ssl.SSLContext, behave: Behaviour) -> Behaviour:
+    def wrapped(connection: socket.socket, stop: threading.Event) -> None:
+        connection.settimeout(HOLD)
+        with context.wrap_socket(connection, server_side=True) as tls:
+            behave(tls, stop)
+
+    return wrapped
+
+
+def test_an_https_download_completes_and_an_https_trickle_is_cut_off(
+    tls_server_context: ssl.SSLContext, serve: Callable[[Behaviour], RawServer], tmp_path: Path
+) -> None:
+    """The paced TLS socket both delivers data and bounds every TLS read."""
+    honest = serve(over_tls(tls_server_context, steady(256 * 1024, 1 << 20)))
+    staged = _download(f"https://127.0.0.1:{honest.port}/disk.raw", _config(honest.port, tmp_path))
+    try:
+        assert os.fstat(staged.fd).st_size == 1 << 20
+    finally:
+        staged.close()
+    trickle = serve(over_tls(tls_server_context, trickles_body))
+    with pytest.raises(sources.SourceUnavailable, match="download_timeout 2 s reached"):
+        _download(f"https://127.0.0.1:{trickle.port}/disk.raw", _config(trickle.port, tmp_path, **DEADLINE_ONLY))
