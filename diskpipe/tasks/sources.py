@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import http.client
-import ipaddress
 import os
 import socket
 import ssl
@@ -33,6 +32,7 @@ from xml.etree import ElementTree
 
 from diskpipe.formats import ImageInfo, StreamInspector, inspect
 from diskpipe.formats.policy import Policy, check
+from diskpipe.tasks import addresses, transfer
 from diskpipe.validation import UnsafeImage, provisional_info
 
 GiB = 1 << 30
@@ -43,7 +43,8 @@ MAX_OVF_BYTES = 1024 * 1024
 DENIED_NETWORKS = (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
     "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4",
-    "::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8", "::ffff:0:0/96",
+    "::/128", "::1/128", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8", "::ffff:0:0/96",
+    # and every IPv6 address that embeds a denied IPv4 address (addresses.py)
 )  # fmt: skip
 
 
@@ -67,7 +68,13 @@ class ImportConfig:
     max_decompressed: int = 2048 * GiB
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
-    download_timeout: float = 6 * 3600.0
+    download_timeout: float = 6 * 3600.0  # the whole transfer: connect, redirects, every receive
+    # A download slower than min_rate bytes/s over any min_rate_window seconds
+    # (after the first) is cut off: 64 KiB/s is 512 kbit/s, below any link a
+    # multi-GiB image is fetched over, and 30 s rides out TCP retransmits and
+    # short server pauses; a trickling server holds a worker 30 s, not hours.
+    min_rate: int = 64 * 1024  # 0: no minimum
+    min_rate_window: float = 30.0
     allowed_schemes: tuple[str, ...] = ("http", "https")
     allowed_hosts: tuple[str, ...] = ()  # glob patterns; empty: any host not denied
     denied_hosts: tuple[str, ...] = ()
@@ -189,11 +196,9 @@ def _host_allowed(host: str, config: ImportConfig) -> None:
         raise SourceRefused(f"host {host} is not in the allowed hosts")
 
 
-def _address_allowed(address: str, config: ImportConfig) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if any(ip in ipaddress.ip_network(network) for network in config.allowed_networks):
-        return True
-    return not any(ip in ipaddress.ip_network(network) for network in config.denied_networks)
+def _address_refusal(address: str, config: ImportConfig) -> str | None:
+    """None when the address may be connected to, else why not."""
+    return addresses.judge(tuple(config.denied_networks), tuple(config.allowed_networks)).refusal(address)
 
 
 def check_url(url: str, config: ImportConfig) -> tuple[str, str, int, str, str]:
@@ -218,48 +223,50 @@ def check_url(url: str, config: ImportConfig) -> tuple[str, str, int, str, str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:
         raise SourceUnavailable(f"cannot resolve {host}: {error}") from error
-    addresses = sorted({str(info[4][0]) for info in infos})
-    denied = [address for address in addresses if not _address_allowed(address, config)]
+    resolved = sorted({str(info[4][0]) for info in infos})
+    denied = [reason for address in resolved if (reason := _address_refusal(address, config)) is not None]
     if denied:
         # Any denied address refuses the host: DNS could hand out either.
         raise SourceRefused(f"{host} resolves to a denied address ({', '.join(denied)})")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return scheme, host, port, path, addresses[0]
+    return scheme, host, port, path, resolved[0]
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
+    """Connects to the checked address; every receive is paced."""
+
+    def __init__(self, host: str, port: int, address: str, pacer: transfer.Pacer) -> None:
+        super().__init__(host, port)
         self._address = address
+        self._pacer = pacer
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = transfer.connect(self._address, self.port, self._pacer)
 
 
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self._address = address
+class _PinnedHTTPSConnection(_PinnedHTTPConnection):
+    default_port = http.client.HTTPS_PORT
 
     def connect(self) -> None:
-        raw = socket.create_connection((self._address, self.port), self.timeout)
+        raw = transfer.connect(self._address, self.port, self._pacer)
         # Certificate checked against the host name, connection to the checked address.
-        self.sock = self._context.wrap_socket(raw, server_hostname=self.host)  # type: ignore[attr-defined]
+        self.sock = transfer.start_tls(raw, self.host, ssl.create_default_context(), self._pacer)
 
 
-def _open_url(url: str, config: ImportConfig) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+def _open_url(
+    url: str, config: ImportConfig, pacer: transfer.Pacer
+) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
     current = url
     for _ in range(MAX_REDIRECTS + 1):
         scheme, host, port, path, address = check_url(current, config)
         connection_class = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
-        connection = connection_class(host, port, address, config.connect_timeout)
+        connection = connection_class(host, port, address, pacer)
         try:
             connection.request("GET", path, headers={"User-Agent": "diskpipe", "Accept-Encoding": "identity"})
-            connection.sock.settimeout(config.read_timeout)
             response = connection.getresponse()
-        except (OSError, http.client.HTTPException) as error:
+        except (OSError, http.client.HTTPException, transfer.TransferTooSlow) as error:
             connection.close()
             raise SourceUnavailable(f"cannot fetch {current}: {error}") from error
         if response.status in (301, 302, 303, 307, 308):
@@ -278,6 +285,16 @@ def _open_url(url: str, config: ImportConfig) -> tuple[http.client.HTTPResponse,
     raise SourceRefused(f"{url}: more than {MAX_REDIRECTS} redirects")
 
 
+def transfer_limits(config: ImportConfig) -> transfer.TransferLimits:
+    return transfer.TransferLimits(
+        total=config.download_timeout,
+        idle=config.read_timeout,
+        connect=config.connect_timeout,
+        min_rate=config.min_rate,
+        window=config.min_rate_window,
+    )
+
+
 def download(
     url: str,
     config: ImportConfig,
@@ -289,7 +306,9 @@ def download(
     progress: Callable[[int, int | None], None] | None = None,
 ) -> Staged:
     """Stream a URL into the staging directory, validating while it arrives."""
-    response, connection = _open_url(url, config)
+    # One clock for the whole transfer: connecting, TLS, headers, redirects, body.
+    pacer = transfer.Pacer(transfer_limits(config))
+    response, connection = _open_url(url, config, pacer)
     fd, path = new_staging_file(config, label)
     staged = Staged(fd=fd, path=path, owned=True, description=url)
     try:
@@ -298,16 +317,16 @@ def download(
         if expected is not None and expected > config.max_download:
             raise SourceRefused(f"{url} is {expected} bytes, above the cap of {config.max_download}")
         writer = SparseWriter(fd, config.max_download, f"download of {url}")
-        deadline = time.monotonic() + config.download_timeout
 
         def chunks() -> Iterator[bytes]:
             while True:
                 if cancelled():
                     raise InterruptedError("download cancelled")
-                if time.monotonic() > deadline:
-                    raise SourceUnavailable(f"download of {url} took longer than {config.download_timeout:.0f} s")
                 try:
+                    # The pacer bounds each receive inside this read.
                     chunk = response.read(COPY_CHUNK)
+                except transfer.TransferTooSlow as error:
+                    raise SourceUnavailable(f"download of {url} cut off: {error}") from error
                 except (OSError, http.client.HTTPException) as error:
                     raise SourceUnavailable(f"download of {url} failed: {error}") from error
                 if not chunk:
