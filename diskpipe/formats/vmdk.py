@@ -192,9 +192,9 @@ def _inspect_sparse(head: bytes, options: InspectOptions) -> Generator[Request, 
                 "message": "capacity 0: qemu reads the embedded descriptor as a descriptor file",
             }
         )
-        # The extents come from the header's region; the parent hint, as
+        # The extents come from the header's region; CID and parent hint, as
         # always for a binary extent, from qemu's 10 KiB at byte 512.
-        return _descriptor_facts(descriptor, details, anomalies, parent_hint=qemu_view.parent_hint)
+        return _descriptor_facts(descriptor, details, anomalies, qemu_view=qemu_view)
 
     _extent_checks(header)
     effective = header
@@ -313,7 +313,7 @@ def _inspect_text(head: bytes) -> Generator[Request, Any, Facts]:
         )
     if not descriptor.cid_valid:
         raise FormatError(NAME, CID_MESSAGE, offset=0)
-    return _descriptor_facts(descriptor, details, anomalies, parent_hint=descriptor.parent_hint)
+    return _descriptor_facts(descriptor, details, anomalies, qemu_view=descriptor)
 
 
 def _descriptor_facts(
@@ -321,10 +321,11 @@ def _descriptor_facts(
     details: dict[str, Any],
     anomalies: list[dict[str, str]],
     *,
-    parent_hint: str | None,
+    qemu_view: vmdk_descriptor.Descriptor,
 ) -> Facts:
     """Facts of a descriptor that qemu opens as a descriptor file;
-    `parent_hint` is the parentFileNameHint qemu follows."""
+    `qemu_view` is the text qemu takes the CIDs and parent hint from."""
+    parent_hint = qemu_view.parent_hint
     create_type = descriptor.create_type
     if create_type is None:
         raise FormatError(NAME, "invalid VMDK image descriptor (no createType)")
@@ -363,7 +364,7 @@ def _descriptor_facts(
         backing_file=parent_hint,
         backing_file_format="vmdk" if parent_hint is not None else None,
         subformat=create_type,
-        format_specific=_format_specific(descriptor, create_type, extents_json),
+        format_specific=_format_specific(qemu_view, create_type, extents_json),
         details=details,
     )
 
