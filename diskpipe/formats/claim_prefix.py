@@ -2,7 +2,7 @@
 
 A qcow2, vmdk, vhdx, vdi, qed, luks, qcow or parallels claim can only fit
 data whose start passes that format's probe. The probe looks at fixed bytes
-(FORMATS.md §0), so the first byte that disagrees with every magic the
+(docs/formats.md §0), so the first byte that disagrees with every magic the
 format allows already rules the claim out, long before the 128 KiB head the
 full inspection waits for. An upload is then refused at once.
 """

@@ -1,6 +1,5 @@
 """Kernels (Amazon `aki`) inside raw data: FORMATS.md §10; Linux
-Documentation/arch/x86/boot.rst, the arm64 booting document and the RISC-V
-boot image header (Documentation/arch/riscv/boot-image-header.rst)."""
+Documentation/arch/x86/boot.rst and the arm64 booting document."""
 
 from __future__ import annotations
 
@@ -18,7 +17,8 @@ X86_SETUP = Layout("aki", "x86 setup header", "<", [
     (0x20E, "H", "kernel_version"),
     (0x211, "B", "loadflags"),
 ])  # fmt: skip
-# The "Image" header shared by arm64 and RISC-V: image size at 16, magic at 56.
+# The "Image" header shared by arm64 and RISC-V (Linux's
+# Documentation/arch/riscv/boot-image-header.rst): image size at 16, magic at 56.
 IMAGE_MAGICS = {b"ARM\x64": "arm64-image", b"RSC\x05": "riscv-image"}
 IMAGE_HEADER = 64
 ARM_ZIMAGE_MAGIC = 0x016F2818
