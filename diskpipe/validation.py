@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
-from diskpipe.formats import FormatError, ImageInfo, StreamInspector, inspect
+from diskpipe.formats import FormatError, ImageInfo, StreamInspector, claim_prefix, inspect
 from diskpipe.formats.detect import glance_disk_format
 from diskpipe.formats.policy import Issue, Policy, Verdict, check, load_policy
 
@@ -82,6 +82,8 @@ class ValidatingReader:
         self._claimed = claimed
         self._inspector = StreamInspector(allocation=True)
         self._head_checked = False
+        # The first bytes, kept only while a claimed header may still be refuted.
+        self._prefix: bytearray | None = bytearray() if claim_prefix.needs_header(claimed) else None
         self._pending = b""
         self._chunks = self._iterate(upload, chunk_size)
         self.verdict: Verdict | None = None
@@ -105,7 +107,20 @@ class ValidatingReader:
             # chunk is ever alive here.
             del chunk
 
+    def _check_prefix(self, chunk: bytes) -> None:
+        """Refuse a claimed header as soon as the first bytes refute it."""
+        if self._prefix is None:
+            return
+        self._prefix += chunk[: claim_prefix.PREFIX_NEEDED - len(self._prefix)]
+        issue = claim_prefix.ruled_out(self._claimed, bytes(self._prefix))
+        if len(self._prefix) >= claim_prefix.PREFIX_NEEDED:
+            self._prefix = None
+        if issue is not None:
+            early = Verdict(safe=False, issues=(issue,))
+            raise UnsafeImage(early.issues, early)
+
     def _pass(self, chunk: bytes) -> bytes:
+        self._check_prefix(chunk)
         self._inspector.feed(chunk)
         if not self._head_checked:
             provisional = provisional_info(self._inspector)

@@ -389,13 +389,66 @@ def vmdk_footer_disagrees(ctx: Context) -> Sample:
                    ["vmdk_footer"], "streamOptimized whose footer header disagrees with its head (capacity)")  # fmt: skip
 
 
+def _cowd(path: Path, descriptor: bytes) -> None:
+    """An ESX 2 COWD extent of 1 MiB; qemu reads descriptor text at byte 512
+    (for CID and parent hint) as for a KDMV extent, and needs a CID there."""
+    header = struct.pack("<4sIIIIIII", b"COWD", 1, 3, 2048, 8, 4, 1, 2048)
+    path.write_bytes(header + bytes(512 - len(header)) + descriptor + bytes(3584 - len(descriptor)))
+
+
 @RECIPES.add("hostile-vmdk-cowd")
 def vmdk_cowd(ctx: Context) -> Sample:
-    path = ctx.out("hostile/vmdk-cowd.vmdk")
-    header = struct.pack("<4sIIIIIII", b"COWD", 1, 3, 2048, 8, 4, 1, 2048)
-    path.write_bytes(header + bytes(4096 - len(header)))
+    _cowd(ctx.out("hostile/vmdk-cowd.vmdk"), b"CID=12345678\nparentCID=ffffffff\n")
     return _sample("hostile-vmdk-cowd", "hostile/vmdk-cowd.vmdk", "vmdk", "vmdk", MIB, ["vmdk_create_type"],
-                   "an ESX 2 COWD sparse extent (vmfsSparse): not an accepted createType")  # fmt: skip
+                   "an ESX 2 COWD sparse extent (vmfsSparse): not an accepted createType", qemu_oracle=True)  # fmt: skip
+
+
+@RECIPES.add("hostile-vmdk-cowd-parent-hint", quick=True)
+def vmdk_cowd_parent(ctx: Context) -> Sample:
+    _cowd(ctx.out("hostile/vmdk-cowd-parent-hint.vmdk"),
+          b'CID=12345678\nparentCID=ffffffff\nparentFileNameHint="/etc/passwd"\n')  # fmt: skip
+    return _sample("hostile-vmdk-cowd-parent-hint", "hostile/vmdk-cowd-parent-hint.vmdk", "vmdk", "vmdk", MIB,
+                   ["backing_file", "vmdk_create_type"],
+                   "COWD extent whose text at byte 512 names /etc/passwd as parent: qemu follows it",
+                   qemu_oracle=True)  # fmt: skip
+
+
+@RECIPES.add("hostile-vmdk-capacity0-parent-hint")
+def vmdk_capacity0_parent(ctx: Context) -> Sample:
+    """Capacity 0: qemu opens the header's descriptor region (here at byte
+    1536) as a descriptor file, but takes CID and parent hint from byte 512."""
+    rel = "hostile/vmdk-capacity0-parent-hint.vmdk"
+    path = _sparse_vmdk(ctx, "vmdk-capacity0-parent-hint", MIB)
+    patch(path, 12, struct.pack("<Q", 0))
+    patch(path, 28, struct.pack("<QQ", 3, 4))  # descriptor region: sectors 3-6
+    qemu_text = b'CID=12345678\nparentCID=ffffffff\nparentFileNameHint="/etc/passwd"\n'
+    # The one extent is the file itself, as flat data: qemu opens nothing else.
+    region = (b'# Disk DescriptorFile\nversion=1\nCID=9abcdef0\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+              b'RW 2048 FLAT "vmdk-capacity0-parent-hint.vmdk" 0\n')  # fmt: skip
+    patch(path, 512, qemu_text + bytes(1024 - len(qemu_text)) + region + bytes(2048 - len(region)))
+    return _sample("hostile-vmdk-capacity0-parent-hint", rel, "vmdk", "vmdk", MIB,
+                   ["backing_file", "vmdk_create_type", "vmdk_descriptor"],
+                   "capacity-0 sparse extent: descriptor region elsewhere, /etc/passwd as parent hint at byte 512",
+                   qemu_oracle=True)  # fmt: skip
+
+
+@RECIPES.add("hostile-vmdk-stream-gd-past-eof", quick=True)
+def vmdk_stream_gd_past_eof(ctx: Context) -> Sample:
+    """VMware layout (GD_AT_END in the head, the real header in a footer) with
+    the footer's grain directory 512 MiB past the end: qemu reads zeros there."""
+    path = ctx.out("hostile/vmdk-stream-gd-past-eof.vmdk")
+    tools.create(path, "vmdk", 16 * MIB, "subformat=streamOptimized")
+    size = path.stat().st_size
+    header = bytearray(read_at(path, 0, 512))
+    footer_header = bytearray(header)
+    struct.pack_into("<Q", footer_header, 56, (512 * MIB) // 512)
+    struct.pack_into("<Q", header, 56, 0xFFFFFFFFFFFFFFFF)
+    patch(path, 0, bytes(header))
+    footer_marker = struct.pack("<QII", 1, 0, 3).ljust(512, b"\0")
+    patch(path, size - 512, footer_marker + bytes(footer_header) + bytes(512))
+    return _sample("hostile-vmdk-stream-gd-past-eof", "hostile/vmdk-stream-gd-past-eof.vmdk", "vmdk", "vmdk",
+                   16 * MIB, ["table_past_eof"], "streamOptimized whose footer puts the grain directory past the end of the file",
+                   qemu_oracle=True)  # fmt: skip
 
 
 # -- other formats -------------------------------------------------------------

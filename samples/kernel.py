@@ -1,15 +1,19 @@
 """Kernels (Amazon AKI) built by hand: an x86 bzImage, the same with an EFI
-stub (MZ/PE header in front), and an arm64 Image.
+stub (MZ/PE header in front), an arm64 Image, and RISC-V Image; and the
+Images compressed the way distributions ship them and boot loaders take them
+(Debian's arm64 `vmlinuz` is a gzipped Image; U-Boot's booti also takes zstd).
 
 Only the headers are real; the "compressed kernel" payload is seeded random
-bytes. That is all an inspector may look at, and qemu calls them raw.
+bytes (text for the compressed ones, so they stay small). That is all an
+inspector may look at, and qemu calls them raw.
 """
 
 from __future__ import annotations
 
+import gzip
 import struct
 
-from samples.data import seeded, written_raw_sample
+from samples.data import seeded, text_block, written_raw_sample
 from samples.manifest import Sample
 from samples.recipe import Context, RecipeList
 
@@ -65,6 +69,31 @@ def arm64_image() -> bytes:
     return header + seeded(size - len(header), seed=64)
 
 
+def riscv_image() -> bytes:
+    """RISC-V Image header (Documentation/arch/riscv/boot-image-header.rst), 64 bytes."""
+    size = 256 * 1024
+    header = struct.pack(
+        "<IIQQQIIQ8s4sI",
+        0x0100006F,  # code0: j +16 (jump over code1 and text_offset)
+        0,
+        0x200000,  # text_offset
+        size,  # image_size
+        0,  # flags: little endian
+        2,  # header version 0.2
+        0,
+        0,
+        b"RISCV\0\0\0",  # deprecated magic
+        b"RSC\x05",
+        0,
+    )
+    return header + seeded(size - len(header), seed=65)
+
+
+def _compressible(image: bytes) -> bytes:
+    """The header of `image` with compressible text after it (a small sample)."""
+    return image[:64] + text_block(256 * 1024 - 64, "kernel")
+
+
 def _sample(ctx: Context, name: str, data: bytes, description: str) -> Sample:
     return written_raw_sample(
         ctx, name, f"kernel/{name}", data, disk_format="aki", contents=["kernel"], description=description
@@ -86,3 +115,24 @@ def x86_efi(ctx: Context) -> Sample:
 @RECIPES.add("aki-arm64-image")
 def arm64(ctx: Context) -> Sample:
     return _sample(ctx, "aki-arm64-image", arm64_image(), "arm64 Image: ARM\\x64 magic at 56")
+
+
+@RECIPES.add("aki-arm64-image-gz", quick=True)
+def arm64_gzip(ctx: Context) -> Sample:
+    data = gzip.compress(_compressible(arm64_image()), mtime=0)
+    return _sample(
+        ctx, "aki-arm64-image-gz", data, "gzipped arm64 Image (Debian's arm64 vmlinuz; qemu's arm loader gunzips it)"
+    )
+
+
+@RECIPES.add("aki-riscv-image")
+def riscv(ctx: Context) -> Sample:
+    return _sample(ctx, "aki-riscv-image", riscv_image(), "RISC-V Image: RSC\\x05 magic at 56")
+
+
+@RECIPES.add("aki-riscv-image-zst")
+def riscv_zstd(ctx: Context) -> Sample:
+    import zstandard  # a diskpipe dependency already
+
+    data = zstandard.ZstdCompressor(level=3).compress(_compressible(riscv_image()))
+    return _sample(ctx, "aki-riscv-image-zst", data, "zstd-compressed RISC-V Image (as U-Boot's booti takes it)")

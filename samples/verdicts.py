@@ -27,6 +27,9 @@ UNSAFE_HONEST: dict[str, list[str]] = {
     "text": ["not_a_disk_image"],
     "gzip-qcow2": ["not_a_disk_image"],
     "xz-raw": ["not_a_disk_image"],
+    # Nothing boots from a disk of 0 bytes (Glance would serve it anyway).
+    "raw-0b": ["empty_image"],
+    "qcow2-size-0": ["empty_image"],
     # Rarely used qemu drivers, refused by the policy's allow-list.
     "bochs-growing": ["format_not_allowed"],
     "cloop-v2": ["format_not_allowed"],

@@ -6,6 +6,7 @@ the file for any chunk size."""
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,48 @@ def test_broken_headers_raise_the_documented_error(tmp_path: Path, data: bytes, 
     with pytest.raises(FormatError, match=message) as failure:
         inspect(path)
     assert isinstance(failure.value, ValueError)
+
+
+def _cowd(descriptor: bytes) -> bytes:
+    header = struct.pack("<4sIIIIIII", b"COWD", 1, 3, 2048, 8, 4, 1, 2048)
+    return header + bytes(512 - len(header)) + descriptor + bytes(3584 - len(descriptor))
+
+
+def _sparse_without_cid(tmp_path: Path) -> bytes:
+    made = tmp_path / "made.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(made), "1M"], check=True)
+    image = bytearray(made.read_bytes())
+    text = b'# Disk DescriptorFile\nversion=1\ncreateType="monolithicSparse"\nRW 2048 SPARSE "made.vmdk"\n'
+    image[512 : 512 + 10240] = text + bytes(10240 - len(text))
+    return bytes(image)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda tmp_path: _cowd(b""),
+        lambda tmp_path: _cowd(b"CID=12345678\n"),
+        _sparse_without_cid,
+        # qemu opens the extent (here the descriptor itself) before it looks for the CIDs.
+        lambda tmp_path: b'# Disk DescriptorFile\nversion=1\nCID=1\ncreateType="vmfs"\nRW 8 VMFS "image.vmdk"\n',
+    ],
+    ids=["cowd-no-text", "cowd-no-parent-cid", "sparse-no-cid", "descriptor-no-parent-cid"],
+)
+def test_a_vmdk_without_cid_and_parent_cid_is_broken_as_qemu_says(tmp_path: Path, make: Any) -> None:
+    path = tmp_path / "image.vmdk"
+    path.write_bytes(make(tmp_path))
+    refused = subprocess.run(["qemu-img", "info", "-f", "vmdk", str(path)], capture_output=True, text=True, check=False)
+    assert refused.returncode != 0 and "Invalid argument" in refused.stderr
+    with pytest.raises(FormatError, match="no CID and parentCID"):
+        inspect(path)
+    with pytest.raises(FormatError, match="no CID and parentCID"):
+        _streamed(path, 512)
+
+
+def test_a_cowd_parent_hint_is_its_backing_file_for_file_and_stream(tmp_path: Path) -> None:
+    path = tmp_path / "delta.vmdk"
+    path.write_bytes(_cowd(b'CID=1\nparentCID=ffffffff\nparentFileNameHint="base-flat.vmdk"\n'))
+    oracle = qemu_info(path, "vmdk")
+    for info in (inspect(path), _streamed(path, 17)):
+        assert (info.backing_file, info.backing_file_format) == ("base-flat.vmdk", "vmdk")
+        assert (oracle["backing-filename"], oracle["backing-filename-format"]) == ("base-flat.vmdk", "vmdk")

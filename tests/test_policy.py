@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import diskpipe
-from diskpipe.formats import FormatError, StreamInspector, inspect
+from diskpipe.formats import FormatError, StreamInspector, claim_prefix, inspect
 from diskpipe.formats import policy as policy_module
 from diskpipe.formats.policy import Policy, check, load_policy
 
@@ -104,6 +104,87 @@ def test_the_reader_refuses_early_when_the_claim_cannot_match(samples_dir: Path,
     assert seen <= 256 * 1024  # decided on the head, not the whole stream
 
 
+def _bytes_passed_before_refusal(data: bytes, claimed: str) -> int:
+    """Feed `data` one byte at a time, then zeros forever; count the bytes the
+    reader took before it refused the claim."""
+    seen = 0
+
+    def upload() -> Any:
+        nonlocal seen
+        for index in range(len(data)):
+            seen += 1
+            yield data[index : index + 1]
+        while True:
+            seen += 1
+            yield b"\0"
+
+    with pytest.raises(diskpipe.UnsafeImage) as refusal:
+        for _ in diskpipe.ValidatingReader(upload(), claimed=claimed, policy=Policy()):
+            pass
+    assert [issue.check for issue in refusal.value.issues] == ["claimed_format"]
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("claimed", "name", "decided_at"),
+    [
+        ("qcow2", "raw-1m-random", 1),
+        ("qcow2", "qed-default", 2),  # "QED" and "QFI" share the Q
+        ("QCOW2", "hostile-qcow-v1", 8),  # same magic, version 1: the version decides
+        ("qcow", "qcow2-v3-c64k", 8),
+        ("vmdk", "qcow2-v3-c64k", 1),
+        ("vmdk", "vhdx-dynamic", 2),  # "v" may start a descriptor's "version=" line
+        ("vhdx", "vdi-dynamic", 1),
+        ("vdi", "qcow2-v3-c64k", 0x44),  # the VDI signature lies at 0x40
+        ("qed", "qcow2-v3-c64k", 2),
+        ("luks", "raw-1m-random", 1),
+        ("ploop", "qcow2-v3-c64k", 1),
+    ],
+)
+def test_a_header_claim_is_refused_at_the_first_byte_that_refutes_it(
+    claimed: str, name: str, decided_at: int, samples_dir: Path, manifest: list[Any]
+) -> None:
+    entry = next(entry for entry in manifest if entry.name == name)
+    data = (samples_dir / entry.file).read_bytes()[:4096]
+    assert _bytes_passed_before_refusal(data, claimed) == decided_at
+
+
+def test_a_vmdk_text_descriptor_claim_waits_for_qemus_probe_window() -> None:
+    # Comment lines may come first; qemu's probe decides within 2048 bytes.
+    data = b"# comment\n" * 300
+    assert _bytes_passed_before_refusal(data, "vmdk") == claim_prefix.PREFIX_NEEDED
+
+
+def test_no_first_bytes_refute_a_claim_that_fits(samples_dir: Path, manifest: list[Any]) -> None:
+    """Every prefix of every sample of a header format leaves its own claim open."""
+    checked = 0
+    for entry in manifest:
+        if not claim_prefix.needs_header(entry.format) or entry.verdict == "malformed":
+            continue
+        with (samples_dir / entry.file).open("rb") as handle:
+            head = handle.read(claim_prefix.PREFIX_NEEDED)
+        for length in range(1, len(head) + 1):
+            assert claim_prefix.ruled_out(entry.format, head[:length]) is None, (entry.name, length)
+        checked += 1
+    assert checked >= 40
+
+
+def test_empty_images_are_refused_unless_the_policy_allows_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "empty.raw"
+    empty.write_bytes(b"")
+    refused = diskpipe.validate(empty, policy=Policy())
+    assert refused.checks == ["empty_image"] and "empty" in refused.issues[0].message
+    assert diskpipe.validate(empty, policy=Policy(allow_empty_image=True)).safe
+    with pytest.raises(diskpipe.UnsafeImage, match="empty_image"):
+        for _ in diskpipe.ValidatingReader(iter([]), policy=Policy()):
+            pass
+    monkeypatch.setenv("DISKPIPE_POLICY_ALLOW_EMPTY_IMAGE", "true")
+    assert load_policy().allow_empty_image
+    assert diskpipe.validate(empty).safe
+
+
 def test_streaming_memory_stays_bounded_on_a_4_gib_input(tmp_path: Path) -> None:
     path = tmp_path / "big.raw"
     with path.open("wb") as handle:
@@ -145,7 +226,13 @@ CLAIMS = [
     ("ami", "gpt-2part", True),
     ("ami", "iso-plain", False),
     ("aki", "aki-bzimage", True),
+    ("aki", "aki-arm64-image-gz", True),
+    ("aki", "aki-riscv-image", True),
+    ("aki", "aki-riscv-image-zst", True),
     ("aki", "ami-ext4", False),
+    ("aki", "hostile-gzip-qcow2", False),
+    ("ami", "aki-arm64-image-gz", False),
+    ("ari", "aki-riscv-image-zst", False),
     ("ari", "ari-cpio-gzip", True),
     ("ari", "ari-cpio", True),
     ("ari", "aki-bzimage", False),

@@ -17,6 +17,7 @@ import sys
 import tarfile
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -308,3 +309,35 @@ def test_the_embedded_import_needs_no_server(tmp_path: Path, samples_dir: Path, 
     assert refused.returncode == 1 and "data_file" in refused.stdout
     stored = list((tmp_path / "data" / "diskpipe" / "images").iterdir())
     assert [path.name for path in stored] == ["local-1.raw"]
+
+
+def test_a_hard_link_into_an_import_directory_is_refused(tmp_path: Path, qcow2_bytes: bytes) -> None:
+    allowed = tmp_path / "imports"
+    allowed.mkdir()
+    outside = tmp_path / "private" / "secret.qcow2"
+    outside.parent.mkdir()
+    outside.write_bytes(qcow2_bytes)
+    os.link(outside, allowed / "linked.qcow2")
+    config = sources.ImportConfig(allowed_dirs=(str(allowed),), staging_dir=str(tmp_path / "staging"))
+    with pytest.raises(sources.SourceRefused, match="2 hard links"):
+        sources.open_local(str(allowed / "linked.qcow2"), config)
+    # Through a worker's import: refused, with the reason on the record.
+    record = run_import(ImportJob("linked", str(allowed / "linked.qcow2")), environment(tmp_path, config), "a1")
+    assert record["status"] == "killed" and "hard links" in record["reason"]
+    # An operator who knows the links may accept them.
+    staged = sources.open_local(str(allowed / "linked.qcow2"), replace(config, allow_hard_links=True))
+    assert os.read(staged.fd, 4) == b"QFI\xfb"
+    staged.close()
+    # Once the other name is gone, the file is an ordinary import.
+    outside.unlink()
+    sources.open_local(str(allowed / "linked.qcow2"), config).close()
+
+
+def test_allow_hard_links_comes_from_the_import_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "diskpipe.toml"
+    config.write_text("[import]\nallow_hard_links = true\n")
+    assert sources.load_import_config(str(config)).allow_hard_links
+    config.write_text("[import]\n")
+    assert not sources.load_import_config(str(config)).allow_hard_links
+    monkeypatch.setenv("DISKPIPE_IMPORT_ALLOW_HARD_LINKS", "yes")
+    assert sources.load_import_config(str(config)).allow_hard_links

@@ -17,7 +17,10 @@ X86_SETUP = Layout("aki", "x86 setup header", "<", [
     (0x20E, "H", "kernel_version"),
     (0x211, "B", "loadflags"),
 ])  # fmt: skip
-ARM64_MAGIC = b"ARM\x64"
+# The "Image" header shared by arm64 and RISC-V (Linux's
+# Documentation/arch/riscv/boot-image-header.rst): image size at 16, magic at 56.
+IMAGE_MAGICS = {b"ARM\x64": "arm64-image", b"RSC\x05": "riscv-image"}
+IMAGE_HEADER = 64
 ARM_ZIMAGE_MAGIC = 0x016F2818
 LOADED_HIGH = 1
 
@@ -40,10 +43,23 @@ def sniff(head: bytes) -> Content | None:
             details["version"] = raw.split(b"\0", 1)[0].decode("latin-1")
         name = "bzImage" if setup["loadflags"] & LOADED_HIGH else "zImage"
         return Content("kernel", name, details)
-    if len(head) >= 64 and head[56:60] == ARM64_MAGIC:
-        return Content("kernel", "arm64-image", {"image-size": int.from_bytes(head[16:24], "little")})
+    image = sniff_image(head)
+    if image is not None:
+        return image
     if len(head) >= 0x28 and int.from_bytes(head[0x24:0x28], "little") == ARM_ZIMAGE_MAGIC:
         return Content("kernel", "arm-zimage", {})
     if head[:4] == b"\x7fELF":
         return Content("kernel", "elf", {"class": {1: 32, 2: 64}.get(head[4], 0)})
     return None
+
+
+def sniff_image(head: bytes) -> Content | None:
+    """An arm64 or RISC-V `Image`: the kernels boot loaders also take
+    compressed (qemu's arm loader gunzips one, U-Boot's booti and GRUB
+    decompress them), so compressed data is asked about them too."""
+    if len(head) < IMAGE_HEADER:
+        return None
+    name = IMAGE_MAGICS.get(bytes(head[56:60]))
+    if name is None:
+        return None
+    return Content("kernel", name, {"image-size": int.from_bytes(head[16:24], "little")})

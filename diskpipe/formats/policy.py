@@ -32,6 +32,7 @@ ANOMALY_CHECKS = {
     "l1_past_eof": "table_past_eof",
     "refcount_table_past_eof": "table_past_eof",
     "allocation_past_eof": "table_past_eof",
+    "gd_past_eof": "table_past_eof",
     "region_table_limits": "vhdx_tables",
     "metadata_table_limits": "vhdx_tables",
     "unknown_required_region": "vhdx_tables",
@@ -66,6 +67,7 @@ class Policy(NamedTuple):
     max_virtual_size: int = 2 * TiB
     max_vmdk_descriptor: int = 64 * KiB
     allow_luks: bool = True
+    allow_empty_image: bool = False
 
 
 class Issue(NamedTuple):
@@ -290,6 +292,16 @@ def check_virtual_size(info: ImageInfo, context: Context) -> Iterator[Issue]:
             "virtual_size",
             f"virtual size {info.virtual_size} exceeds the limit of {context.policy.max_virtual_size} bytes",
         )
+
+
+@_check("empty_image")
+def check_empty_image(info: ImageInfo, context: Context) -> Iterator[Issue]:
+    """Nothing boots from a disk of zero bytes, yet Glance would store and
+    serve it: an upload mistake (or a probe of the pipeline), not an image."""
+    if info.virtual_size != 0 or context.policy.allow_empty_image:
+        return
+    what = "the file is empty" if info.file_size == 0 else f"{info.format} image of virtual size 0"
+    yield Issue("empty_image", f"{what}: a disk of 0 bytes holds nothing to boot (allow_empty_image permits it)")
 
 
 @_check("over_allocation")

@@ -1,9 +1,12 @@
 """Ramdisks (Amazon `ari`) and compressed streams inside raw data (docs/formats.md §10.2).
 
 A cpio archive, or a compressed stream whose decompressed start is a cpio
-archive, is a ramdisk. Any other compressed stream is compressed content,
-not a disk image; what its start decompresses to is reported. Only a bounded
-prefix is ever decompressed (`PREFIX`), with memory limits on the codecs.
+archive, is a ramdisk. A compressed stream whose decompressed start is an
+arm64 or RISC-V kernel `Image` is a kernel (Debian's arm64 `vmlinuz` is a
+gzipped Image, and boot loaders take it as it is). Any other compressed
+stream is compressed content, not a disk image; what its start decompresses
+to is reported. Only a bounded prefix is ever decompressed (`PREFIX`), with
+memory limits on the codecs.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from diskpipe.formats import kernel
 from diskpipe.formats.info import Content
 
 PREFIX = 64 * 1024  # decompressed bytes looked at
@@ -176,6 +180,9 @@ def sniff(head: bytes, inner_probe: Callable[[bytes], list[str]]) -> Content | N
         return None
     if is_cpio(prefix):
         return Content("ramdisk", f"cpio.{algorithm}", {"compression": algorithm})
+    image = kernel.sniff_image(prefix)
+    if image is not None:
+        return Content("kernel", f"{image.name}.{algorithm}", {**image.details, "compression": algorithm})
     details: dict[str, Any] = {"decodable": True}
     inner = inner_probe(prefix)
     if inner:

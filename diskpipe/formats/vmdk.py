@@ -58,6 +58,7 @@ MAX_GRAIN_SECTORS = 0x200000
 MAX_GTES_PER_GT = 512
 MAX_GD_ENTRIES = 32 * 1024 * 1024
 GTE_ZEROED = 1
+CID_MESSAGE = "descriptor has no CID and parentCID hex numbers (qemu refuses to open it)"
 
 
 def probe(buffer: bytes) -> bool:
@@ -181,7 +182,7 @@ def _inspect_sparse(head: bytes, options: InspectOptions) -> Generator[Request, 
             descriptor.hidden_text = True
     details["descriptor"] = descriptor.to_json()
     if not qemu_view.cid_valid:
-        raise FormatError(NAME, "descriptor CID is not a hex number", offset=EMBEDDED_DESCRIPTOR_OFFSET)
+        raise FormatError(NAME, CID_MESSAGE, offset=EMBEDDED_DESCRIPTOR_OFFSET)
 
     if header["capacity"] == 0 and header["descriptor_offset"]:
         # qemu then opens the embedded descriptor as if it were a descriptor file.
@@ -191,7 +192,9 @@ def _inspect_sparse(head: bytes, options: InspectOptions) -> Generator[Request, 
                 "message": "capacity 0: qemu reads the embedded descriptor as a descriptor file",
             }
         )
-        return _descriptor_facts(descriptor, details, anomalies)
+        # The extents come from the header's region; CID and parent hint, as
+        # always for a binary extent, from qemu's 10 KiB at byte 512.
+        return _descriptor_facts(descriptor, details, anomalies, qemu_view=qemu_view)
 
     _extent_checks(header)
     effective = header
@@ -215,6 +218,14 @@ def _inspect_sparse(head: bytes, options: InspectOptions) -> Generator[Request, 
         raise FormatError(NAME, f"file truncated, expecting at least {effective['overhead'] * 512} bytes", offset=64)
     if data_end > round_up(file_size, 512):
         anomalies.append({"name": "allocation_past_eof", "message": "grain tables point past the end of the file"})
+    if effective["gd_offset"] != GD_AT_END:
+        # Known from the header (or footer) and the size alone, so a stream
+        # decides it too. qemu reads zeros there, or fails on a huge offset.
+        gd_start = effective["gd_offset"] * 512
+        if gd_start + _gd_entries(effective) * 4 > round_up(file_size, 512):
+            anomalies.append(
+                {"name": "gd_past_eof", "message": f"grain directory at byte {gd_start} lies past the end of the file"}
+            )
 
     create_type = "streamOptimized" if compressed else "monolithicSparse"
     capacity_bytes = effective["capacity"] * 512
@@ -252,21 +263,37 @@ def _format_specific(
 
 
 def _inspect_cowd(head: bytes) -> Generator[Request, Any, Facts]:
-    """VMDK3 (ESX 2 "COWD" sparse): qemu still opens it; policy refuses it."""
+    """VMDK3 (ESX 2 "COWD" sparse): qemu still opens it; policy refuses it.
+
+    qemu reads the same 10 KiB of descriptor text at byte 512 as for a KDMV
+    extent: it needs a CID there, and follows its parentFileNameHint.
+    """
     header = COWD_HEADER.parse(head)
     if header["granularity"] == 0 or header["granularity"] > MAX_GRAIN_SECTORS:
         raise FormatError(NAME, "invalid granularity, image may be corrupt", field="granularity", offset=16)
+    qemu_text = yield from read_exact(EMBEDDED_DESCRIPTOR_OFFSET, EMBEDDED_DESCRIPTOR_READ, head)
+    descriptor = vmdk_descriptor.parse(qemu_text)
+    if not descriptor.cid_valid:
+        raise FormatError(NAME, CID_MESSAGE, offset=EMBEDDED_DESCRIPTOR_OFFSET)
     file_size: int = yield GetSize()
-    details = {"version": header["version"], "anomalies": [], "create-type": "vmfsSparse", "file-size": file_size}
+    details = {
+        "version": header["version"],
+        "anomalies": [],
+        "create-type": "vmfsSparse",
+        "file-size": file_size,
+        "descriptor": descriptor.to_json(),
+    }
+    capacity_bytes = header["capacity"] * 512
+    # qemu names no create-type or extent format for a COWD extent.
+    extent = {"virtual-size": capacity_bytes, "cluster-size": header["granularity"] * 512, "format": ""}
     return Facts(
         format=NAME,
-        virtual_size=header["capacity"] * 512,
+        virtual_size=capacity_bytes,
         cluster_size=header["granularity"] * 512,
+        backing_file=descriptor.parent_hint,
+        backing_file_format="vmdk" if descriptor.parent_hint is not None else None,
         subformat="vmfsSparse",
-        format_specific={
-            "type": NAME,
-            "data": {"cid": 0, "parent-cid": 0xFFFFFFFF, "create-type": "monolithicSparse", "extents": []},
-        },
+        format_specific=_format_specific(descriptor, "", [extent]),
         details=details,
     )
 
@@ -285,14 +312,20 @@ def _inspect_text(head: bytes) -> Generator[Request, Any, Facts]:
             }
         )
     if not descriptor.cid_valid:
-        raise FormatError(NAME, "descriptor CID is not a hex number", offset=0)
-    return _descriptor_facts(descriptor, details, anomalies)
+        raise FormatError(NAME, CID_MESSAGE, offset=0)
+    return _descriptor_facts(descriptor, details, anomalies, qemu_view=descriptor)
 
 
 def _descriptor_facts(
-    descriptor: vmdk_descriptor.Descriptor, details: dict[str, Any], anomalies: list[dict[str, str]]
+    descriptor: vmdk_descriptor.Descriptor,
+    details: dict[str, Any],
+    anomalies: list[dict[str, str]],
+    *,
+    qemu_view: vmdk_descriptor.Descriptor,
 ) -> Facts:
-    """Facts of a descriptor that qemu opens as a descriptor file."""
+    """Facts of a descriptor that qemu opens as a descriptor file;
+    `qemu_view` is the text qemu takes the CIDs and parent hint from."""
+    parent_hint = qemu_view.parent_hint
     create_type = descriptor.create_type
     if create_type is None:
         raise FormatError(NAME, "invalid VMDK image descriptor (no createType)")
@@ -328,10 +361,10 @@ def _descriptor_facts(
     return Facts(
         format=NAME,
         virtual_size=sectors * 512,
-        backing_file=descriptor.parent_hint,
-        backing_file_format="vmdk" if descriptor.parent_hint is not None else None,
+        backing_file=parent_hint,
+        backing_file_format="vmdk" if parent_hint is not None else None,
         subformat=create_type,
-        format_specific=_format_specific(descriptor, create_type, extents_json),
+        format_specific=_format_specific(qemu_view, create_type, extents_json),
         details=details,
     )
 

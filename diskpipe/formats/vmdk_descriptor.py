@@ -104,11 +104,12 @@ def _qemu_option(text: bytes, name: bytes) -> str | None:
 
 
 def _qemu_cid(text: bytes, name: bytes) -> tuple[int | None, bool]:
-    """qemu's vmdk_read_cid: first occurrence of the name, skip name+1 chars,
-    scan a hex number. Returns (value, valid)."""
+    """qemu's vmdk_read_cid: first occurrence of the name (`CID` also matches
+    inside `parentCID`), skip name+1 chars, scan a hex number. Returns
+    (value, valid); qemu refuses to open the image when either is invalid."""
     position = text.find(name)
     if position < 0:
-        return None, True  # qemu then keeps its default
+        return None, False  # qemu refuses a descriptor without it ("Invalid argument")
     match = re.match(rb"\s*(?:0[xX])?([0-9a-fA-F]+)", text[position + len(name) + 1 :])
     if not match:
         return None, False

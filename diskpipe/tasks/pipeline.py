@@ -308,7 +308,8 @@ def _fetch(job: ImportJob, env: Environment, progress: Callable[..., None], canc
             progress=lambda done, total: progress("fetch", 100.0 * done / total if total else 0.0, done),
         )
     if env.trust_local_paths:
-        config = replace(env.import_config, allowed_dirs=("/",))
+        # The operator's own path (embedded import): no import directory to escape.
+        config = replace(env.import_config, allowed_dirs=("/",), allow_hard_links=True)
         return sources.open_local(os.path.abspath(job.source), config)
     return sources.open_local(job.source, env.import_config)
 

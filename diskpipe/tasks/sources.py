@@ -81,6 +81,7 @@ class ImportConfig:
     allowed_ports: tuple[int, ...] = (80, 443)
     denied_networks: tuple[str, ...] = DENIED_NETWORKS
     allowed_networks: tuple[str, ...] = ()  # explicit exceptions to denied_networks
+    allow_hard_links: bool = False  # a local file with other names (links) elsewhere
 
 
 def load_import_config(path: str | None = None, **overrides: Any) -> ImportConfig:
@@ -137,6 +138,14 @@ def open_local(path: str, config: ImportConfig) -> Staged:
     if not stat_module.S_ISREG(status.st_mode):
         os.close(fd)
         raise SourceRefused(f"{path} is not a regular file")
+    # A hard link is the same file under another name, possibly in a tree the
+    # submitter may not import from; the path check cannot see that name.
+    if status.st_nlink > 1 and not config.allow_hard_links:
+        os.close(fd)
+        raise SourceRefused(
+            f"{path} has {status.st_nlink} hard links (it may be a file from outside the import directories); "
+            "[import] allow_hard_links = true accepts it"
+        )
     os.set_blocking(fd, True)
     return Staged(fd=fd, path=resolved, owned=False, description=path)
 
