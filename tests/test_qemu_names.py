@@ -202,9 +202,10 @@ def test_import_cli_stores_the_bytes_a_qemu_named_file_holds(
     label: str, spelling: str, tmp_path: Path, work: Path, listener: Listener
 ) -> None:
     name = hostile_name(label, listener.port, tmp_path / "host-secret")
-    source = make_source(work, name, "raw")
-    # `./` marks a path: a bare `http://...` is a URL to download (below).
-    typed = str(source) if spelling == "absolute" else "./" + name
+    make_source(work, name, "raw")
+    # Typed as is (pathlib would fold `//`); `./` or `/` marks a path: a bare
+    # `http://...` is a URL to download (below).
+    typed = f"{work}/{name}" if spelling == "absolute" else "./" + name
     store = tmp_path / "store"
     done = diskpipe(tmp_path, work, "import", typed, "--store", f"file:{store}", "--id", "img", "--output=json")
     assert listener.finish() == 0, f"something connected to 127.0.0.1 for {typed!r}"
