@@ -271,6 +271,38 @@ def test_a_source_renamed_over_after_inspection_changes_nothing(
     assert stored == bytes(SIZE), "the bytes converted are not the bytes inspected"
 
 
+class SwappingStore(FileStore):
+    """A file store that renames the decoy over the source when the
+    conversion begins its target: after inspection and the cross-check."""
+
+    def __init__(self, directory: Path, decoy: Path, source: Path) -> None:
+        super().__init__(directory)
+        self.decoy, self.source = decoy, source
+
+    def begin(self, image_id: str, size: int, *, image_format: str = "raw") -> Any:
+        os.rename(self.decoy, self.source)
+        return super().begin(image_id, size, image_format=image_format)
+
+
+def test_an_import_converts_the_descriptor_it_inspected(tmp_path: Path, work: Path) -> None:
+    from diskpipe.tasks.pipeline import Environment, ImportJob, run_import
+    from diskpipe.tasks.records import SqliteRecords
+    from diskpipe.tasks.sources import ImportConfig
+
+    source = make_source(work, "upload.img", "raw")
+    decoy = work / "decoy.img"
+    decoy.write_bytes(DECOY)
+    environment = Environment(
+        records=SqliteRecords(str(tmp_path / "records.sqlite")),
+        store=SwappingStore(tmp_path / "store", decoy, source),
+        import_config=ImportConfig(allowed_dirs=(str(work),), staging_dir=str(tmp_path / "staging")),
+    )
+    record = run_import(ImportJob("img", str(source)), environment, "a1")
+    assert record["status"] == "active", record
+    assert source.read_bytes() == DECOY
+    assert stored_bytes(record["locations"][0]) == bytes(SIZE)
+
+
 def test_no_user_chosen_name_reaches_qemu_img(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An encrypted image and its key file under qemu-looking names: every
     qemu-img argument names only descriptors, and the conversion works."""
