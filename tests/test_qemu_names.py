@@ -368,8 +368,12 @@ def test_import_cli_refuses_an_image_id_that_is_not_a_plain_name(image_id: str, 
 
 def test_the_python_api_and_the_task_refuse_bad_image_ids(tmp_path: Path) -> None:
     from diskpipe.converter.stores.base import InvalidImageId, check_image_id
+    from diskpipe.tasks.celery import import_image
     from diskpipe.tasks.pipeline import ImportJob
 
+    # The task refuses before it touches a record, a store or the source.
+    with pytest.raises(InvalidImageId, match="image id"):
+        import_image.run(image_id="../escape", source="/x")
     for image_id in BAD_IDS:
         with pytest.raises(InvalidImageId, match="image id"):
             ConvertRequest("x", image_id)
