@@ -101,22 +101,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import uuid
 
     from diskpipe.converter.convert import ConversionFailed, ConvertRequest, Refused, convert_image
-    from diskpipe.converter.stores.base import StoreError, StoreUnavailable
+    from diskpipe.converter.stores.base import InvalidImageId, StoreError, StoreUnavailable
     from diskpipe.formats.policy import load_policy
     from diskpipe.progress import ProgressDisplay
 
     store = _make_store(args)
     image_id = args.id or str(uuid.uuid4())
-    request = ConvertRequest(
-        source=args.source,
-        image_id=image_id,
-        to_format=args.to,
-        claimed=args.claimed_format,
-        policy=load_policy(args.policy),
-        full_hashes=not args.no_hashes,
-        sparse_hash=args.sparse_hash,
-        key_file=args.key_file,
-    )
+    try:
+        request = ConvertRequest(
+            source=args.source,
+            image_id=image_id,
+            to_format=args.to,
+            claimed=args.claimed_format,
+            policy=load_policy(args.policy),
+            full_hashes=not args.no_hashes,
+            sparse_hash=args.sparse_hash,
+            key_file=args.key_file,
+        )
+    except InvalidImageId as error:
+        print(f"diskpipe: {error}", file=sys.stderr)
+        return EXIT_USAGE
     display = ProgressDisplay(enabled=not args.quiet)
     try:
         result = convert_image(request, store, progress=display.update)
@@ -186,6 +190,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     import os
     import uuid
 
+    from diskpipe.converter.stores.base import InvalidImageId
     from diskpipe.formats.policy import load_policy
     from diskpipe.progress import ProgressDisplay
     from diskpipe.tasks.pipeline import Environment, ImportJob, ensure_record, is_url, run_import
@@ -193,14 +198,18 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     image_id = args.id or str(uuid.uuid4())
     source = args.source if is_url(args.source) else os.path.abspath(args.source)
-    job = ImportJob(
-        image_id=image_id,
-        source=source,
-        claimed_format=args.claimed_format,
-        name=args.name,
-        full_hashes=not args.no_hashes,
-        sparse_hash=args.sparse_hash,
-    )
+    try:
+        job = ImportJob(
+            image_id=image_id,
+            source=source,
+            claimed_format=args.claimed_format,
+            name=args.name,
+            full_hashes=not args.no_hashes,
+            sparse_hash=args.sparse_hash,
+        )
+    except InvalidImageId as error:
+        print(f"diskpipe: {error}", file=sys.stderr)
+        return EXIT_USAGE
     broker = _broker(args)
     display = ProgressDisplay(enabled=not args.quiet and args.output != "json")
     records = _records(args)

@@ -8,6 +8,10 @@ the temporary image, so the store never holds a partial one.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,9 +22,9 @@ from diskpipe.converter import qemu_img
 from diskpipe.converter.checksums import Checksums, hash_image
 from diskpipe.converter.limits import convert_limits
 from diskpipe.converter.qemu_img import CancelToken, ConvertOptions, ImageSpec, QemuImgError
-from diskpipe.converter.stores.base import Location, Store, StoreUnavailable
-from diskpipe.formats import FormatError, ImageInfo, inspect
-from diskpipe.formats.api import inspect_reader
+from diskpipe.converter.stores.base import Location, Store, StoreUnavailable, check_image_id
+from diskpipe.formats import FormatError, ImageInfo
+from diskpipe.formats.api import inspect_fd, inspect_reader
 from diskpipe.formats.policy import Issue, Policy, Verdict, check
 
 Progress = Callable[[str, float], None]  # (stage, percent of that stage)
@@ -52,7 +56,7 @@ class ConversionFailed(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class ConvertRequest:
-    source: str
+    source: str  # a path, opened once; with source_fd only a name for messages
     image_id: str
     to_format: str = "raw"
     claimed: str | None = None
@@ -64,6 +68,10 @@ class ConvertRequest:
     key_file: str | None = None  # LUKS passphrase file
     options: ConvertOptions = field(default_factory=ConvertOptions)
     timeout: float | None = None
+    source_fd: int | None = None  # an already open source; the caller closes it
+
+    def __post_init__(self) -> None:
+        check_image_id(self.image_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +107,36 @@ class ConvertResult:
         return out
 
 
-def source_spec(info: ImageInfo, path: str, key_file: str | None) -> tuple[ImageSpec, int]:
+def open_source(path: str) -> int:
+    """Open the source once: inspection, qemu-img's cross-check and the
+    conversion all read through this descriptor, so renaming another file
+    over `path` in between changes nothing, and qemu-img never sees `path`."""
+    # Non-blocking so a FIFO cannot hang the open; it is refused just below.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise OSError(errno.EINVAL, "not a regular file or block device", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_key_file(path: str) -> int:
+    """The passphrase file, opened here and handed to qemu-img as a descriptor."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def source_spec(info: ImageInfo, fd: int, key_fd: int | None) -> tuple[ImageSpec, int]:
     """How qemu-img must open the source, and the virtual size it will see.
 
     A VHD that qemu 7.2 sizes by CHS geometry although its footer states a
@@ -114,11 +151,11 @@ def source_spec(info: ImageInfo, path: str, key_file: str | None) -> tuple[Image
         if current > info.virtual_size:
             options.append(("force_size_calc", "current_size"))
             virtual_size = current
-    if info.encrypted and key_file is not None:
+    if info.encrypted and key_fd is not None:
         # LUKS takes the key as `key-secret`, qcow2's built-in LUKS as `encrypt.key-secret`.
         options.append(("key-secret" if info.format == "luks" else "encrypt.key-secret", "sec0"))
-        return ImageSpec(path, info.format, tuple(options), secret_file=key_file), virtual_size
-    return ImageSpec(path, info.format, tuple(options)), virtual_size
+        return ImageSpec(fd, info.format, tuple(options), secret_fd=key_fd), virtual_size
+    return ImageSpec(fd, info.format, tuple(options)), virtual_size
 
 
 def cross_check(info: ImageInfo, spec: ImageSpec, expected_size: int) -> dict[str, Any]:
@@ -180,19 +217,40 @@ def convert_image(
     cancel: CancelToken | None = None,
     inspected: ImageInfo | None = None,
 ) -> ConvertResult:
-    """Run the whole conversion of `request.source` into `store`."""
-    timings: dict[str, float] = {}
-    started = time.monotonic()
-    report = progress or (lambda stage, percent: None)
-    cancel = cancel or CancelToken()
+    """Run the whole conversion of `request.source` into `store`.
+
+    `inspected` (facts the caller already has) is taken only with
+    `request.source_fd`, the descriptor they were read from.
+    """
     if request.to_format not in TARGET_FORMATS:
         raise ValueError(f"cannot convert to {request.to_format}")
     if request.to_format != "raw" and store.name != "file":
         raise ValueError("only the file store keeps qcow2 output; RBD wants raw")
+    if inspected is not None and request.source_fd is None:
+        raise ValueError("inspected facts need the descriptor they were read from (source_fd)")
+    with contextlib.ExitStack() as opened:
+        fd = request.source_fd
+        if fd is None:
+            fd = open_source(request.source)
+            opened.callback(os.close, fd)
+        return _convert_open(request, fd, opened, store, progress, cancel or CancelToken(), inspected)
 
+
+def _convert_open(
+    request: ConvertRequest,
+    fd: int,
+    opened: contextlib.ExitStack,
+    store: Store,
+    progress: Progress | None,
+    cancel: CancelToken,
+    inspected: ImageInfo | None,
+) -> ConvertResult:
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    report = progress or (lambda stage, percent: None)
     report("inspect", 0.0)
     try:
-        info = inspected or inspect(request.source, allocation=True)
+        info = inspected or inspect_fd(fd, filename=request.source, allocation=True)
     except FormatError as error:
         raise Refused([Issue("malformed", str(error))]) from error
     verdict = check(info, request.policy, request.claimed)
@@ -202,14 +260,18 @@ def convert_image(
         raise Refused([Issue("encrypted", f"encrypted {info.format} image: converting it needs the key")], verdict)
     timings["inspect"] = time.monotonic() - started
 
-    spec, virtual_size = source_spec(info, request.source, request.key_file)
+    key_fd = None
+    if info.encrypted and request.key_file is not None:
+        key_fd = open_key_file(request.key_file)
+        opened.callback(os.close, key_fd)
+    spec, virtual_size = source_spec(info, fd, key_fd)
     cross_check(info, spec, virtual_size)
     timings["cross_check"] = time.monotonic() - started - sum(timings.values())
     cancel.raise_if_cancelled()
 
     target = store.begin(request.image_id, virtual_size, image_format=request.to_format)
     try:
-        qemu_target, qemu_creates = target.qemu_target()
+        qemu_target = target.qemu_target()
         report("convert", 0.0)
         step = time.monotonic()
         try:
@@ -219,7 +281,6 @@ def convert_image(
                 request.to_format,
                 convert_limits(virtual_size, to_file=store.name == "file", timeout=request.timeout),
                 options=request.options,
-                create_target=qemu_creates,
                 progress=lambda percent: report("convert", percent),
                 cancel=cancel,
             )

@@ -1,9 +1,11 @@
 """The only place that builds qemu-img command lines and runs them.
 
-Every call passes the format explicitly (`-f`, or `driver=` in image
-options) so qemu never probes; runs under `limits`; can be cancelled (the
-whole process group is killed); reports `-p` progress through a callback;
-keeps qemu's stderr for the error it raises.
+Every call passes the format explicitly (`driver=` in image options) so
+qemu never probes, and names every image by a descriptor diskpipe opened
+(see ImageSpec and TargetSpec) so qemu never interprets a name a user
+chose; runs under `limits`; can be cancelled (the whole process group is
+killed); reports `-p` progress through a callback; keeps qemu's stderr for
+the error it raises.
 """
 
 from __future__ import annotations
@@ -80,41 +82,95 @@ def _escape_option(value: str) -> str:
     return value.replace(",", ",,")
 
 
+_DRIVER_NAME = re.compile(r"[a-z0-9_]+")
+_OPTION_KEY = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _descriptor_name(fd: int) -> str:
+    """How qemu-img reaches a descriptor diskpipe opened: `/dev/fd/N` has no
+    `:` before its first `/`, so qemu cannot read a protocol into it, and
+    opening it reopens the very file behind the descriptor, not a path."""
+    if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
+        raise ValueError(f"not a file descriptor: {fd!r}")
+    os.fstat(fd)  # an OSError now beats qemu opening whatever gets that number later
+    return f"/dev/fd/{fd}"
+
+
 @dataclass(frozen=True, slots=True)
 class ImageSpec:
-    """An image for qemu-img: a file and its driver, plus driver options.
+    """A source image for qemu-img: a descriptor diskpipe opened, the format
+    the inspector found, and driver options.
 
-    Without options it renders as `-f FORMAT PATH`; with options (vpc's
-    force_size_calc, a LUKS key) as `--image-opts driver=FORMAT,...`.
+    There is no path to set: qemu-img gets `--image-opts
+    driver=FORMAT,...,file.driver=file,file.filename=/dev/fd/N`, so it never
+    probes, never parses a name (`json:{...}`, `nbd:`, `file:`...) and reads
+    the bytes that were inspected. The caller keeps the descriptor open until
+    qemu-img is done, and closes it.
     """
 
-    path: str
+    fd: int
     format: str
     options: tuple[tuple[str, str], ...] = ()
-    secret_file: str | None = None  # a passphrase file, made the secret object `sec0`
+    secret_fd: int | None = None  # an open passphrase file, made the secret object `sec0`
+
+    def __post_init__(self) -> None:
+        _descriptor_name(self.fd)
+        if self.secret_fd is not None:
+            _descriptor_name(self.secret_fd)
+        if not _DRIVER_NAME.fullmatch(self.format):
+            raise ValueError(f"not a qemu driver name: {self.format!r}")
+        for key, _ in self.options:
+            if not _OPTION_KEY.fullmatch(key) or key.startswith(("driver", "file.")):
+                raise ValueError(f"not a driver option diskpipe sets: {key!r}")
 
     @property
     def pass_fds(self) -> tuple[int, ...]:
-        """A source given as /dev/fd/N (an already checked, open file) needs
-        that descriptor passed to the child."""
-        if self.path.startswith("/dev/fd/") and self.path[8:].isdigit():
-            return (int(self.path[8:]),)
-        return ()
+        """The descriptors the qemu-img child must inherit."""
+        return (self.fd,) if self.secret_fd is None else (self.fd, self.secret_fd)
 
     def object_args(self) -> list[str]:
-        if self.secret_file is None:
+        if self.secret_fd is None:
             return []
-        return ["--object", f"secret,id=sec0,file={_escape_option(self.secret_file)}"]
+        return ["--object", f"secret,id=sec0,file={_descriptor_name(self.secret_fd)}"]
 
     def source_args(self) -> list[str]:
-        options = list(self.options)
-        if not options:
-            return ["-f", self.format, self.path]
-        rendered = ",".join(f"{key}={_escape_option(value)}" for key, value in options)
+        rendered = "".join(f"{key}={_escape_option(value)}," for key, value in self.options)
         return [
             "--image-opts",
-            f"driver={self.format},{rendered},file.driver=file,file.filename={_escape_option(self.path)}",
+            f"driver={self.format},{rendered}file.driver=file,file.filename={_descriptor_name(self.fd)}",
         ]
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSpec:
+    """Where qemu-img convert writes: a descriptor diskpipe opened on a file
+    it created (`/dev/fd/N`, qemu writes the format into it), or an `rbd:`
+    filename the RBD store built from its pool and a checked image name
+    (qemu writes into an image the store created). Built only through
+    `descriptor` and `rbd`."""
+
+    filename: str
+    fd: int | None
+    created_by_qemu: bool
+
+    def __post_init__(self) -> None:
+        if self.fd is not None:
+            if self.filename != _descriptor_name(self.fd) or not self.created_by_qemu:
+                raise ValueError(f"a descriptor target is /dev/fd/{self.fd}, created by qemu-img")
+        elif not self.filename.startswith("rbd:") or self.created_by_qemu:
+            raise ValueError(f"not an rbd: target the store created: {self.filename!r}")
+
+    @classmethod
+    def descriptor(cls, fd: int) -> TargetSpec:
+        return cls(_descriptor_name(fd), fd, True)
+
+    @classmethod
+    def rbd(cls, filename: str) -> TargetSpec:
+        return cls(filename, None, False)
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        return () if self.fd is None else (self.fd,)
 
 
 def run(
@@ -240,11 +296,10 @@ class ConvertOptions:
 
 def convert_args(
     source: ImageSpec,
-    target: str,
+    target: TargetSpec,
     target_format: str,
     *,
     options: ConvertOptions,
-    create_target: bool,
     target_options: Sequence[str] = (),
     progress: bool = True,
 ) -> list[str]:
@@ -259,24 +314,23 @@ def convert_args(
         args += ["-t", options.target_cache]
     if options.source_cache:
         args += ["-T", options.source_cache]
-    if not create_target:
+    if not target.created_by_qemu:
         # The target was created empty by the store: skip creating it and
         # skip writing zeros into it.
         args += ["-n", "--target-is-zero"]
     for option in target_options:
         args += ["-o", option]
-    args += [*source.source_args(), "-O", target_format, target]
+    args += [*source.source_args(), "-O", target_format, target.filename]
     return args
 
 
 def convert(
     source: ImageSpec,
-    target: str,
+    target: TargetSpec,
     target_format: str,
     limits: Limits,
     *,
     options: ConvertOptions | None = None,
-    create_target: bool = True,
     target_options: Sequence[str] = (),
     progress: Callable[[float], None] | None = None,
     cancel: CancelToken | None = None,
@@ -286,11 +340,10 @@ def convert(
         target,
         target_format,
         options=options or ConvertOptions(),
-        create_target=create_target,
         target_options=target_options,
         progress=progress is not None,
     )
-    run(args, limits, progress=progress, cancel=cancel, pass_fds=source.pass_fds)
+    run(args, limits, progress=progress, cancel=cancel, pass_fds=source.pass_fds + target.pass_fds)
 
 
 def version() -> str:

@@ -46,6 +46,14 @@ def inspect(source: Source, *, allocation: bool = False, details: bool = False) 
     return inspector.finish()
 
 
+def inspect_fd(fd: int, *, filename: str | None = None, allocation: bool = False) -> ImageInfo:
+    """Inspect an open regular file or block device by its descriptor, with
+    positioned reads; nothing is reopened, so a caller that goes on using
+    the same descriptor uses the bytes inspected. `filename` only feeds the
+    name-based guesses qemu also makes (a `.dmg` suffix)."""
+    return _inspect_fd(fd, InspectOptions(allocation=allocation), filename=filename)
+
+
 def _regular_fileno(source: BinaryIO) -> int | None:
     try:
         fd = source.fileno()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -20,7 +21,14 @@ from typing import Any, Protocol
 from diskpipe.converter.checksums import hash_image
 from diskpipe.converter.convert import ConversionFailed, ConvertRequest, ConvertResult, Refused, convert_image
 from diskpipe.converter.qemu_img import Cancelled, CancelToken
-from diskpipe.converter.stores.base import ImageInUse, ImageNotFound, Store, StoreError, StoreUnavailable
+from diskpipe.converter.stores.base import (
+    ImageInUse,
+    ImageNotFound,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    check_image_id,
+)
 from diskpipe.formats import FormatError
 from diskpipe.formats.api import inspect_reader
 from diskpipe.formats.policy import Policy
@@ -61,6 +69,9 @@ class ImportJob:
     full_hashes: bool = True
     sparse_hash: bool = False
 
+    def __post_init__(self) -> None:
+        check_image_id(self.image_id)  # before any record, file or RBD image is named after it
+
     def to_json(self) -> dict[str, Any]:
         return {
             "image_id": self.image_id,
@@ -85,8 +96,13 @@ class Environment:
     owner: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def is_url(source: str) -> bool:
-    return source.lower().startswith(("http://", "https://", "ftp://", "file://")) or "://" in source
+    """A scheme and `://` at the start make a URL (refused unless its scheme
+    is allowed); `./http://x` or `/dir/nbd://x` is a file with an odd name."""
+    return _URL.match(source) is not None
 
 
 def ensure_record(records: RecordStore, job: ImportJob, attempt: str) -> dict[str, Any]:
@@ -245,8 +261,10 @@ def _run_with_lease(
         staged = _fetch(job, env, progress, cancel)
         cancel.raise_if_cancelled()
         unpacked, info = sources.unpack(staged, env.import_config, label=job.image_id)
+        # The descriptor that was inspected is the one converted: nothing reopens the path.
         request = ConvertRequest(
-            source=unpacked.qemu_path,
+            source=unpacked.description,
+            source_fd=unpacked.fd,
             image_id=job.image_id,
             to_format=job.to_format,
             claimed=job.claimed_format,

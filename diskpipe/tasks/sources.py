@@ -92,18 +92,14 @@ def load_import_config(path: str | None = None, **overrides: Any) -> ImportConfi
 
 @dataclass
 class Staged:
-    """Data ready for inspection: an open descriptor and how qemu-img reaches it."""
+    """Data ready for inspection: an open descriptor, which is also what
+    the conversion reads (the path is never reopened)."""
 
     fd: int
     path: str  # the staged file, or the checked original for local imports
     owned: bool  # True: a staged copy that must be removed afterwards
     description: str
     unpacked: list[str] | None = None  # what was unpacked to get here (gzip, ova...)
-
-    @property
-    def qemu_path(self) -> str:
-        """qemu-img opens the already checked file through its descriptor."""
-        return f"/dev/fd/{self.fd}"
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -10,14 +10,38 @@ under the real name, and `cleanup` finds what a dead owner left behind.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from diskpipe.converter.checksums import Extent
+from diskpipe.converter.qemu_img import TargetSpec
 
 TMP_MARKER = ".tmp."
+# An image id becomes a file name and an RBD image name inside qemu's
+# `rbd:pool/name:opt=...` syntax, so it keeps to characters none of those
+# give a meaning (no `/`, `:`, `@`, `\`, `,`, no leading dot or dash).
+IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class InvalidImageId(ValueError):
+    """An image id diskpipe will not use as a name: a usage error."""
+
+
+def check_image_id(image_id: str) -> str:
+    """Return `image_id` if it is safe as a file and RBD image name, else
+    raise InvalidImageId. The one place ids are checked."""
+    if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
+        raise InvalidImageId(
+            f"invalid image id {image_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    if ".." in image_id or TMP_MARKER in image_id:
+        # `..` reads as a parent directory; `.tmp.` would make the id look
+        # like another image's temporary to purge and cleanup.
+        raise InvalidImageId(f"invalid image id {image_id!r}: it may not contain '..' or {TMP_MARKER!r}")
+    return image_id
 
 
 class StoreError(RuntimeError):
@@ -86,8 +110,8 @@ class Target(Protocol):
     name: str  # the temporary name
     size: int
 
-    def qemu_target(self) -> tuple[str, bool]:
-        """(what qemu-img convert writes to, whether qemu creates it)."""
+    def qemu_target(self) -> TargetSpec:
+        """What qemu-img convert writes to (a descriptor or a store-built name)."""
         ...
 
     def extents(self) -> Iterator[Extent]:

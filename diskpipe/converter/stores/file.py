@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from diskpipe.converter.checksums import Extent
+from diskpipe.converter.qemu_img import TargetSpec
 from diskpipe.converter.stores.base import (
     TMP_MARKER,
     ImageExists,
     ImageNotFound,
     Location,
     StoreUnavailable,
+    check_image_id,
     owner_alive,
     owner_tag,
     tmp_name,
@@ -61,8 +63,12 @@ class FileTarget:
         self.format = image_format
         self._fd: int | None = None
 
-    def qemu_target(self) -> tuple[str, bool]:
-        return str(self.path), True
+    def qemu_target(self) -> TargetSpec:
+        """qemu-img writes through a descriptor on a file created here, so
+        the store directory's path never reaches it as a name."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        return TargetSpec.descriptor(self._fd)
 
     def _open(self, flags: int = os.O_RDONLY) -> int:
         if self._fd is None:
@@ -115,7 +121,7 @@ class FileStore:
             raise StoreUnavailable(f"file store {self.directory}: {error.strerror}") from error
 
     def _final(self, image_id: str, image_format: str = "raw") -> Path:
-        return self.directory / f"{image_id}.{image_format}"
+        return self.directory / f"{check_image_id(image_id)}.{image_format}"
 
     def _find(self, image_id: str) -> Path | None:
         for image_format in FORMATS:

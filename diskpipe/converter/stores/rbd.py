@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from diskpipe.converter.checksums import Extent
+from diskpipe.converter.qemu_img import TargetSpec
 from diskpipe.converter.stores.base import (
     TMP_MARKER,
     ImageExists,
@@ -34,6 +35,7 @@ from diskpipe.converter.stores.base import (
     Location,
     StoreError,
     StoreUnavailable,
+    check_image_id,
     owner_alive,
     owner_tag,
     tmp_name,
@@ -117,8 +119,8 @@ class RbdTarget:
         self.sealed = False
         self._image: Any = None
 
-    def qemu_target(self) -> tuple[str, bool]:
-        return qemu_rbd_target(self.store.config, self.name), False
+    def qemu_target(self) -> TargetSpec:
+        return TargetSpec.rbd(qemu_rbd_target(self.store.config, self.name))
 
     def _open(self) -> Any:
         if self._image is None:
@@ -214,6 +216,7 @@ class RbdStore:
     def begin(self, image_id: str, size: int, *, image_format: str = "raw") -> RbdTarget:
         if image_format != "raw":
             raise StoreError("the RBD store keeps raw images only (Ceph clones copy-on-write only from raw)")
+        check_image_id(image_id)  # it becomes part of qemu's `rbd:pool/name:...` filename
         _, rbd = _bindings()
         ioctx = self._connect()
         if self.exists(image_id):
