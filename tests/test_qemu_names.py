@@ -26,6 +26,7 @@ import pytest
 
 from diskpipe.converter import qemu_img
 from diskpipe.converter.convert import ConvertRequest, convert_image
+from diskpipe.converter.limits import convert_limits
 from diskpipe.converter.stores.file import FileStore
 from tests.conftest import ROOT
 
@@ -410,3 +411,29 @@ def test_image_specs_hold_descriptors_not_names(tmp_path: Path) -> None:
             qemu_img.ImageSpec(fd, "raw,file.driver=nbd")
     finally:
         os.close(fd)
+
+
+def test_a_conversion_never_opens_a_backing_file_even_past_the_policy(tmp_path: Path) -> None:
+    """A second lock behind the policy: qemu-img convert is told `backing=`,
+    so a backing file that the inspector and the cross-check both missed
+    would still not be read. `info` keeps seeing it, for the cross-check."""
+    secret = tmp_path / "secret.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(secret), "1M"], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x41 0 64k", str(secret)], check=True, capture_output=True
+    )
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "qcow2", str(overlay)], check=True
+    )
+    out = tmp_path / "out.raw"
+    source_fd = os.open(overlay, os.O_RDONLY)
+    target_fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        spec = qemu_img.ImageSpec(source_fd, "qcow2")
+        assert qemu_img.info(spec).get("backing-filename") == str(secret)
+        qemu_img.convert(spec, qemu_img.TargetSpec.descriptor(target_fd), "raw", convert_limits(1 << 20, to_file=True))
+    finally:
+        os.close(source_fd)
+        os.close(target_fd)
+    assert out.read_bytes() == bytes(1 << 20)

@@ -133,8 +133,14 @@ class ImageSpec:
             return []
         return ["--object", f"secret,id=sec0,file={_descriptor_name(self.secret_fd)}"]
 
-    def source_args(self) -> list[str]:
+    def source_args(self, *, no_backing: bool = False) -> list[str]:
+        """`no_backing` adds `backing=` (qemu 7.2: open no backing file): a
+        second lock behind the policy for the conversion. `info` leaves it
+        out, so that the cross-check still sees any backing file qemu would
+        follow and can disagree with the inspector."""
         rendered = "".join(f"{key}={_escape_option(value)}," for key, value in self.options)
+        if no_backing:
+            rendered += "backing=,"
         return [
             "--image-opts",
             f"driver={self.format},{rendered}file.driver=file,file.filename={_descriptor_name(self.fd)}",
@@ -320,7 +326,7 @@ def convert_args(
         args += ["-n", "--target-is-zero"]
     for option in target_options:
         args += ["-o", option]
-    args += [*source.source_args(), "-O", target_format, target.filename]
+    args += [*source.source_args(no_backing=True), "-O", target_format, target.filename]
     return args
 
 
