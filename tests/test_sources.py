@@ -283,6 +283,30 @@ def test_local_paths_stay_inside_the_import_directories(tmp_path: Path, qcow2_by
         sources.open_local(str(allowed / "ok.qcow2"), sources.ImportConfig())
 
 
+def test_a_directory_swapped_for_a_symlink_after_the_check_leads_nowhere(tmp_path: Path) -> None:
+    """open_local resolves and checks the path, then opens it one component
+    at a time beneath the import directory: a directory on the checked path
+    that became a symlink (a submitter racing the check) fails to open
+    instead of leading out of the tree. The swap is made before the walk,
+    which is the state the race would leave."""
+    allowed = tmp_path / "imports"
+    (allowed / "sub").mkdir(parents=True)
+    (allowed / "sub" / "disk.raw").write_bytes(b"inside")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "disk.raw").write_bytes(b"secret")
+    fd = sources.open_beneath(str(allowed), "sub/disk.raw")
+    assert os.read(fd, 16) == b"inside"
+    os.close(fd)
+    (allowed / "sub").rename(tmp_path / "moved")
+    (allowed / "sub").symlink_to(outside)
+    with pytest.raises(OSError):
+        sources.open_beneath(str(allowed), "sub/disk.raw")
+    for relative in ("../outside/disk.raw", "", "sub/../../outside/disk.raw"):
+        with pytest.raises(OSError):
+            sources.open_beneath(str(allowed), relative)
+
+
 def test_the_embedded_import_needs_no_server(tmp_path: Path, samples_dir: Path, manifest: list[Any]) -> None:
     entry = next(entry for entry in manifest if entry.name == "vmdk-stream-data")
     env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "data"))

@@ -16,6 +16,7 @@ size-capped and time-limited.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import http.client
 import os
@@ -120,15 +121,12 @@ def open_local(path: str, config: ImportConfig) -> Staged:
     allowed = [os.path.realpath(directory) for directory in config.allowed_dirs]
     if not any(resolved == base or resolved.startswith(base.rstrip("/") + "/") for base in allowed):
         raise SourceRefused(f"{path} is outside the import directories ({', '.join(config.allowed_dirs)})")
+    base = next(base for base in allowed if resolved == base or resolved.startswith(base.rstrip("/") + "/"))
     try:
-        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = open_beneath(base, os.path.relpath(resolved, base))
     except OSError as error:
         raise SourceRefused(f"{path}: {error.strerror}") from error
     status = os.fstat(fd)
-    # The file opened must still be the one that was checked.
-    if not os.path.samestat(status, os.stat(resolved)) or os.path.realpath(path) != resolved:
-        os.close(fd)
-        raise SourceRefused(f"{path} changed while it was being opened")
     import stat as stat_module
 
     if not stat_module.S_ISREG(status.st_mode):
@@ -144,6 +142,30 @@ def open_local(path: str, config: ImportConfig) -> Staged:
         )
     os.set_blocking(fd, True)
     return Staged(fd=fd, path=resolved, owned=False, description=path)
+
+
+def open_beneath(base: str, relative: str) -> int:
+    """Open `relative` under the directory `base` one component at a time,
+    each with O_NOFOLLOW relative to the directory opened before it.
+
+    The path was resolved (realpath) and checked against the import
+    directories, but a submitter who can write there could swap a directory
+    on that path for a symlink between the check and an open by name.
+    Walking with descriptors, a component that is now a symlink fails
+    (ELOOP/ENOTDIR) instead of leading out of the tree.
+    """
+    parts = [part for part in relative.split("/") if part not in ("", ".")]
+    if not parts or ".." in parts:
+        raise OSError(errno.EINVAL, "not a file inside the import directory")
+    directory = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+            os.close(directory)
+            directory = inner
+        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=directory)
+    finally:
+        os.close(directory)
 
 
 # -- staging ---------------------------------------------------------------
