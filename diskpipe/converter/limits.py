@@ -1,21 +1,17 @@
 """Resource limits and lifetime rules for every qemu-img child.
 
 Each child runs in its own session (so cancelling kills its whole process
-group), dies with its parent (PR_SET_PDEATHSIG), and gets address-space, CPU
+group), dies with its parent (PDEATHSIG, set by util-linux's setpriv), and gets address-space, CPU
 time and file-size caps, `convert` included (OpenStack caps only `info`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import resource
-import signal
-from collections.abc import Callable
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-PR_SET_PDEATHSIG = 1
 GiB = 1 << 30
 
 
@@ -55,36 +51,33 @@ def convert_limits(virtual_size: int, *, to_file: bool, timeout: float | None = 
     )
 
 
-def _prctl() -> Callable[..., int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    libc = ctypes.CDLL(name, use_errno=True)
-    function: Callable[..., int] = libc.prctl
-    return function
+def _tool(name: str) -> str:
+    found = shutil.which(name) or next(
+        (path for path in (f"/usr/bin/{name}", f"/bin/{name}") if os.access(path, os.X_OK)), None
+    )
+    if found is None:
+        raise FileNotFoundError(f"{name} not found (install util-linux): qemu-img is never run without its limits")
+    return found
 
 
-_PRCTL = _prctl()
+def limited_command(command: Sequence[str], limits: Limits) -> list[str]:
+    """`command` wrapped so that the child applies its own limits before it
+    becomes qemu-img: util-linux's `setpriv --pdeathsig KILL` (die with the
+    parent thread: a killed worker leaves no qemu-img writing) execs
+    `prlimit --as/--cpu/--fsize/--core=0` which execs the command.
 
-
-def child_setup(limits: Limits) -> Callable[[], None]:
-    """A `preexec_fn` applying the limits in the child before exec."""
-
-    parent = os.getpid()
-
-    def apply() -> None:
-        # Die with the parent: a killed worker must not leave qemu-img writing.
-        if _PRCTL is not None:
-            _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() != parent:
-                os._exit(125)  # the parent already died between fork and prctl
-        if limits.address_space is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (limits.address_space, limits.address_space))
-        if limits.cpu_seconds is not None:
-            resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
-        if limits.file_size is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size, limits.file_size))
-        # No core dumps of a crashing qemu-img full of guest data.
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return apply
+    This replaces a Python `preexec_fn`: code run between fork and exec in a
+    threaded process (a Celery worker with librados and hashing threads)
+    can deadlock on a lock another thread held at fork time. Both tools
+    exec in place, so the child's pid is qemu-img's. The one gap is a parent
+    that dies before setpriv sets the signal (microseconds after the fork);
+    qemu-img's CPU cap and the caller's process-group kill bound that case.
+    """
+    limits_args = ["--core=0"]  # no core dumps of a crashing qemu-img full of guest data
+    if limits.address_space is not None:
+        limits_args.append(f"--as={limits.address_space}")
+    if limits.cpu_seconds is not None:
+        limits_args.append(f"--cpu={limits.cpu_seconds}")
+    if limits.file_size is not None:
+        limits_args.append(f"--fsize={limits.file_size}")
+    return [_tool("setpriv"), "--pdeathsig", "KILL", "--", _tool("prlimit"), *limits_args, "--", *command]

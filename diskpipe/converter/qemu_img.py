@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from diskpipe.converter.limits import INFO_LIMITS, Limits, child_setup
+from diskpipe.converter.limits import INFO_LIMITS, Limits, limited_command
 
 STDERR_KEPT = 16 * 1024  # the tail of qemu's stderr kept for the error
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
@@ -194,11 +194,10 @@ def run(
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("LC_ALL", "C")  # stable, parseable messages
     process = subprocess.Popen(
-        command,
+        limited_command(command, limits),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        preexec_fn=child_setup(limits),  # noqa: PLW1509 - rlimits and PDEATHSIG must be set in the child
         start_new_session=True,
         close_fds=True,
         pass_fds=pass_fds,
