@@ -67,8 +67,6 @@ def _print_table(rows: list[tuple[str, str]]) -> None:
 
 def _info_rows(entry: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [("file", str(entry.get("filename", "-")))]
-    if "error" in entry:
-        return [*rows, ("error", entry["error"])]
     rows += [
         ("format", entry["format"]),
         ("disk format", entry["disk-format"]),
@@ -127,10 +125,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             entry.update(check(info, policy).to_json())
             entries.append(entry)
         except FormatError as error:
-            entries.append({"filename": path, "error": str(error)})
+            entries.append({"filename": path, "error": str(error), "safe": False})
             exit_code = max(exit_code, EXIT_REFUSED)
         except OSError as error:
-            entries.append({"filename": path, "error": f"{error.strerror or error}"})
+            entries.append({"filename": path, "error": f"{error.strerror or error}", "safe": False})
             exit_code = max(exit_code, EXIT_USAGE)
     if args.output == "json":
         document: Any = entries[0] if len(entries) == 1 else entries
@@ -138,12 +136,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         print(json.dumps(document, indent=2))
     else:
-        for index, entry in enumerate(entries):
-            if index:
+        shown = 0
+        for entry in entries:
+            if "error" in entry:
+                continue
+            if shown:
                 print()
             _print_table(_info_rows(entry))
+            shown += 1
+    # Errors go to stderr in both modes: stdout keeps only what was learnt.
     for entry in entries:
-        if "error" in entry and args.output == "json":
+        if "error" in entry:
             print(f"diskpipe: {entry['filename']}: {entry['error']}", file=sys.stderr)
     return exit_code
 
@@ -196,12 +199,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
 INSPECTION_COMMANDS = ("info", "validate")
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, looked up only when asked: importlib.metadata would
+    cost every `diskpipe info` start a few milliseconds."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("diskpipe")
+        except PackageNotFoundError:  # a checkout that was never installed
+            found = "unknown"
+        print(f"diskpipe {found}")
+        parser.exit()
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; given the command about to run and it is one
     of INSPECTION_COMMANDS, only those (the job commands' module is not
     imported on the fast path)."""
     parser = _Parser(prog="diskpipe", description="Inspect, validate, convert and store VM disk images.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     info = commands.add_parser("info", help="what an image really is, as qemu-img info would say")

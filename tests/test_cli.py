@@ -66,6 +66,23 @@ def test_info_several_files_with_errors_gives_the_highest_code(
     result = diskpipe("info", "--output=json", str(good), str(broken), str(missing))
     assert result.returncode == 2
     assert "No such file" in json.loads(result.stdout)[2]["error"]
+    assert [entry.get("safe") for entry in json.loads(result.stdout)[1:]] == [False, False]
+    single = diskpipe("info", "--output=json", str(missing))
+    assert isinstance(json.loads(single.stdout), dict) and json.loads(single.stdout)["safe"] is False
+
+
+def test_info_errors_go_to_stderr_in_human_mode(samples_dir: Path, manifest: list[Any], tmp_path: Path) -> None:
+    good = samples_dir / by_name(manifest, "vhd-dynamic").file
+    missing = tmp_path / "missing.img"
+    result = diskpipe("info", str(good), str(missing))
+    assert result.returncode == 2
+    assert "missing.img" not in result.stdout and "format        vpc" in result.stdout
+    assert result.stderr.strip() == f"diskpipe: {missing}: No such file or directory"
+
+
+def test_version() -> None:
+    result = diskpipe("--version")
+    assert result.returncode == 0 and result.stdout.startswith("diskpipe ")
 
 
 def test_info_human_table_and_unsafe_image(samples_dir: Path, manifest: list[Any]) -> None:
