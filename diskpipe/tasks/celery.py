@@ -81,6 +81,8 @@ def worker_redis() -> Any:
 
 @cache
 def _environment_for(pid: int) -> Any:
+    import redis
+
     from diskpipe.converter.stores.rbd import load_rbd_config
     from diskpipe.formats.policy import load_policy
     from diskpipe.tasks.lease import Lease
@@ -99,6 +101,9 @@ def _environment_for(pid: int) -> Any:
         lease=lambda image_id: Lease(client, image_id, owner, ttl=config.lease_ttl),
         lease_wait=config.lease_wait,
         owner=owner,
+        # Redis unreachable: retried by the task; a soft time limit ends the record.
+        retry_errors=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError),
+        time_limit_errors=(SoftTimeLimitExceeded,),
     )
 
 
