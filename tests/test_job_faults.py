@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import json
+import os
+import signal
 import subprocess
+import sys
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,7 @@ from diskpipe.converter.stores.file import FileStore
 from diskpipe.tasks import pipeline, sources
 from diskpipe.tasks.pipeline import Environment, ImportJob, ensure_record, run_import
 from diskpipe.tasks.records import SqliteRecords
+from tests.conftest import ROOT
 
 
 class Injected(Exception):
@@ -223,3 +230,131 @@ def test_a_saving_record_whose_lease_is_gone_is_taken_over_by_a_resubmission(
     record = run_import(job, env, "resubmitted")
     assert record["status"] == "active", record.get("reason")
     assert not Lease(client, image_id, "cli").held_by_anyone()
+
+
+# -- through a real Celery worker ------------------------------------------------
+
+CELERY_WORKER = [sys.executable, "-m", "celery", "-A", "tests.fault_worker", "worker", "-c", "1", "-l", "info"]
+CELERY_WORKER += ["--without-mingle", "--without-gossip"]
+
+
+@pytest.fixture(scope="module")
+def fault_worker(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, images: Path
+) -> Iterator[tuple[dict[str, str], Path, Path]]:
+    """A Celery worker (`tests.fault_worker`) over the test Redis, with the file
+    store; yields (its environment, the fault file, its base directory)."""
+    base = tmp_path_factory.mktemp("fault-worker")
+    config = base / "diskpipe.toml"
+    config.write_text(
+        f"""
+[store]
+kind = "file"
+directory = "{base / "store"}"
+[import]
+allowed_dirs = ["{images}"]
+staging_dir = "{base / "staging"}"
+[celery]
+queue = "diskpipe-faults"
+visibility_timeout = 60
+lease_ttl = 6
+max_retries = 1
+retry_backoff_max = 1
+"""
+    )
+    fault_file = base / "fault"
+    env = dict(
+        os.environ,
+        DISKPIPE_CONFIG=str(config),
+        DISKPIPE_BROKER_URL=redis_url,
+        DISKPIPE_TEST_FAULT_FILE=str(fault_file),
+        PYTHONUNBUFFERED="1",
+    )
+    log = base / "worker.log"
+    with log.open("ab") as handle:
+        worker = subprocess.Popen(
+            [*CELERY_WORKER, "-n", f"faults-{os.getpid()}@%h"],
+            cwd=ROOT,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while b" ready." not in log.read_bytes():
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fault worker did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield env, fault_file, base
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "diskpipe", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def worker_left_behind(base: Path) -> list[str]:
+    return left_behind(base)
+
+
+@pytest.mark.parametrize("step", ["fetch", "unpack", "convert", "verify"])
+def test_a_bug_in_a_worker_ends_the_record_killed_naming_the_step(
+    step: str, fault_worker: tuple[dict[str, str], Path, Path], images: Path
+) -> None:
+    env, fault_file, base = fault_worker
+    fault_file.write_text(step)
+    image_id = f"fault-{step}-{uuid.uuid4().hex[:6]}"
+    done = cli(env, "import", str(images / "disk.qcow2.gz"), "--id", image_id, "--output=json")
+    record = json.loads(done.stdout)
+    # A bug is no verdict on the image: exit 2, not 1.
+    assert done.returncode == 2 and record["status"] == "killed", (done.stdout, done.stderr)
+    assert record["reason"] == f"internal error during {step}: RuntimeError: injected bug at {step}"
+    assert worker_left_behind(base) == []
+
+
+def test_a_record_left_saving_by_a_failed_worker_is_taken_over_by_resubmitting(
+    fault_worker: tuple[dict[str, str], Path, Path], redis_url: str, images: Path
+) -> None:
+    from celery import Celery
+
+    from diskpipe.tasks.lease import Lease
+    from diskpipe.tasks.records import RedisRecords
+    from diskpipe.tasks.settings import redis_client
+
+    env, fault_file, base = fault_worker
+    client = redis_client(redis_url)
+    records = RedisRecords(client)
+    fault_file.write_text("verify+escape")
+    image_id = f"wedged-{uuid.uuid4().hex[:6]}"
+    submitted = cli(env, "import", str(images / "disk.qcow2"), "--id", image_id, "--no-wait")
+    assert submitted.returncode == 0, submitted.stderr
+    # The job fails in a way even its record cannot tell: its task fails, the
+    # record stays saving, and the worker has let go of the lease.
+    first = records.get(image_id)
+    assert first is not None
+    result = Celery(broker=redis_url, backend=redis_url).AsyncResult(first["task_id"])
+    result.get(timeout=120, propagate=False)
+    assert result.state == "FAILURE"
+    assert records.get(image_id)["status"] == "saving"
+    assert not Lease(client, image_id, "test").held_by_anyone()
+    fault_file.write_text("")
+    again = cli(env, "import", str(images / "disk.qcow2"), "--id", image_id, "--output=json", timeout=120)
+    record = json.loads(again.stdout)
+    assert again.returncode == 0 and record["status"] == "active", (again.stdout, again.stderr)
+    assert record["attempts"] == 2
+    assert worker_left_behind(base) == [f"store/{image_id}.raw"]
