@@ -30,8 +30,9 @@ from diskpipe.formats import FormatError, ImageInfo, StreamInspector, inspect
 from diskpipe.formats.base import InspectOptions
 from diskpipe.formats.crc import crc32c
 from diskpipe.formats.detect import inspection
+from diskpipe.formats.errors import Unavailable
 from diskpipe.formats.policy import Policy, check
-from diskpipe.formats.reads import run_on_bytes
+from diskpipe.formats.reads import Read, ReadTail, run_on_bytes
 from diskpipe.tasks import sources
 from diskpipe.tasks.pipeline import Environment, ImportJob, run_import
 from diskpipe.tasks.records import SqliteRecords
@@ -407,3 +408,75 @@ def test_reordered_and_mutated_streams_end_in_format_error_or_a_verdict(
     event("stream: decided")
     assert from_bytes is not None, "the stream decided what the file refuses"
     assert (streamed.format, streamed.virtual_size) == (from_bytes.format, from_bytes.virtual_size)
+
+
+# -- inspector bugs: whatever goes wrong inside, only FormatError leaves ---------
+
+
+def _raises(error: Exception) -> Any:
+    def inspector(*_: Any) -> Any:
+        yield Read(0, 512)
+        raise error
+
+    return inspector
+
+
+def _yields(request: Any) -> Any:
+    def inspector(*_: Any) -> Any:
+        yield Read(0, 512)
+        yield request
+
+    return inspector
+
+
+def _recurses(*_: Any) -> Any:
+    def deeper(depth: int) -> int:
+        return deeper(depth + 1)
+
+    yield Read(0, 512)
+    deeper(0)
+
+
+def _behind_after_the_end(*_: Any) -> Any:
+    yield ReadTail(512)  # waits for the end of the stream...
+    yield Read(300_000, 512)  # ...then asks for bytes long passed
+    return ImageInfo("raw", "raw", 0, 0)
+
+
+def _swallows_unavailable(*_: Any) -> Any:
+    yield Read(1_500_000, 16)
+    try:
+        yield Read(200_000, 16)
+    except Unavailable:
+        yield Read(200_000, 16)  # asks again: still passed
+    return ImageInfo("raw", "raw", 0, 0)
+
+
+BUGS = {
+    "index-error": (_raises(IndexError("list index out of range")), "inspection failed"),
+    "struct-error": (_raises(struct.error("unpack requires a buffer of 8 bytes")), "inspection failed"),
+    "not-a-request": (_yields(None), "inspection failed"),
+    "unbounded-read": (_yields(Read(0, 1 << 40)), "inspection failed"),
+    "negative-read": (_yields(Read(-5, 10)), "inspection failed"),
+    "recursion": (_recurses, "inspection failed"),
+    "behind-after-the-end": (_behind_after_the_end, None),
+    "asks-again-for-passed-bytes": (_swallows_unavailable, None),
+}
+
+
+@pytest.mark.parametrize("name", list(BUGS))
+@pytest.mark.parametrize("chunk", [1000, 65536, 1 << 20])
+def test_an_inspector_bug_ends_in_format_error_or_undecided(
+    name: str, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diskpipe.formats import api
+
+    broken, message = BUGS[name]
+    monkeypatch.setattr(api, "inspection", broken)  # a bug cannot be caused for real
+    data = bytes(range(256)) * 8192  # 2 MiB
+    if message is None:
+        info = stream(data, [chunk])
+        assert info.undecided is not None and not check(info, Policy()).decided
+    else:
+        with pytest.raises(FormatError, match=message):
+            stream(data, [chunk])
