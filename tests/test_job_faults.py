@@ -234,6 +234,7 @@ def test_a_saving_record_whose_lease_is_gone_is_taken_over_by_a_resubmission(
 
 # -- through a real Celery worker ------------------------------------------------
 
+SOFT_TIME_LIMIT = 25  # seconds; every job here takes a few
 CELERY_WORKER = [sys.executable, "-m", "celery", "-A", "tests.fault_worker", "worker", "-c", "1", "-l", "info"]
 CELERY_WORKER += ["--without-mingle", "--without-gossip"]
 
@@ -257,6 +258,8 @@ staging_dir = "{base / "staging"}"
 [celery]
 queue = "diskpipe-faults"
 visibility_timeout = 60
+soft_time_limit = {SOFT_TIME_LIMIT}
+time_limit = {SOFT_TIME_LIMIT * 2}
 lease_ttl = 6
 max_retries = 1
 retry_backoff_max = 1
@@ -358,3 +361,36 @@ def test_a_record_left_saving_by_a_failed_worker_is_taken_over_by_resubmitting(
     assert again.returncode == 0 and record["status"] == "active", (again.stdout, again.stderr)
     assert record["attempts"] == 2
     assert worker_left_behind(base) == [f"store/{image_id}.raw"]
+
+
+def test_a_time_limit_while_waiting_for_a_live_lease_kills_no_record(
+    fault_worker: tuple[dict[str, str], Path, Path], redis_url: str, images: Path
+) -> None:
+    from celery import Celery
+
+    from diskpipe.tasks.lease import Lease
+    from diskpipe.tasks.records import RedisRecords, new_record
+    from diskpipe.tasks.settings import redis_client
+
+    _, fault_file, _ = fault_worker
+    fault_file.write_text("")
+    client = redis_client(redis_url)
+    records = RedisRecords(client)
+    image_id = f"busy-{uuid.uuid4().hex[:6]}"
+    source = str(images / "disk.qcow2")
+    # Another delivery is working on the image and holds its lease.
+    records.create(new_record(image_id, source=source, task_id="live-attempt"))
+    records.transition(image_id, "queued", "saving", task_id="live-attempt", owner="live-worker")
+    live = Lease(client, image_id, "live-worker", ttl=6)
+    assert live.try_acquire()
+    live.start_heartbeat()
+    try:
+        # A second delivery waits for that lease until its soft time limit.
+        result = Celery(broker=redis_url, backend=redis_url).send_task(
+            "diskpipe.import_image", kwargs={"image_id": image_id, "source": source}, queue="diskpipe-faults"
+        )
+        result.get(timeout=SOFT_TIME_LIMIT * 4, propagate=False)
+        record = records.get(image_id)
+        assert record is not None and record["status"] == "saving" and record["task_id"] == "live-attempt", record
+    finally:
+        live.release()

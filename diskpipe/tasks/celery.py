@@ -142,9 +142,11 @@ def import_image(
     try:
         return run_import(job, worker_environment(), attempt=self.request.id or image_id, final_attempt=final)
     except SoftTimeLimitExceeded:
-        from diskpipe.tasks.pipeline import _kill
-
-        return _kill(worker_environment().records, image_id, "time limit exceeded")
+        # run_import ends its own record on a time limit; one that escapes it
+        # hit while this delivery held no record of its own (waiting for
+        # another delivery's lease): that record is not this task's to kill.
+        record = worker_environment().records.get(image_id)
+        return record if record is not None else {"id": image_id, "error": "time limit exceeded"}
     except _transient_errors() as error:
         log.warning("import of %s: transient failure, retry %d: %s", image_id, self.request.retries + 1, error)
         raise self.retry(exc=error, countdown=_backoff(self.request.retries)) from error
