@@ -193,6 +193,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         for issue in result["issues"]:
             print(f"{name}: {issue['check']}: {issue['message']}", file=sys.stderr)
+        if result.get("decided") is False:
+            for note in result["notes"]:
+                print(f"{name}: undecided: {note}", file=sys.stderr)
     return exit_code
 
 

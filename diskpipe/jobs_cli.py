@@ -219,10 +219,13 @@ def cmd_import(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         from celery import Celery
 
+        from diskpipe.tasks.lease import Lease
         from diskpipe.tasks.settings import load_celery_config
 
         attempt = f"{image_id}.{uuid.uuid4().hex[:8]}"
-        record = ensure_record(records, job, attempt)
+        # A record left `saving` with no lease (its worker died) is taken over.
+        lease = Lease(records.redis, image_id, owner=attempt)
+        record = ensure_record(records, job, attempt, lease_gone=lambda: not lease.held_by_anyone())
         if record.get("task_id") == attempt:
             Celery(broker=broker).send_task(
                 "diskpipe.import_image", kwargs=job.to_json(), task_id=attempt, queue=load_celery_config().queue

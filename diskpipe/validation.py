@@ -12,7 +12,7 @@ from diskpipe.formats import FormatError, ImageInfo, StreamInspector, claim_pref
 from diskpipe.formats.detect import glance_disk_format
 from diskpipe.formats.policy import Issue, Policy, Verdict, check, load_policy
 
-__all__ = ["FormatError", "UnsafeImage", "ValidatingReader", "validate"]
+__all__ = ["FormatError", "StreamUndecided", "UnsafeImage", "ValidatingReader", "validate"]
 
 READ_CHUNK = 1024 * 1024
 
@@ -24,6 +24,17 @@ class UnsafeImage(Exception):
         self.issues = tuple(issues)
         self.verdict = verdict
         super().__init__("; ".join(f"{issue.check}: {issue.message}" for issue in self.issues))
+
+
+class StreamUndecided(UnsafeImage):
+    """The stream could not decide (an honest image may keep its tables in an
+    order a stream cannot follow): no refusal, but no safe verdict either.
+    `.verdict.decided` is False; validate the complete file before use.
+    An `UnsafeImage`, so a caller that only catches that stays safe."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__((), verdict)
+        self.args = ("; ".join(verdict.notes),)
 
 
 def validate(
@@ -66,7 +77,8 @@ class ValidatingReader:
     hidden in another, content that is no disk image...) `UnsafeImage` is
     raised, so an upload server can abort early; the full verdict comes at the
     end of the data (then `.verdict` holds it). Broken input raises
-    `FormatError`. Memory held is bounded by the stream inspector's bound
+    `FormatError`; data whose tables come in an order a stream cannot follow
+    raises `StreamUndecided` at the end (validate the stored file then). Memory held is bounded by the stream inspector's bound
     (about 1.2 MiB) plus the chunk in hand.
     """
 
@@ -135,6 +147,8 @@ class ValidatingReader:
         if self.verdict is None:
             info = self._inspector.finish()
             self.verdict = check(info, self._policy, self._claimed)
+            if not self.verdict.decided:
+                raise StreamUndecided(self.verdict)
             if not self.verdict.safe:
                 raise UnsafeImage(self.verdict.issues, self.verdict)
         return self.verdict

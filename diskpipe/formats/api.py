@@ -11,7 +11,8 @@ from typing import Any, BinaryIO
 
 from diskpipe.formats import raw
 from diskpipe.formats.base import InspectOptions
-from diskpipe.formats.detect import Progress, inspection
+from diskpipe.formats.detect import Progress, inspection, undecided_info
+from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import ImageInfo
 from diskpipe.formats.reads import StreamDriver, run_on_file, run_on_reader
 
@@ -107,6 +108,13 @@ class StreamInspector:
     Memory held: at most `reads.HEAD_RETAIN + reads.TAIL_RETAIN +
     reads.MAX_READ` bytes (about 1.2 MiB) of image data, whatever the chunk
     size, plus the inspectors' own small state.
+
+    `feed` and `finish` raise `FormatError` for broken input and nothing else
+    for anything the data does. An honest image may keep a structure before
+    one the stream has already read past (a VHDX whose log lies after its
+    metadata): then the stream cannot decide, `undecided` says why, and
+    `finish` returns the facts the head gave with `ImageInfo.undecided` set,
+    which the policy turns into an undecided verdict (check the whole file).
     """
 
     def __init__(self, *, allocation: bool = False, filename: str | None = None) -> None:
@@ -116,16 +124,37 @@ class StreamInspector:
         self._filename = filename
         self._driver = StreamDriver(inspection(InspectOptions(allocation=allocation), None, self.progress))
         self._info: ImageInfo | None = None
+        self.undecided: str | None = None
 
     @property
     def bytes_seen(self) -> int:
         return self._driver.position
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> None:
-        self._driver.feed(chunk)
+        try:
+            self._driver.feed(chunk)
+        except Exception as error:  # noqa: BLE001 - sorted by _settle
+            self._settle(error)
 
     def finish(self) -> ImageInfo:
         if self._info is None:
-            info: ImageInfo = self._driver.finish()
+            try:
+                info: ImageInfo = self._driver.finish()
+            except Exception as error:  # noqa: BLE001 - sorted by _settle
+                self._settle(error)
+                info = undecided_info(self.progress, self._driver.position, self.undecided or str(error))
             self._info = info.with_changes(streamed=True, filename=self._filename)
         return self._info
+
+    def _settle(self, error: Exception) -> None:
+        """Only `FormatError` leaves a stream inspection; returns when the
+        stream could not decide."""
+        if error is not self._driver.error or isinstance(error, FormatError):
+            raise error  # a caller's mistake (feed after finish...), or broken input
+        fmt = (self.progress.head_matches or ["stream"])[0]
+        if isinstance(error, Unavailable):
+            self.undecided = f"{fmt} structures come in an order a stream cannot follow ({error})"
+            return
+        # An inspector bug the data provoked (an IndexError, a bad request...):
+        # refused as malformed rather than let an unexpected type escape.
+        raise FormatError(fmt, f"inspection failed on this data: {type(error).__name__}: {error}") from error

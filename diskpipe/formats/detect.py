@@ -58,6 +58,23 @@ def glance_disk_format(format_name: str, contents: list[Content]) -> str:
     return "raw"
 
 
+def undecided_info(progress: Progress, size: int, reason: str) -> ImageInfo:
+    """What a stream that could not decide knows: the head's matches and
+    contents, no container facts."""
+    matches = progress.head_matches or []
+    contents = progress.contents or []
+    fmt = matches[0] if matches else "raw"
+    return ImageInfo(
+        format=fmt,
+        disk_format=glance_disk_format(fmt, contents),
+        virtual_size=0,
+        file_size=size,
+        matches=tuple(matches),
+        contents=tuple(contents),
+        undecided=reason,
+    )
+
+
 def inspection(
     options: InspectOptions,
     filename: str | None = None,

@@ -99,6 +99,9 @@ class ImageInfo(NamedTuple):
     contents: tuple[Content, ...] = ()
     allocated_size: int | None = None
     streamed: bool = False
+    # Set when a stream could not decide (a structure lay behind its
+    # position): why. Only the head's facts are then known.
+    undecided: str | None = None
 
     def content_kinds(self) -> set[str]:
         return {content.kind for content in self.contents}
@@ -141,4 +144,6 @@ class ImageInfo(NamedTuple):
         out["contents"] = [content.to_json() for content in self.contents]
         if self.details:
             out["details"] = self.details
+        if self.undecided is not None:
+            out["undecided"] = self.undecided
         return out

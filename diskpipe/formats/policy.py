@@ -83,13 +83,23 @@ class Verdict(NamedTuple):
     issues: tuple[Issue, ...] = ()
     notes: tuple[str, ...] = ()
     info: ImageInfo | None = None
+    # False: a stream could not decide (not a refusal, not safe either); the
+    # notes say why, and only a check of the complete file can judge it.
+    decided: bool = True
 
     @property
     def checks(self) -> list[str]:
         return sorted({issue.check for issue in self.issues})
 
     def to_json(self) -> dict[str, Any]:
-        return {"safe": self.safe, "issues": [issue.to_json() for issue in self.issues], "notes": list(self.notes)}
+        out: dict[str, Any] = {
+            "safe": self.safe,
+            "issues": [issue.to_json() for issue in self.issues],
+            "notes": list(self.notes),
+        }
+        if not self.decided:
+            out["decided"] = False
+        return out
 
 
 class Context(NamedTuple):
@@ -371,7 +381,11 @@ def _notes(info: ImageInfo) -> tuple[str, ...]:
 
 def check(info: ImageInfo, policy: Policy | None = None, claimed: str | None = None, *, final: bool = True) -> Verdict:
     """Judge the facts. With `final=False` (a stream's head only) just the
-    checks the head decides run, and a safe answer means "not yet unsafe"."""
+    checks the head decides run, and a safe answer means "not yet unsafe".
+    Facts from a stream that could not decide (`info.undecided`) get the
+    head's checks only: a refusal if they find one, else an undecided verdict."""
+    undecided = info.undecided is not None
+    final = final and not undecided
     context = Context(policy or Policy(), claimed, final)
     issues: list[Issue] = []
     for name, decidable_from_head, function in CHECKS:
@@ -381,6 +395,9 @@ def check(info: ImageInfo, policy: Policy | None = None, claimed: str | None = N
             issues.extend(function(info, context))
         except Exception as error:  # noqa: BLE001 - fail closed: a crashing check is a failed check
             issues.append(Issue("internal", f"check {name} failed: {type(error).__name__}: {error}"))
+    if undecided and not issues:
+        note = f"stream could not decide: {info.undecided}; only a check of the complete file can judge it"
+        return Verdict(safe=False, notes=(note,), info=info, decided=False)
     return Verdict(safe=not issues, issues=tuple(issues), notes=_notes(info) if final else (), info=info)
 
 

@@ -62,8 +62,11 @@ def _check_request(request: Request) -> None:
     if isinstance(request, Read):
         if request.offset < 0 or request.length < 0 or request.length > MAX_READ:
             raise AssertionError(f"inspector asked for an unbounded read: {request}")
-    elif isinstance(request, ReadTail) and not 0 <= request.length <= TAIL_RETAIN:
-        raise AssertionError(f"inspector asked for too long a tail: {request}")
+    elif isinstance(request, ReadTail):
+        if not 0 <= request.length <= TAIL_RETAIN:
+            raise AssertionError(f"inspector asked for too long a tail: {request}")
+    elif not isinstance(request, GetSize):
+        raise AssertionError(f"inspector yielded {request!r}, not a request")
 
 
 def run_on_reader(inspection: Generator[Request, Any, T], read_at: Callable[[int, int], bytes], size: int) -> T:
@@ -146,6 +149,11 @@ class StreamDriver:
         return self._done
 
     @property
+    def error(self) -> BaseException | None:
+        """What the inspector raised (also an unbounded or malformed request)."""
+        return self._error
+
+    @property
     def waiting_for_end(self) -> bool:
         """The inspector only waits for the end of the stream (size or tail)."""
         return isinstance(self._pending, (ReadTail, GetSize))
@@ -165,6 +173,8 @@ class StreamDriver:
                 request = self._inspection.throw(throw)
             else:
                 request = self._inspection.send(answer)
+            # A bad request is the inspector's error, reported like its others.
+            _check_request(request)
         except StopIteration as stop:
             self._done = True
             self._pending = None
@@ -175,7 +185,6 @@ class StreamDriver:
             self._pending = None
             self._error = error
             return
-        _check_request(request)
         self._pending = request
 
     def _serve(self, chunk: memoryview, chunk_start: int) -> None:

@@ -81,6 +81,8 @@ def worker_redis() -> Any:
 
 @cache
 def _environment_for(pid: int) -> Any:
+    import redis
+
     from diskpipe.converter.stores.rbd import load_rbd_config
     from diskpipe.formats.policy import load_policy
     from diskpipe.tasks.lease import Lease
@@ -99,6 +101,9 @@ def _environment_for(pid: int) -> Any:
         lease=lambda image_id: Lease(client, image_id, owner, ttl=config.lease_ttl),
         lease_wait=config.lease_wait,
         owner=owner,
+        # Redis unreachable: retried by the task; a soft time limit ends the record.
+        retry_errors=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError),
+        time_limit_errors=(SoftTimeLimitExceeded,),
     )
 
 
@@ -137,9 +142,11 @@ def import_image(
     try:
         return run_import(job, worker_environment(), attempt=self.request.id or image_id, final_attempt=final)
     except SoftTimeLimitExceeded:
-        from diskpipe.tasks.pipeline import _kill
-
-        return _kill(worker_environment().records, image_id, "time limit exceeded")
+        # run_import ends its own record on a time limit; one that escapes it
+        # hit while this delivery held no record of its own (waiting for
+        # another delivery's lease): that record is not this task's to kill.
+        record = worker_environment().records.get(image_id)
+        return record if record is not None else {"id": image_id, "error": "time limit exceeded"}
     except _transient_errors() as error:
         log.warning("import of %s: transient failure, retry %d: %s", image_id, self.request.retries + 1, error)
         raise self.retry(exc=error, countdown=_backoff(self.request.retries)) from error

@@ -58,6 +58,8 @@ class LeaseLike(Protocol):
 
     def release(self) -> None: ...
 
+    def held_by_anyone(self) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class ImportJob:
@@ -94,6 +96,19 @@ class Environment:
     lease_wait: float | None = None  # how long a second delivery waits for a live lease
     trust_local_paths: bool = False  # the embedded CLI imports any file its user can read
     owner: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
+    # Infrastructure errors the caller retries (Celery: Redis unreachable),
+    # handled like Transient; any other unexpected error kills the record.
+    retry_errors: tuple[type[Exception], ...] = ()
+    # The caller's "out of time" errors (Celery's soft time limit).
+    time_limit_errors: tuple[type[Exception], ...] = ()
+
+
+@dataclass
+class JobStep:
+    """Where a job is, so an unexpected error can say which step failed."""
+
+    name: str = "record"
+    stored: bool = False  # the image is in the store under its final name
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -105,12 +120,16 @@ def is_url(source: str) -> bool:
     return _URL.match(source) is not None
 
 
-def ensure_record(records: RecordStore, job: ImportJob, attempt: str) -> dict[str, Any]:
+def ensure_record(
+    records: RecordStore, job: ImportJob, attempt: str, lease_gone: Callable[[], bool] | None = None
+) -> dict[str, Any]:
     """Create the queued record, or start a new attempt of a killed one.
 
     A redelivery of the attempt that killed the record (same `attempt` id)
-    does not start another; active, saving and queued records are left as
-    they are (idempotent by image id).
+    does not start another; active and queued records are left as they are
+    (idempotent by image id), and so is a saving record, unless `lease_gone()`
+    says no delivery holds its lease: its worker died or failed, and this
+    attempt takes it over (the record's `task_id` becomes `attempt`).
     """
     for _ in range(5):
         record = records.get(job.image_id)
@@ -136,6 +155,19 @@ def ensure_record(records: RecordStore, job: ImportJob, attempt: str) -> dict[st
                 continue
             records.request_cancel(job.image_id, False)  # an old cancel must not stop the new attempt
             return restarted
+        if record["status"] == SAVING and record.get("task_id") != attempt and lease_gone is not None and lease_gone():
+            try:
+                return records.transition(
+                    job.image_id,
+                    SAVING,
+                    SAVING,
+                    task_id=attempt,
+                    source=job.source,
+                    claimed_format=job.claimed_format,
+                    reason=f"taken over from {record.get('task_id')}, whose lease was gone",
+                )
+            except IllegalTransition:
+                continue
         return record
     raise Transient(f"image {job.image_id}: record keeps changing")
 
@@ -180,35 +212,85 @@ def run_import(job: ImportJob, env: Environment, attempt: str, *, final_attempt:
 
     Raises Transient when a retry may succeed and this is not the final
     attempt (the record stays `saving` for the next delivery to take over).
+    Any other error, expected or not, at any step ends the record `killed`
+    with a reason naming the step; only when even that cannot be recorded
+    does the error escape (no lease then keeps the record: resubmitting the
+    id takes it over).
     """
     records = env.records
-    record = ensure_record(records, job, attempt)
-    if record["status"] in FINAL:
-        return record
+    step = JobStep()
     lease = env.lease(job.image_id) if env.lease is not None else None
-    if lease is not None:
-
-        def finished() -> bool:
-            current = records.get(job.image_id)
-            return current is None or current["status"] in FINAL
-
-        waited = time.monotonic()
-        if not lease.acquire(give_up=finished, timeout=env.lease_wait):
-            current = records.get(job.image_id)
-            assert current is not None
-            return current
-        log.info("image %s: lease taken after %.1f s", job.image_id, time.monotonic() - waited)
     try:
-        return _run_with_lease(job, env, attempt, lease, final_attempt)
+        lease_gone = (lambda: not lease.held_by_anyone()) if lease is not None else None
+        record = ensure_record(records, job, attempt, lease_gone)
+        if record["status"] in FINAL:
+            return record
+        if lease is not None:
+            step.name = "lease"
+
+            def finished() -> bool:
+                current = records.get(job.image_id)
+                return current is None or current["status"] in FINAL
+
+            waited = time.monotonic()
+            if not lease.acquire(give_up=finished, timeout=env.lease_wait):
+                current = records.get(job.image_id)
+                assert current is not None
+                return current
+            log.info("image %s: lease taken after %.1f s", job.image_id, time.monotonic() - waited)
+    except Exception as error:
+        if isinstance(error, (Transient, *env.retry_errors)):
+            raise
+        # No lease held: end the record only if this attempt made it.
+        return _end_after_error(env, job.image_id, step, error, attempt=attempt)
+    try:
+        return _run_with_lease(job, env, attempt, lease, final_attempt, step)
+    except Exception as error:
+        if isinstance(error, (Transient, *env.retry_errors)):
+            raise
+        return _end_after_error(env, job.image_id, step, error)  # still under the lease
     finally:
         if lease is not None:
             lease.release()
 
 
+def _end_after_error(
+    env: Environment, image_id: str, step: JobStep, error: Exception, attempt: str | None = None
+) -> dict[str, Any]:
+    """Kill the record after an error no step handled (a bug, a time limit).
+
+    With `attempt` (no lease held: another delivery may own the record), only
+    a queued record of that attempt is ended; a saving one stays for the
+    delivery that holds its lease, or for a resubmission to take over. An
+    image already stored is removed: a killed record keeps no data.
+    """
+    if isinstance(error, env.time_limit_errors):
+        reason = f"time limit exceeded during {step.name}"
+    else:
+        log.error("image %s: unexpected error during %s", image_id, step.name, exc_info=error)
+        reason = f"internal error during {step.name}: {type(error).__name__}: {error}"
+    try:
+        record = env.records.get(image_id)
+        if record is None or record["status"] in FINAL:
+            if record is None:
+                raise error
+            return record
+        if attempt is not None and (record["status"] != QUEUED or record.get("task_id") != attempt):
+            raise error
+        if step.stored:
+            _delete_quietly(env.store, image_id)
+        return env.records.transition(image_id, record["status"], KILLED, reason=reason)
+    except Exception as failure:  # noqa: BLE001 - the original error is raised again
+        if failure is not error:
+            log.error("image %s: could not record the failure: %s", image_id, failure)
+        raise error from None
+
+
 def _run_with_lease(
-    job: ImportJob, env: Environment, attempt: str, lease: LeaseLike | None, final_attempt: bool
+    job: ImportJob, env: Environment, attempt: str, lease: LeaseLike | None, final_attempt: bool, step: JobStep
 ) -> dict[str, Any]:
     records, store = env.records, env.store
+    step.name = "record"
     record = records.get(job.image_id)
     assert record is not None
     if record["status"] in FINAL:
@@ -249,18 +331,24 @@ def _run_with_lease(
     if lease is not None:
         lease.start_heartbeat(on_tick=check_cancel)
 
+    retryable: tuple[type[Exception], ...] = (StoreUnavailable, sources.SourceUnavailable, Transient, *env.retry_errors)
     staged: sources.Staged | None = None
     unpacked: sources.Staged | None = None
     try:
         started = time.monotonic()
+        step.name = "purge"
         _purge_temporaries(store, job.image_id)
         log.info("image %s: leftovers purged in %.1f s", job.image_id, time.monotonic() - started)
         if store.exists(job.image_id):
             # A previous delivery stored the image but died before recording it.
+            step.name = "adopt"
             return _adopt_stored(job, env, record)
+        step.name = "fetch"
         staged = _fetch(job, env, progress, cancel)
         cancel.raise_if_cancelled()
+        step.name = "unpack"
         unpacked, info = sources.unpack(staged, env.import_config, label=job.image_id)
+        step.name = "convert"
         # The descriptor that was inspected is the one converted: nothing reopens the path.
         request = ConvertRequest(
             source=unpacked.description,
@@ -273,6 +361,7 @@ def _run_with_lease(
             sparse_hash=job.sparse_hash,
         )
         result = convert_image(request, store, progress=progress, cancel=cancel, inspected=info)
+        step.name, step.stored = "verify", True
         progress("verify", 0.0)
         try:
             verify(store, result)
@@ -281,9 +370,12 @@ def _run_with_lease(
             raise
         if lease is not None and lease.lost.is_set():
             raise Transient("lost the lease while working")
+        step.name = "record"
         fields = _record_fields(result)
         if unpacked.unpacked:
             fields["unpacked"] = unpacked.unpacked
+        if staged.stream_notes:
+            fields["notes"] = [*staged.stream_notes, *fields.get("notes", [])]
         progress("done", 100.0)
         return records.transition(job.image_id, SAVING, ACTIVE, **fields)
     except (Refused, UnsafeImage) as refusal:
@@ -298,7 +390,7 @@ def _run_with_lease(
         return _kill(records, job.image_id, "cancelled")
     except ConversionFailed as error:
         return _kill(records, job.image_id, f"conversion failed: {error}")
-    except (StoreUnavailable, sources.SourceUnavailable, Transient) as error:
+    except retryable as error:
         if final_attempt:
             return _kill(records, job.image_id, f"gave up after retries: {error}")
         raise Transient(str(error)) from error

@@ -101,6 +101,8 @@ class Staged:
     owned: bool  # True: a staged copy that must be removed afterwards
     description: str
     unpacked: list[str] | None = None  # what was unpacked to get here (gzip, ova...)
+    # Said while the data arrived (a stream that could not decide): for the record.
+    stream_notes: tuple[str, ...] = ()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -380,6 +382,9 @@ def download(
         if expected is not None and writer.written != expected:
             raise SourceUnavailable(f"download of {url} ended after {writer.written} of {expected} bytes")
         writer.finish()
+        if inspector.undecided is not None:
+            # Not a refusal: the full verdict on the staged file decides.
+            staged.stream_notes = (f"stream could not decide: {inspector.undecided}; the staged file was judged",)
     except BaseException:
         staged.close()
         raise
@@ -501,27 +506,33 @@ def unpack(staged: Staged, config: ImportConfig, label: str) -> tuple[Staged, Im
     e.g. an OVA inside gzip). Returns the data to convert and its facts."""
     layers: list[str] = []
     current = staged
-    for _ in range(MAX_UNPACK_DEPTH + 1):
-        with open(os.dup(current.fd), "rb") as handle:
-            info = inspect(handle, allocation=True)
-        compressed = next((content for content in info.contents if content.kind == "compressed"), None)
-        archive = next(
-            (content for content in info.contents if content.kind == "archive" and content.name == "ova"), None
-        )
-        if info.format != "raw" or (compressed is None and archive is None):
-            current.unpacked = layers
-            return current, info
-        if len(layers) == MAX_UNPACK_DEPTH:
-            break
-        if compressed is not None:
-            unpacked = decompress(current, compressed.name, config, label)
-            layers.append(compressed.name)
-        else:
-            unpacked = extract_ova(current, config, label)
-            layers.append("ova")
+    try:
+        for _ in range(MAX_UNPACK_DEPTH + 1):
+            with open(os.dup(current.fd), "rb") as handle:
+                info = inspect(handle, allocation=True)
+            compressed = next((content for content in info.contents if content.kind == "compressed"), None)
+            archive = next(
+                (content for content in info.contents if content.kind == "archive" and content.name == "ova"), None
+            )
+            if info.format != "raw" or (compressed is None and archive is None):
+                current.unpacked = layers
+                return current, info
+            if len(layers) == MAX_UNPACK_DEPTH:
+                break
+            if compressed is not None:
+                unpacked = decompress(current, compressed.name, config, label)
+                layers.append(compressed.name)
+            else:
+                unpacked = extract_ova(current, config, label)
+                layers.append("ova")
+            if current is not staged:
+                current.close()
+            current = unpacked
+    except BaseException:
+        # An unpacked layer is ours alone: the caller only knows `staged`.
         if current is not staged:
             current.close()
-        current = unpacked
+        raise
     current.unpacked = layers
     return current, info
 
