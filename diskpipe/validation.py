@@ -68,6 +68,86 @@ def provisional_info(inspector: StreamInspector) -> ImageInfo | None:
     )
 
 
+# Heads that an import unpacks before judging (gzip, xz, bzip2, zstd; a tar's
+# "ustar" at 257): a claim then describes the image inside, not these bytes.
+_PACKED_STARTS = (b"\x1f\x8b", b"\xfd7zXZ\x00", b"BZh", b"\x28\xb5\x2f\xfd")
+_TAR_MAGIC_OFFSET = 257
+_TAR_HEAD = _TAR_MAGIC_OFFSET + 5
+
+
+class HeadCheck:
+    """What the first bytes of an upload decide, checked as they arrive: a
+    claimed header refuted by its first bytes (claim_prefix), then the
+    head-decidable policy checks once the stream inspector has seen its head.
+    It feeds the inspector itself. Raises UnsafeImage. The one head check of `ValidatingReader` and of URL
+    downloads.
+
+    `unpacked_later`: the import unpacks compressed data and OVAs before
+    judging them, so their heads are not judged against the claim here.
+    """
+
+    def __init__(
+        self, inspector: StreamInspector, claimed: str | None, policy: Policy, *, unpacked_later: bool = False
+    ) -> None:
+        self._inspector = inspector
+        self._claimed = claimed
+        self._policy = policy
+        self._unpacked_later = unpacked_later
+        self._head_checked = False
+        needed = claim_prefix.PREFIX_NEEDED
+        self._prefix_needed = max(needed, _TAR_HEAD) if unpacked_later else needed
+        # The first bytes, kept only while a claimed header may still be refuted.
+        self._prefix: bytearray | None = bytearray() if claim_prefix.needs_header(claimed) else None
+
+    def _packed(self) -> bool | None:
+        """Whether the prefix is the head of data the import unpacks (None:
+        too few bytes to tell)."""
+        assert self._prefix is not None
+        head = bytes(self._prefix)
+        if any(head.startswith(start) for start in _PACKED_STARTS):
+            return True
+        if any(start.startswith(head) for start in _PACKED_STARTS) or len(head) < _TAR_HEAD:
+            return None
+        return head[_TAR_MAGIC_OFFSET:_TAR_HEAD] == b"ustar"
+
+    def _check_prefix(self, chunk: bytes) -> None:
+        if self._prefix is None:
+            return
+        self._prefix += chunk[: self._prefix_needed - len(self._prefix)]
+        complete = len(self._prefix) >= self._prefix_needed
+        if self._unpacked_later:
+            packed = self._packed()
+            if packed:
+                self._prefix = None
+                return
+            if packed is None and not complete:
+                return
+        issue = claim_prefix.ruled_out(self._claimed, bytes(self._prefix[: claim_prefix.PREFIX_NEEDED]))
+        if complete:
+            self._prefix = None
+        if issue is not None:
+            early = Verdict(safe=False, issues=(issue,))
+            raise UnsafeImage(early.issues, early)
+
+    def feed(self, chunk: bytes) -> None:
+        """Feed `chunk` to the inspector and judge what is then known. The
+        prefix goes first: a refuted claim is refused before the inspector
+        can call the data malformed."""
+        self._check_prefix(chunk)
+        self._inspector.feed(chunk)
+        if self._head_checked:
+            return
+        provisional = provisional_info(self._inspector)
+        if provisional is None:
+            return
+        self._head_checked = True
+        if self._unpacked_later and provisional.content_kinds() & {"compressed", "archive"}:
+            return
+        early = check(provisional, self._policy, self._claimed, final=False)
+        if not early.safe:
+            raise UnsafeImage(early.issues, early)
+
+
 class ValidatingReader:
     """Passes an upload through unchanged while inspecting it.
 
@@ -93,9 +173,7 @@ class ValidatingReader:
         self._policy = policy if policy is not None else load_policy()
         self._claimed = claimed
         self._inspector = StreamInspector(allocation=True)
-        self._head_checked = False
-        # The first bytes, kept only while a claimed header may still be refuted.
-        self._prefix: bytearray | None = bytearray() if claim_prefix.needs_header(claimed) else None
+        self._head = HeadCheck(self._inspector, claimed, self._policy)
         self._pending = b""
         self._chunks = self._iterate(upload, chunk_size)
         self.verdict: Verdict | None = None
@@ -119,28 +197,8 @@ class ValidatingReader:
             # chunk is ever alive here.
             del chunk
 
-    def _check_prefix(self, chunk: bytes) -> None:
-        """Refuse a claimed header as soon as the first bytes refute it."""
-        if self._prefix is None:
-            return
-        self._prefix += chunk[: claim_prefix.PREFIX_NEEDED - len(self._prefix)]
-        issue = claim_prefix.ruled_out(self._claimed, bytes(self._prefix))
-        if len(self._prefix) >= claim_prefix.PREFIX_NEEDED:
-            self._prefix = None
-        if issue is not None:
-            early = Verdict(safe=False, issues=(issue,))
-            raise UnsafeImage(early.issues, early)
-
     def _pass(self, chunk: bytes) -> bytes:
-        self._check_prefix(chunk)
-        self._inspector.feed(chunk)
-        if not self._head_checked:
-            provisional = provisional_info(self._inspector)
-            if provisional is not None:
-                self._head_checked = True
-                early = check(provisional, self._policy, self._claimed, final=False)
-                if not early.safe:
-                    raise UnsafeImage(early.issues, early)
+        self._head.feed(chunk)
         return chunk
 
     def _finish(self) -> Verdict:

@@ -4,6 +4,7 @@ table; configuration; fail-closed checks; bounded memory on a huge stream."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import tracemalloc
@@ -304,3 +305,30 @@ def test_refusal_messages_say_why(samples_dir: Path, manifest: list[Any]) -> Non
     bochs = next(entry for entry in manifest if entry.name == "bochs-growing")
     (issue,) = diskpipe.validate(samples_dir / bochs.file).issues
     assert "policy" in issue.message
+
+
+def test_one_head_check_serves_the_reader_and_downloads() -> None:
+    """HeadCheck refutes a claimed header from the first bytes; for a
+    download (which unpacks compressed data and OVAs first) it waits until
+    the bytes cannot be a packed head: 262 bytes, tar's magic included."""
+    from diskpipe.validation import HeadCheck, UnsafeImage
+
+    def refused_after(data: bytes, *, unpacked_later: bool) -> int | None:
+        head = HeadCheck(StreamInspector(), "qcow2", Policy(), unpacked_later=unpacked_later)
+        for count in range(1, len(data) + 1):
+            try:
+                head.feed(data[count - 1 : count])
+            except UnsafeImage as refusal:
+                assert [issue.check for issue in refusal.issues] == ["claimed_format"]
+                return count
+        return None
+
+    zeros = bytes(4096)
+    assert refused_after(zeros, unpacked_later=False) == 1
+    assert refused_after(zeros, unpacked_later=True) == 262
+    gzip_head = gzip.compress(bytes(1 << 16))
+    assert refused_after(gzip_head, unpacked_later=False) == 1
+    assert refused_after(gzip_head, unpacked_later=True) is None
+    tar_head = bytearray(4096)
+    tar_head[257:262] = b"ustar"
+    assert refused_after(bytes(tar_head), unpacked_later=True) is None

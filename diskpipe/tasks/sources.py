@@ -32,9 +32,9 @@ from urllib.parse import urljoin, urlsplit
 from xml.etree import ElementTree
 
 from diskpipe.formats import ImageInfo, StreamInspector, inspect
-from diskpipe.formats.policy import Policy, check
+from diskpipe.formats.policy import Policy
 from diskpipe.tasks import addresses, transfer
-from diskpipe.validation import UnsafeImage, provisional_info
+from diskpipe.validation import HeadCheck
 
 GiB = 1 << 30
 COPY_CHUNK = 4 * 1024 * 1024
@@ -367,15 +367,9 @@ def download(
         # download. Compressed data and OVAs are judged after unpacking; the
         # full verdict is always taken again on the staged file.
         inspector = StreamInspector()
-        head_checked = False
+        head = HeadCheck(inspector, claimed, policy, unpacked_later=True)
         for chunk in chunks():
-            inspector.feed(chunk)
-            if not head_checked and (provisional := provisional_info(inspector)) is not None:
-                head_checked = True
-                if not provisional.content_kinds() & {"compressed", "archive"}:
-                    early = check(provisional, policy, claimed, final=False)
-                    if not early.safe:
-                        raise UnsafeImage(early.issues, early)
+            head.feed(chunk)
             writer.write(chunk)
             if progress is not None:
                 progress(writer.written, expected)
