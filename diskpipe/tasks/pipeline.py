@@ -244,7 +244,9 @@ def _run_with_lease(
             return _adopt_stored(job, env, record)
         staged = _fetch(job, env, progress, cancel)
         cancel.raise_if_cancelled()
-        unpacked, info = sources.unpack(staged, env.import_config, label=job.image_id)
+        unpacked, info = sources.unpack(
+            staged, env.import_config, label=job.image_id, max_virtual_size=env.policy.max_virtual_size
+        )
         request = ConvertRequest(
             source=unpacked.qemu_path,
             image_id=job.image_id,
