@@ -141,11 +141,10 @@ def open_local(path: str, config: ImportConfig) -> Staged:
 
 
 def _staging_used(directory: str) -> int:
-    total = 0
-    for entry in os.scandir(directory):
-        if entry.is_file(follow_symlinks=False):
-            total += entry.stat(follow_symlinks=False).st_blocks * 512
-    return total
+    """Named staged files and the claims of unpacked (anonymous) layers."""
+    from diskpipe.tasks.unpacking import staged_bytes
+
+    return staged_bytes(directory)
 
 
 def new_staging_file(config: ImportConfig, label: str) -> tuple[int, str]:
@@ -368,4 +367,6 @@ def cleanup_staging(config: ImportConfig, older_than: float = 24 * 3600) -> list
         if entry.name.endswith(".staged") and entry.stat(follow_symlinks=False).st_mtime < limit:
             os.unlink(entry.path)
             removed.append(entry.name)
-    return removed
+    from diskpipe.tasks.unpacking import remove_void_claims
+
+    return removed + remove_void_claims(config.staging_dir)

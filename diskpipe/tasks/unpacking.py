@@ -24,16 +24,17 @@ A cap that an upload exceeds is a refusal of that upload (`CapExceeded`, a
 not an infrastructure failure. A staging directory filled by other jobs, or
 a write to it that fails, is `SourceUnavailable` (retried, exit 2).
 
-Every staged intermediate is removed on every path out (refusal, error,
-KeyboardInterrupt); a worker killed outright leaves named files that
-`cleanup_staging` removes later (the names keep `staging_cap` countable
-across workers).
+Unpacked layers are anonymous files (see "staging" below): closed on every
+path out (refusal, error, KeyboardInterrupt), and gone with the process
+even when it is killed outright.
 """
 
 from __future__ import annotations
 
 import bz2
 import contextlib
+import errno
+import fcntl
 import lzma
 import os
 import tarfile
@@ -151,25 +152,147 @@ class PackedSource:
 
 
 # -- staging ------------------------------------------------------------------
+#
+# An unpacked layer is an anonymous file in the staging directory (O_TMPFILE,
+# or created and unlinked at once where the filesystem lacks it): its data
+# goes with its last descriptor, whatever kills the job, and qemu-img reads
+# it as /dev/fd/N. So that `staging_cap` still sees it, the layer keeps a
+# "claim": an empty named file, flock()ed for the layer's life, whose size
+# (a sparse length, no blocks) is the data the layer holds. A claim nobody
+# holds belongs to a dead job and counts for nothing.
+
+CLAIM_SUFFIX = ".unpacking"
+PENDING_SUFFIX = ".new"
+CLAIM_EVERY = 16 * 1024 * 1024  # a claim's size follows the data in steps of this much
+
+
+@dataclass
+class UnpackedLayer(Staged):
+    """A staged layer that leaves nothing behind once closed (or killed)."""
+
+    claim_fd: int = -1
+    claim_path: str = ""
+    held: int = 0  # the data bytes the claim announces
+
+    def claim(self, data: int) -> None:
+        os.ftruncate(self.claim_fd, data)
+        self.held = data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+        if self.claim_fd >= 0:
+            # Void the claim first: its name outlives us if the directory has
+            # become unwritable, and an empty unlocked claim counts for nothing.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.claim_fd, 0)
+            with contextlib.suppress(OSError):
+                os.unlink(self.claim_path)
+            with contextlib.suppress(OSError):
+                os.close(self.claim_fd)  # releases the lock
+        self.fd = self.claim_fd = -1
+        self.held = 0
 
 
 def staged_bytes(directory: str) -> int:
-    """Bytes the named files in the staging directory occupy."""
+    """Bytes held in the staging directory: the blocks of named files (a
+    download) and what the live claims of unpacked layers announce."""
     total = 0
     for entry in os.scandir(directory):
-        if entry.is_file(follow_symlinks=False):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        if entry.name.endswith(CLAIM_SUFFIX):
+            total += _live_claim(entry.path)
+        else:
             total += entry.stat(follow_symlinks=False).st_blocks * 512
     return total
 
 
-def open_staging_file(config: ImportConfig, label: str, description: str) -> Staged:
+def remove_void_claims(directory: str) -> list[str]:
+    """Remove the claims of dead jobs; the names removed."""
+    removed: list[str] = []
+    for entry in os.scandir(directory):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        # A claim still being named (".<name>.new") is left for a minute:
+        # its creator locks it a moment after creating it.
+        pending = entry.name.endswith(PENDING_SUFFIX) and entry.stat().st_mtime < time.time() - 60
+        void = (entry.name.endswith(CLAIM_SUFFIX) or pending) and _live_claim(entry.path, remove=False) < 0
+        if void:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+    return removed
+
+
+def _live_claim(path: str, *, remove: bool = True) -> int:
+    """The size a live claim announces, 0 for a void one (removed), or -1
+    for a void one when `remove` is False."""
     try:
-        os.makedirs(config.staging_dir, mode=0o700, exist_ok=True)
-        path = os.path.join(config.staging_dir, f"{label}.{uuid.uuid4().hex[:12]}.staged")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return 0
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.fstat(fd).st_size  # its layer is alive
+        if not remove:
+            return -1
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return 0
+    finally:
+        os.close(fd)
+
+
+def _anonymous_file(directory: str) -> int:
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     except OSError as error:
-        raise SourceUnavailable(f"cannot stage in {config.staging_dir}: {error}") from error
-    return Staged(fd=fd, path=path, owned=True, description=description)
+        if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    path = os.path.join(directory, f"unpacking.{uuid.uuid4().hex}.staged")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.unlink(path)
+    return fd
+
+
+def _new_claim(directory: str, label: str) -> tuple[int, str]:
+    """A locked claim file, locked before it gets the name scanners look at."""
+    safe_label = "".join(char for char in label if char.isalnum() or char in "-_")[:64] or "job"
+    name = f"{safe_label}.{uuid.uuid4().hex[:12]}"
+    pending = os.path.join(directory, f".{name}{PENDING_SUFFIX}")
+    fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        final = os.path.join(directory, name + CLAIM_SUFFIX)
+        os.rename(pending, final)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(pending)
+        raise
+    return fd, final
+
+
+def open_layer(config: ImportConfig, label: str, description: str) -> UnpackedLayer:
+    """A new, empty unpacked layer in the staging directory."""
+    directory = config.staging_dir
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = _anonymous_file(directory)
+        try:
+            claim_fd, claim_path = _new_claim(directory, label)
+        except BaseException:
+            os.close(fd)
+            raise
+    except OSError as error:
+        raise SourceUnavailable(f"cannot stage in {directory}: {error}") from error
+    return UnpackedLayer(
+        fd=fd, path=claim_path, owned=False, description=description, claim_fd=claim_fd, claim_path=claim_path
+    )
 
 
 class CappedSparseWriter:
@@ -178,7 +301,7 @@ class CappedSparseWriter:
 
     def __init__(
         self,
-        staged: Staged,
+        staged: UnpackedLayer,
         limits: Limits,
         clock: Clock,
         packed: Callable[[], int],
@@ -220,6 +343,7 @@ class CappedSparseWriter:
         if self._buffer:
             self._flush(len(self._buffer))
         self._io(os.ftruncate, self.staged.fd, self.size)
+        self._io(self.staged.claim, self.data)
 
     def _flush(self, length: int) -> None:
         piece = bytes(self._buffer[:length])
@@ -243,6 +367,8 @@ class CappedSparseWriter:
         self.data += end - start
         self._check_data()
         self._io(os.pwrite, self.staged.fd, memoryview(piece)[start:end], offset + start)
+        if self.data - self.staged.held >= CLAIM_EVERY:
+            self._io(self.staged.claim, self.data)
 
     def _check_data(self) -> None:
         ratio = self.limits.ratio
@@ -270,8 +396,7 @@ class CappedSparseWriter:
     def _scan_staging(self) -> None:
         """What the other jobs have staged now (this job's own files excluded)."""
         total = self._io(staged_bytes, self.staging_dir)
-        mine = self._io(os.fstat, self.staged.fd).st_blocks * 512
-        self._others = max(0, total - mine - self.own_staged)
+        self._others = max(0, total - self.staged.held - self.own_staged)
         self._data_at_scan = self.data
 
     def _io(self, operation: Callable[..., Any], *args: Any) -> Any:
@@ -417,7 +542,7 @@ class _Job:
 def decompress(current: Staged, algorithm: str, job: _Job) -> Staged:
     """Unpack a compressed layer into a new staged file."""
     source = PackedSource(current.fd, job.clock)
-    result = open_staging_file(job.config, job.label, f"{current.description} ({algorithm})")
+    result = open_layer(job.config, job.label, f"{current.description} ({algorithm})")
     try:
         writer = _writer(result, job, lambda: source.consumed)
         for chunk in decoded_chunks(algorithm, source):
@@ -435,7 +560,7 @@ def extract_ova(current: Staged, job: _Job) -> Staged:
     """Copy the disk the OVF names out of an OVA, walking the tar member by
     member: the OVF must come first (DSP0243), the walk stops at the disk."""
     source = PackedSource(current.fd, job.clock, read_limit=TAR_READ_LIMIT)
-    result = open_staging_file(job.config, job.label, f"{current.description} (ova)")
+    result = open_layer(job.config, job.label, f"{current.description} (ova)")
     try:
         with tarfile.open(fileobj=source, mode="r:") as tar:  # type: ignore[call-overload]
             member = _ova_disk_member(tar, job.limits)
@@ -533,7 +658,7 @@ def _member_name(href: str) -> str:
     return name
 
 
-def _writer(result: Staged, job: _Job, packed: Callable[[], int]) -> CappedSparseWriter:
+def _writer(result: UnpackedLayer, job: _Job, packed: Callable[[], int]) -> CappedSparseWriter:
     return CappedSparseWriter(
         result,
         job.limits,
@@ -549,19 +674,24 @@ def _writer(result: Staged, job: _Job, packed: Callable[[], int]) -> CappedSpars
 
 
 def _packing(info: ImageInfo) -> str | None:
-    """The container to unpack: a compression algorithm or "ova"; None for
+    """The container to unpack: a compression algorithm, "ova" or "tar"; None for
     a disk image (or anything else, which the policy judges)."""
     if info.format != "raw":
         return None
     for content in info.contents:
         if content.kind == "compressed":
             return str(content.name)
-        if content.kind == "archive" and content.name == "ova":
-            return "ova"
+        if content.kind == "archive" and content.name in ("ova", "tar"):
+            # A tar is only ever unpacked as an OVA: one whose OVF is not
+            # its first member is refused as such, with that reason.
+            return str(content.name)
     return None
 
 
-def _blocks(staged: Staged) -> int:
+def _held(staged: Staged) -> int:
+    """Staging space a file of this job holds."""
+    if isinstance(staged, UnpackedLayer):
+        return staged.held
     return os.fstat(staged.fd).st_blocks * 512 if staged.owned else 0
 
 
@@ -581,7 +711,7 @@ def unpack(
             clock=Clock(limits),
             label=label,
             upload_size=os.fstat(staged.fd).st_size,
-            own_staged=lambda: _blocks(staged) + (_blocks(current) if current is not staged else 0),
+            own_staged=lambda: _held(staged) + (_held(current) if current is not staged else 0),
         )
         while True:
             with open(os.dup(current.fd), "rb") as handle:
@@ -595,7 +725,10 @@ def unpack(
                 raise CapExceeded(
                     "max_unpack_layers", f"{packing}{inside} exceeds the cap max_unpack_layers = {limits.layers}"
                 )
-            unpacked = extract_ova(current, job) if packing == "ova" else decompress(current, packing, job)
+            if packing in ("ova", "tar"):
+                unpacked, packing = extract_ova(current, job), "ova"
+            else:
+                unpacked = decompress(current, packing, job)
             layers.append(packing)
             if current is not staged:
                 current.close()
