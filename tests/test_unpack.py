@@ -261,8 +261,16 @@ def test_an_ova_with_thousands_of_members_is_refused_by_the_member_cap(tmp_path:
 
 
 def test_the_ova_walk_stops_at_the_disk_its_ovf_names(tmp_path: Path, vmdk: bytes) -> None:
-    # Whatever follows the disk (here a broken tar) is never read.
-    path = upload(tmp_path, "ok.ova", ova([("a.ovf", ovf()), ("disk1.vmdk", vmdk)]) + b"\xff" * 4096)
+    # Whatever follows the disk is never read: here a pax header followed by
+    # a broken header, which a full walk of the tar (getmembers) refuses.
+    members = b""
+    for name, data in (("a.ovf", ovf()), ("disk1.vmdk", vmdk)):
+        header = tarfile.TarInfo(name)
+        header.size = len(data)
+        members += header.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+    extended = tarfile.TarInfo("d\u00e9j\u00e0-vu.txt").tobuf(tarfile.PAX_FORMAT)  # pax header, then the member's
+    broken = extended[: -tarfile.BLOCKSIZE] + b"\xff" * tarfile.BLOCKSIZE
+    path = upload(tmp_path, "ok.ova", members + broken + bytes(2 * tarfile.BLOCKSIZE))
     config = import_config(tmp_path)
     result, info = unpack_path(path, config)
     try:
