@@ -358,12 +358,26 @@ def test_a_huge_tar_header_extension_is_refused_without_reading_it(tmp_path: Pat
 # -- every staged file removed, whatever fails --------------------------------
 
 
-def test_a_truncated_stream_leaves_nothing_staged(tmp_path: Path) -> None:
-    data = packed("gzip", os.urandom(2 * MiB))
+@pytest.mark.parametrize("kind", ALGORITHMS)
+def test_a_truncated_or_trailing_stream_is_refused_and_leaves_nothing_staged(kind: str, tmp_path: Path) -> None:
+    # Big enough that the cut falls after some output was already staged.
+    data = packed(kind, os.urandom(2 * MiB))
     config = import_config(tmp_path)
-    assert "truncated gzip" in str(refused(upload(tmp_path, "cut.gz", data[: len(data) // 2]), config))
-    assert "corrupt gzip" in str(refused(upload(tmp_path, "garbage.gz", data + b"trailing junk"), config))
+    assert f"truncated {kind}" in str(refused(upload(tmp_path, f"cut.{kind}", data[: len(data) * 3 // 4]), config))
+    assert f"{kind} data" in str(refused(upload(tmp_path, f"junk.{kind}", data + b"trailing junk"), config))
     assert staging(config) == []
+
+
+@pytest.mark.parametrize("kind", ALGORITHMS)
+def test_concatenated_streams_are_unpacked_whole(kind: str, tmp_path: Path) -> None:
+    """pigz, pbzip2, `xz -T` and `cat a.zst b.zst` write several streams."""
+    first, second = os.urandom(MiB), b"\x01" * MiB + os.urandom(4096)
+    path = upload(tmp_path, f"two.{kind}", packed(kind, first) + packed(kind, second))
+    result, _ = unpack_path(path, import_config(tmp_path))
+    try:
+        assert os.pread(result.fd, 3 * MiB, 0) == first + second
+    finally:
+        result.close()
 
 
 def test_a_layer_the_inspector_rejects_leaves_nothing_staged(tmp_path: Path) -> None:

@@ -516,6 +516,55 @@ def _zstd_chunks(source: PackedSource) -> Iterator[bytes]:
         yield out
 
 
+ZSTD_FRAME_MAGIC = 0xFD2FB528
+ZSTD_SKIPPABLE_MAGIC = 0x184D2A50  # the low 4 bits are free
+ZSTD_FCS_BYTES = (0, 2, 4, 8)
+ZSTD_DICT_ID_BYTES = (0, 1, 2, 4)
+
+
+def check_zstd_frames(fd: int, clock: Clock) -> None:
+    """Walk the zstd frames' headers (RFC 8878, section 3.1) to the end of
+    the file: the streaming decoder stops quietly at a cut-off frame, and a
+    truncated upload must not pass for a shorter disk."""
+    size = os.fstat(fd).st_size
+    position = 0
+    blocks = 0
+
+    def read(length: int) -> bytes:
+        data = os.pread(fd, length, position)
+        if len(data) < length:
+            raise SourceRefused(f"truncated zstd data: the file ends inside a frame (offset {position})")
+        return data
+
+    while position < size:
+        clock.check()
+        magic = int.from_bytes(read(4), "little")
+        if magic & 0xFFFFFFF0 == ZSTD_SKIPPABLE_MAGIC:
+            position += 8 + int.from_bytes(os.pread(fd, 4, position + 4).ljust(4, b"\0"), "little")
+            if position > size:
+                raise SourceRefused("truncated zstd data: the file ends inside a skippable frame")
+            continue
+        if magic != ZSTD_FRAME_MAGIC:
+            raise SourceRefused(f"corrupt zstd data: no frame starts at offset {position}")
+        position += 4
+        descriptor = read(1)[0]
+        single_segment = bool(descriptor & 0x20)
+        fcs_bytes = ZSTD_FCS_BYTES[descriptor >> 6] or (1 if single_segment else 0)
+        position += 1 + (0 if single_segment else 1) + ZSTD_DICT_ID_BYTES[descriptor & 3] + fcs_bytes
+        while True:
+            header = int.from_bytes(read(3), "little")
+            block_type, block_size = (header >> 1) & 3, header >> 3
+            position += 3 + (1 if block_type == 1 else block_size)
+            blocks += 1
+            if blocks % 4096 == 0:
+                clock.check()
+            if header & 1:  # the last block
+                break
+        position += 4 if descriptor & 0x04 else 0  # content checksum
+        if position > size:
+            raise SourceRefused("truncated zstd data: the file ends inside a frame")
+
+
 def decoded_chunks(algorithm: str, source: PackedSource) -> Iterator[bytes]:
     if algorithm not in ALGORITHMS:
         raise SourceRefused(f"{algorithm} data is not unpacked (supported: {', '.join(ALGORITHMS)})")
@@ -542,6 +591,8 @@ class _Job:
 def decompress(current: Staged, algorithm: str, job: _Job) -> Staged:
     """Unpack a compressed layer into a new staged file."""
     source = PackedSource(current.fd, job.clock)
+    if algorithm == "zstd":
+        check_zstd_frames(current.fd, job.clock)
     result = open_layer(job.config, job.label, f"{current.description} ({algorithm})")
     try:
         writer = _writer(result, job, lambda: source.consumed)
