@@ -34,6 +34,7 @@ from diskpipe.tasks.pipeline import Environment, ImportJob, run_import
 from diskpipe.tasks.records import SqliteRecords
 
 MiB = 1 << 20
+REPOSITORY = Path(__file__).resolve().parents[1]  # the child processes import this checkout's diskpipe
 ALGORITHMS = ("gzip", "xz", "bzip2", "zstd")
 OVF_NAMESPACES = b'xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"'
 
@@ -488,7 +489,9 @@ def test_a_full_disk_while_writing_is_an_infrastructure_failure_and_leaves_nothi
             print("refused:", error)
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False, cwd=REPOSITORY
+    )
     assert done.stdout.startswith("unavailable:") and "File too large" in done.stdout, (done.stdout, done.stderr)
     assert os.listdir(staging_dir) == []
 
@@ -533,7 +536,7 @@ def test_a_killed_worker_leaves_no_data_behind(tmp_path: Path) -> None:
         sources.unpack(sources.open_local({path!r}, config), config, "job")
         """
     )
-    child = subprocess.Popen([sys.executable, "-c", script])
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPOSITORY)
     try:
         deadline = time.monotonic() + 120
         claimed = lambda: staging_dir.is_dir() and any(n.endswith(".unpacking") for n in os.listdir(staging_dir))  # noqa: E731
