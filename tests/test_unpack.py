@@ -138,6 +138,16 @@ def test_a_repetitive_non_zero_bomb_is_refused_by_the_expansion_ratio(
     assert staging(config) == []
 
 
+@pytest.mark.parametrize("kind", ["xz", "bzip2", "zstd"])  # gzip cannot expand 3,200 times
+def test_a_bomb_of_sparse_non_zero_bytes_is_refused_by_the_blocks_it_writes(kind: str, tmp_path: Path) -> None:
+    # One non-zero byte per 4 KiB block: few non-zero bytes, every block written.
+    bomb = packed(kind, (b"A" + bytes(4095)) * 16384)
+    config = import_config(tmp_path)
+    error = refused(upload(tmp_path, f"sparse-bomb.{kind}", bomb), config)
+    assert "max_expansion_ratio = 200" in str(error) and "non-zero blocks" in str(error), error
+    assert staging(config) == []
+
+
 @pytest.mark.parametrize("kind", ALGORITHMS)
 def test_zero_runs_become_holes_and_count_toward_the_size_cap_only(
     kind: str, tmp_path: Path, zero_bombs: dict[str, bytes]
