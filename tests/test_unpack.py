@@ -560,3 +560,15 @@ def test_a_killed_worker_leaves_no_data_behind(tmp_path: Path) -> None:
     assert len(leftovers) == 1 and leftovers[0].endswith(".unpacking"), leftovers
     assert sources.cleanup_staging(import_config(tmp_path)) == leftovers
     assert os.listdir(staging_dir) == []
+
+
+def test_a_chain_of_thousands_of_tar_extension_headers_is_refused(tmp_path: Path, vmdk: bytes) -> None:
+    descriptor = tarfile.TarInfo("a.ovf")
+    descriptor.size = len(ovf())
+    head = descriptor.tobuf(tarfile.USTAR_FORMAT) + ovf() + bytes(-len(ovf()) % tarfile.BLOCKSIZE)
+    extended = tarfile.TarInfo("d\u00e9j\u00e0-vu.txt").tobuf(tarfile.PAX_FORMAT)
+    pax, member = extended[: -tarfile.BLOCKSIZE], extended[-tarfile.BLOCKSIZE :]
+    path = upload(tmp_path, "chain.ova", head + pax * 5000 + member + bytes(2 * tarfile.BLOCKSIZE))
+    config = import_config(tmp_path)
+    assert "too many chained tar headers" in str(refused(path, config))
+    assert staging(config) == []

@@ -21,7 +21,7 @@ What is counted, and against what (every cap is an `[import]` key):
 
 Memory stays bounded: decoders get 64 KiB of input and give at most 1 MiB of
 output per call, an OVA is walked member by member (never `getmembers()`),
-and no single read of the tar is larger than one copy chunk.
+and no single read of the tar is larger than 4 MiB.
 
 A cap that an upload exceeds is a refusal of that upload (`CapExceeded`, a
 `SourceRefused`: the record is killed with the cap in its reason, exit 1),
@@ -607,18 +607,19 @@ class _Job:
 
 def decompress(current: Staged, algorithm: str, job: _Job) -> Staged:
     """Unpack a compressed layer into a new staged file."""
-    source = PackedSource(current.fd, job.clock)
     if algorithm == "zstd":
         check_zstd_frames(current.fd, job.clock)
-    result = open_layer(job.config, job.label, f"{current.description} ({algorithm})")
+    source = PackedSource(current.fd, job.clock)
     try:
-        writer = _writer(result, job, lambda: source.consumed)
-        for chunk in decoded_chunks(algorithm, source):
-            writer.write(chunk)
-        writer.finish()
-    except BaseException:
-        result.close()
-        raise
+        result = open_layer(job.config, job.label, f"{current.description} ({algorithm})")
+        try:
+            writer = _writer(result, job, lambda: source.consumed)
+            for chunk in decoded_chunks(algorithm, source):
+                writer.write(chunk)
+            writer.finish()
+        except BaseException:
+            result.close()
+            raise
     finally:
         source.close()
     return result
@@ -628,7 +629,19 @@ def extract_ova(current: Staged, job: _Job) -> Staged:
     """Copy the disk the OVF names out of an OVA, walking the tar member by
     member: the OVF must come first (DSP0243), the walk stops at the disk."""
     source = PackedSource(current.fd, job.clock, read_limit=TAR_READ_LIMIT)
-    result = open_layer(job.config, job.label, f"{current.description} (ova)")
+    try:
+        result = open_layer(job.config, job.label, f"{current.description} (ova)")
+        try:
+            _copy_ova_disk(source, result, job)
+        except BaseException:
+            result.close()
+            raise
+    finally:
+        source.close()
+    return result
+
+
+def _copy_ova_disk(source: PackedSource, result: UnpackedLayer, job: _Job) -> None:
     try:
         with tarfile.open(fileobj=source, mode="r:") as tar:  # type: ignore[call-overload]
             member = _ova_disk_member(tar, job.limits)
@@ -642,17 +655,9 @@ def extract_ova(current: Staged, job: _Job) -> Staged:
                 raise SourceRefused(f"the OVA ends inside its disk {member.name!r}")
             writer.finish()
     except tarfile.TarError as error:
-        result.close()
-        raise SourceRefused(f"{current.description}: not a readable OVA: {error}") from error
+        raise SourceRefused(f"not a readable OVA: {error}") from error
     except RecursionError as error:  # a chain of thousands of pax headers
-        result.close()
-        raise SourceRefused(f"{current.description}: not a readable OVA: too many chained tar headers") from error
-    except BaseException:
-        result.close()
-        raise
-    finally:
-        source.close()
-    return result
+        raise SourceRefused("not a readable OVA: too many chained tar headers") from error
 
 
 def _ova_disk_member(tar: tarfile.TarFile, limits: Limits) -> tarfile.TarInfo:
