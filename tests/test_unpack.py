@@ -531,6 +531,7 @@ def test_an_interrupt_at_any_write_leaves_nothing_staged(tmp_path: Path, monkeyp
         assert staging(config) == [], failing_call
 
 
+@pytest.mark.slow
 def test_a_killed_worker_leaves_no_data_behind(tmp_path: Path) -> None:
     """SIGKILL runs no cleanup: the layer's data goes with the process; its
     claim stays as an empty name that counts for nothing and is removed by
