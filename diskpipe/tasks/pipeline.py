@@ -347,7 +347,9 @@ def _run_with_lease(
         staged = _fetch(job, env, progress, cancel)
         cancel.raise_if_cancelled()
         step.name = "unpack"
-        unpacked, info = sources.unpack(staged, env.import_config, label=job.image_id)
+        unpacked, info = sources.unpack(
+            staged, env.import_config, label=job.image_id, max_virtual_size=env.policy.max_virtual_size
+        )
         step.name = "convert"
         # The descriptor that was inspected is the one converted: nothing reopens the path.
         request = ConvertRequest(

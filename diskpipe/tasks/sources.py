@@ -22,16 +22,14 @@ import http.client
 import os
 import socket
 import ssl
-import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
-from xml.etree import ElementTree
 
-from diskpipe.formats import ImageInfo, StreamInspector, inspect
+from diskpipe.formats import ImageInfo, StreamInspector
 from diskpipe.formats.policy import Policy
 from diskpipe.tasks import addresses, transfer
 from diskpipe.validation import HeadCheck
@@ -40,7 +38,6 @@ GiB = 1 << 30
 COPY_CHUNK = 4 * 1024 * 1024
 ZERO_CHUNK = bytes(COPY_CHUNK)
 MAX_REDIRECTS = 5
-MAX_OVF_BYTES = 1024 * 1024
 DENIED_NETWORKS = (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
     "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4",
@@ -66,7 +63,13 @@ class ImportConfig:
     staging_dir: str = "/var/tmp/diskpipe-staging"
     staging_cap: int = 256 * GiB  # all staged files together
     max_download: int = 64 * GiB
-    max_decompressed: int = 2048 * GiB
+    # Unpacking compressed uploads and OVAs (see diskpipe.tasks.unpacking).
+    max_decompressed: int = 2048 * GiB  # zeros included; never above [policy] max_virtual_size
+    max_expansion_ratio: int = 200  # non-zero bytes unpacked per packed byte
+    max_unpack_layers: int = 1  # containers unpacked one inside another (an OVA in gzip is 2)
+    max_ova_members: int = 1000
+    unpack_timeout: float = 3 * 3600.0  # wall clock, all layers together
+    unpack_cpu_time: float = 2 * 3600.0  # CPU seconds of the unpacking thread
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     download_timeout: float = 6 * 3600.0  # the whole transfer: connect, redirects, every receive
@@ -174,11 +177,10 @@ def open_beneath(base: str, relative: str) -> int:
 
 
 def _staging_used(directory: str) -> int:
-    total = 0
-    for entry in os.scandir(directory):
-        if entry.is_file(follow_symlinks=False):
-            total += entry.stat(follow_symlinks=False).st_blocks * 512
-    return total
+    """Named staged files and the claims of unpacked (anonymous) layers."""
+    from diskpipe.tasks.unpacking import staged_bytes
+
+    return staged_bytes(directory)
 
 
 def new_staging_file(config: ImportConfig, label: str) -> tuple[int, str]:
@@ -390,145 +392,14 @@ def download(
 # -- unpacking ---------------------------------------------------------------
 
 
-def _decompressor(algorithm: str, source: Any) -> Any:
-    if algorithm == "gzip":
-        import gzip
+def unpack(
+    staged: Staged, config: ImportConfig, label: str, *, max_virtual_size: int | None = None
+) -> tuple[Staged, ImageInfo]:
+    """Inspect staged data; unpack compressed data and OVAs under the caps
+    of `diskpipe.tasks.unpacking`. Returns the data to convert and its facts."""
+    from diskpipe.tasks import unpacking
 
-        return gzip.GzipFile(fileobj=source, mode="rb")
-    if algorithm == "xz":
-        import lzma
-
-        return lzma.LZMAFile(source, mode="rb")
-    if algorithm == "bzip2":
-        import bz2
-
-        return bz2.BZ2File(source, mode="rb")
-    if algorithm == "zstd":
-        import zstandard
-
-        return zstandard.ZstdDecompressor(max_window_size=1 << 27).stream_reader(source, read_across_frames=True)
-    raise SourceRefused(f"{algorithm} data is not unpacked (supported: gzip, xz, bzip2, zstd)")
-
-
-def decompress(staged: Staged, algorithm: str, config: ImportConfig, label: str) -> Staged:
-    """Unpack a compressed upload into a new staged file, under a size cap."""
-    fd, path = new_staging_file(config, label)
-    result = Staged(fd=fd, path=path, owned=True, description=f"{staged.description} ({algorithm})")
-    try:
-        writer = SparseWriter(fd, config.max_decompressed, f"decompressed {staged.description}")
-        with open(os.dup(staged.fd), "rb") as source:
-            source.seek(0)
-            reader = _decompressor(algorithm, source)
-            try:
-                while chunk := reader.read(COPY_CHUNK):
-                    writer.write(chunk)
-            except (OSError, EOFError, ValueError) as error:
-                if isinstance(error, SourceRefused):
-                    raise
-                raise SourceRefused(f"{staged.description}: corrupt {algorithm} data: {error}") from error
-        writer.finish()
-    except BaseException:
-        result.close()
-        raise
-    return result
-
-
-def _ovf_disk_file(tar: tarfile.TarFile, ovf: tarfile.TarInfo) -> str:
-    """The file name of the first disk an OVF descriptor lists."""
-    if ovf.size > MAX_OVF_BYTES:
-        raise SourceRefused(f"OVF descriptor of {ovf.size} bytes is too large")
-    handle = tar.extractfile(ovf)
-    if handle is None:
-        raise SourceRefused("OVF descriptor is not a regular file")
-    try:
-        root = ElementTree.fromstring(handle.read(MAX_OVF_BYTES))
-    except ElementTree.ParseError as error:
-        raise SourceRefused(f"OVF descriptor is not valid XML: {error}") from error
-    files: dict[str, str] = {}
-    disks: list[str] = []
-    for element in root.iter():
-        tag = element.tag.rsplit("}", 1)[-1]
-        attributes = {key.rsplit("}", 1)[-1]: value for key, value in element.attrib.items()}
-        if tag == "File" and "id" in attributes and "href" in attributes:
-            files[attributes["id"]] = attributes["href"]
-        elif tag == "Disk" and "fileRef" in attributes:
-            disks.append(attributes["fileRef"])
-    for reference in disks:
-        if reference in files:
-            return files[reference]
-    raise SourceRefused("the OVF descriptor names no disk file")
-
-
-def extract_ova(staged: Staged, config: ImportConfig, label: str) -> Staged:
-    """Copy the disk an OVA's OVF names out of the tar, under the size cap."""
-    fd, path = new_staging_file(config, label)
-    result = Staged(fd=fd, path=path, owned=True, description=f"{staged.description} (ova)")
-    try:
-        with open(os.dup(staged.fd), "rb") as source:
-            source.seek(0)  # a dup shares the file offset: start from the beginning
-            with tarfile.open(fileobj=source, mode="r:") as tar:
-                members = tar.getmembers()
-                ovf = next((member for member in members if member.name.lower().endswith(".ovf")), None)
-                if ovf is None:
-                    raise SourceRefused("the OVA holds no .ovf descriptor")
-                disk_name = _ovf_disk_file(tar, ovf)
-                member = next((member for member in members if member.name == disk_name), None)
-                if member is None or not member.isfile():
-                    raise SourceRefused(f"the OVA does not hold the disk {disk_name!r} its OVF names")
-                if member.size > config.max_decompressed:
-                    raise SourceRefused(f"the OVA's disk is {member.size} bytes, above the cap")
-                handle = tar.extractfile(member)
-                assert handle is not None
-                writer = SparseWriter(fd, config.max_decompressed, f"disk {disk_name} of {staged.description}")
-                while chunk := handle.read(COPY_CHUNK):
-                    writer.write(chunk)
-                writer.finish()
-    except tarfile.TarError as error:
-        result.close()
-        raise SourceRefused(f"{staged.description}: not a readable OVA: {error}") from error
-    except BaseException:
-        result.close()
-        raise
-    return result
-
-
-MAX_UNPACK_DEPTH = 2
-
-
-def unpack(staged: Staged, config: ImportConfig, label: str) -> tuple[Staged, ImageInfo]:
-    """Inspect staged data; unpack compressed data and OVAs (up to two levels,
-    e.g. an OVA inside gzip). Returns the data to convert and its facts."""
-    layers: list[str] = []
-    current = staged
-    try:
-        for _ in range(MAX_UNPACK_DEPTH + 1):
-            with open(os.dup(current.fd), "rb") as handle:
-                info = inspect(handle, allocation=True)
-            compressed = next((content for content in info.contents if content.kind == "compressed"), None)
-            archive = next(
-                (content for content in info.contents if content.kind == "archive" and content.name == "ova"), None
-            )
-            if info.format != "raw" or (compressed is None and archive is None):
-                current.unpacked = layers
-                return current, info
-            if len(layers) == MAX_UNPACK_DEPTH:
-                break
-            if compressed is not None:
-                unpacked = decompress(current, compressed.name, config, label)
-                layers.append(compressed.name)
-            else:
-                unpacked = extract_ova(current, config, label)
-                layers.append("ova")
-            if current is not staged:
-                current.close()
-            current = unpacked
-    except BaseException:
-        # An unpacked layer is ours alone: the caller only knows `staged`.
-        if current is not staged:
-            current.close()
-        raise
-    current.unpacked = layers
-    return current, info
+    return unpacking.unpack(staged, config, label, max_virtual_size=max_virtual_size)
 
 
 def cleanup_staging(config: ImportConfig, older_than: float = 24 * 3600) -> list[str]:
@@ -541,4 +412,6 @@ def cleanup_staging(config: ImportConfig, older_than: float = 24 * 3600) -> list
         if entry.name.endswith(".staged") and entry.stat(follow_symlinks=False).st_mtime < limit:
             os.unlink(entry.path)
             removed.append(entry.name)
-    return removed
+    from diskpipe.tasks.unpacking import remove_void_claims
+
+    return removed + remove_void_claims(config.staging_dir)
