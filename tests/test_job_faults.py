@@ -28,7 +28,7 @@ import pytest
 
 from diskpipe.converter import convert
 from diskpipe.converter.stores.file import FileStore
-from diskpipe.tasks import pipeline, sources
+from diskpipe.tasks import pipeline, sources, unpacking
 from diskpipe.tasks.pipeline import Environment, ImportJob, ensure_record, run_import
 from diskpipe.tasks.records import SqliteRecords
 from tests.conftest import ROOT
@@ -122,9 +122,9 @@ FAULTS: list[tuple[str, str, Callable[[pytest.MonkeyPatch, Exception], None]]] =
     # mid-download: the staged file exists already
     ("fetch", "url", lambda mp, error: mp.setattr(sources.SparseWriter, "write", raising(error))),
     # mid-decompression: the unpacked file exists already
-    ("unpack", "gz", lambda mp, error: mp.setattr(sources.SparseWriter, "finish", raising(error))),
+    ("unpack", "gz", lambda mp, error: mp.setattr(unpacking.CappedSparseWriter, "finish", raising(error))),
     # inspecting the unpacked layer: the unpacked file exists, only unpack knows it
-    ("unpack", "gz", lambda mp, error: mp.setattr(sources, "inspect", raising(error, sources.inspect, on_call=2))),
+    ("unpack", "gz", lambda mp, error: mp.setattr(unpacking, "inspect", raising(error, unpacking.inspect, on_call=2))),
     ("convert", "qcow2", lambda mp, error: mp.setattr(pipeline, "convert_image", raising(error))),
     # after qemu-img wrote the temporary image
     ("convert", "url", lambda mp, error: mp.setattr(convert, "hash_image", raising(error))),
