@@ -187,13 +187,19 @@ def bzip2_bomb(total: int) -> bytes:
     return bz2.compress(bytes(4 * MiB), 9) * (total // (4 * MiB))
 
 
-def xz_with_dictionary(total: int, claimed_dict: int) -> bytes:
-    """xz of zeros made with a small dictionary, its block header then
-    claiming `claimed_dict` (a decoder allocates what the header says)."""
+def xz_of_zeros(total: int) -> bytes:
+    """xz of zeros made with a small (1 MiB) dictionary."""
     compressor = lzma.LZMACompressor(filters=[{"id": lzma.FILTER_LZMA2, "preset": 0, "dict_size": MiB}])
     pieces: list[bytes] = []
     zeros_chunks(total)(lambda block: pieces.append(compressor.compress(block)))
-    data = bytearray(b"".join(pieces) + compressor.flush())
+    return b"".join(pieces) + compressor.flush()
+
+
+def xz_claiming(packed: bytes, claimed_dict: int) -> bytes:
+    """`packed` (one xz block) with its block header claiming a dictionary of
+    `claimed_dict` bytes: a decoder allocates, and as the output grows
+    fills, what the header says."""
+    data = bytearray(packed)
     # Stream header: 12 bytes. Block header: size byte, flags, filter flags
     # (id 0x21, props size 1, dict byte), padding, CRC32.
     block = 12
@@ -260,12 +266,12 @@ def _ustar_header(name: str, size: int) -> bytes:
 
 
 def ova_many_members(count: int) -> bytes:
-    """A gzipped OVA: its OVF, then `count` empty members, then the disk."""
+    """An OVA: its OVF, then `count` empty members, then the disk."""
     ovf = ovf_naming("disk.raw")
     parts = [_ustar_header("a.ovf", len(ovf)), ovf.ljust(-(-len(ovf) // 512) * 512, b"\0")]
     parts += [_ustar_header(f"m{index}", 0) for index in range(count)]
     parts += [_ustar_header("disk.raw", MiB), bytes(MiB), bytes(1024)]
-    return gzip.compress(b"".join(parts), compresslevel=6, mtime=0)
+    return b"".join(parts)
 
 
 def ova_big_ovf() -> bytes:
@@ -304,6 +310,8 @@ def build(directory: Path) -> dict[str, bytes]:
     vpc = qemu_created(directory, "vpc", "64M")
     vdi = qemu_created(directory, "vdi", "64M")
     parallels = qemu_created(directory, "parallels", "64M")
+    xz_zeros = xz_of_zeros(320 * MiB)
+    many_members = ova_many_members(50_000)
     inputs = {
         "qcow2-l2-tables-past-end": qcow2_l2_past_end(),
         "qcow2-4096-l2-tables": qcow2_many_l2_tables(),
@@ -325,10 +333,13 @@ def build(directory: Path) -> dict[str, bytes]:
         "gzip-of-128mib-zeros": gzip_bomb(128 * MiB),
         "bzip2-of-128mib-zeros": bzip2_bomb(128 * MiB),
         # The output must be large for the dictionary or window to be filled.
-        "xz-claiming-1gib-dictionary": xz_with_dictionary(320 * MiB, 1 << 30),
+        "xz-claiming-1gib-dictionary": xz_claiming(xz_zeros, 1 << 30),
+        # The largest LZMA2 dictionary under a 256 MiB decoder memory limit.
+        "xz-claiming-192mib-dictionary": xz_claiming(xz_zeros, 192 * MiB),
         "zstd-claiming-128mib-window": zstd_with_window(256 * MiB, 27),
         "gzip-in-gzip": gzip.compress(gzip_bomb(128 * MiB), mtime=0),
-        "ova-gz-50k-members": ova_many_members(50_000),
+        "ova-50k-members": many_members,
+        "ova-gz-50k-members": gzip.compress(many_members, compresslevel=6, mtime=0),
         "ova-1mib-ovf": ova_big_ovf(),
         "ova-billion-laughs": ova_entities(),
         "ova-deep-ovf": ova_deep_ovf(),
