@@ -23,6 +23,7 @@ from diskpipe.formats.base import InspectOptions
 from diskpipe.formats.detect import inspection
 from diskpipe.formats.policy import Policy, check
 from diskpipe.formats.reads import MAX_READ, GetSize, Read, ReadTail, StreamDriver
+from tests import adversarial
 
 SEED_BYTES = 256 * 1024  # mutants are made from each seed's first 256 KiB
 WATCHDOG_SECONDS = 60  # a hang guard, not a speed test
@@ -211,3 +212,30 @@ def test_mutated_hostile_images_judged_safe_are_harmless_to_qemu(
     assert "data-file" not in specific, oracle
     for extent in specific.get("extents", []):
         assert extent["filename"] == str(path), oracle
+
+
+TABLE_BOMBS = {
+    "qcow2 L2 tables past the end": adversarial.qcow2_l2_past_end,
+    "qcow L2 tables 8 bytes apart": adversarial.qcow1_overlapping_tables,
+    "qed L2 tables past the end": adversarial.qed_l2_past_end,
+    "vmdk grain tables past the end": lambda: adversarial.vmdk_sparse(128 * 1024, past_end=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_BOMBS))
+def test_tables_that_point_past_the_end_or_overlap_cost_little(name: str) -> None:
+    """A few MB of table entries naming tables past the end of the data (or
+    overlapping ones) must not make the inspector read, or scan zeros, once
+    per entry: that would be minutes of CPU bought with one small upload."""
+    judge(TABLE_BOMBS[name]())
+
+
+def test_a_descriptor_of_many_extents_is_refused_before_it_costs_memory() -> None:
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match="more than"):
+            inspect_counting(adversarial.vmdk_text_descriptor())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak >> 20} MiB"

@@ -479,15 +479,25 @@ def _count_allocation(
             return None, host_end
         units_per_cluster = 32 if extended_l2 else 1
         entry_size = 16 if extended_l2 else 8
+        past_end = False
         for l1_index, l2_offset in zip(
             (present[np.argsort(offsets, kind="stable")] + first_index).tolist(),
             np.sort(offsets, kind="stable").tolist(),
             strict=True,
         ):
+            if past_end:
+                break
             # A 2 MiB cluster's L2 table is read in bounded pieces.
             for first_entry, table_offset, table_length in allocation.table_pieces(l2_offset, cluster_size, entry_size):
                 yield from _prefetch(side_reads, prefetched, table_offset)
                 table: bytes = yield Read(table_offset, table_length)
+                if not table:
+                    # Past the end of the data, and so is every later table of
+                    # this piece (they are in file order): they read as zeros,
+                    # no data. Scanning 128 Ki such tables of 2 MiB each would
+                    # cost minutes of CPU for a 1 MiB L1 table.
+                    past_end = True
+                    break
                 units, table_end, compressed = _scan_l2(
                     table.ljust(table_length, b"\0"), header["cluster_bits"], extended_l2
                 )

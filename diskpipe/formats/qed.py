@@ -127,6 +127,8 @@ def _count_allocation(header: dict[str, Any], table_entries: int) -> Generator[R
         present[np.argsort(offsets, kind="stable")].tolist(), np.sort(offsets).tolist(), strict=True
     ):
         table: bytes = yield Read(l2_offset, table_bytes)
+        if not table:
+            break  # past the end, as are the later (higher) tables: no data, only CPU to burn
         entries = np.frombuffer(table.ljust(table_bytes, b"\0"), dtype="<u8")
         units = np.nonzero(entries > ZERO_CLUSTER)[0].astype(np.int64) + l1_index * table_entries
         total += allocation.clip_to_size(units, cluster_size, header["image_size"])

@@ -398,6 +398,10 @@ def _count_allocation(header: dict[str, Any]) -> Generator[Request, Any, tuple[i
         ):
             table: bytes = yield Read(table_offset, gtes * 4)
             data_end = max(data_end, table_offset + gtes * 4)
+            if not table:
+                # Past the end, as are the later (higher) tables of this piece.
+                data_end = max(data_end, int(offsets.max()) + gtes * 4)
+                break
             entries = np.frombuffer(table.ljust(gtes * 4, b"\0"), dtype="<u4")
             allocated = entries != 0
             if zeroed_grain:

@@ -14,6 +14,8 @@ hidden after a NUL, and values where the two readings disagree. docs/formats.md 
 import re
 from typing import Any, NamedTuple
 
+from diskpipe.formats.errors import FormatError
+
 # qemu accepts these as standalone descriptor files; the two sparse types
 # exist only as the descriptor embedded in a binary extent.
 TEXT_CREATE_TYPES = frozenset({
@@ -29,6 +31,10 @@ _STRICT_EXTENT = rb'\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)\s+"([^"\r\n]*)"(?
 # The patterns are compiled on first use (re's cache keeps them): compiling
 # three at import costs a millisecond of every `diskpipe info`.
 MAX_REPORTED_LINES = 8
+# A 1 MiB descriptor holds 65 Ki short extent lines, ~1 KiB of Python objects
+# each once reported: tens of MB bought with one upload. An honest split
+# image has one extent per 2 GiB (1024 for a 2 TiB disk).
+MAX_EXTENTS = 4096
 
 
 class Extent(NamedTuple):
@@ -142,6 +148,8 @@ def parse(region: bytes) -> Descriptor:
         line = raw_line.rstrip(b"\r")
         scanned = re.match(_EXTENT_LINE, line)
         if scanned:
+            if len(descriptor.extents) == MAX_EXTENTS:
+                raise FormatError("vmdk", f"descriptor lists more than {MAX_EXTENTS} extents")
             offset = int(scanned.group(5)) if scanned.group(5) is not None else None
             descriptor.extents.append(
                 Extent(
