@@ -30,6 +30,7 @@ from diskpipe.tasks import sources
 from diskpipe.tasks.pipeline import Environment, ImportJob, run_import
 from diskpipe.tasks.records import SqliteRecords
 from diskpipe.validation import UnsafeImage
+from tests.conftest import ROOT
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -50,9 +51,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if self.path.startswith("/endless"):
             self.send_response(200)
             self.end_headers()
+            # /endless-data sends bytes that are not zero (no holes to hide in).
+            block = bytes(1 << 20) if self.path == "/endless" else os.urandom(1 << 20)
             try:
                 while True:
-                    self.wfile.write(bytes(1 << 20))
+                    self.wfile.write(block)
             except (BrokenPipeError, ConnectionResetError):
                 return
         super().do_GET()
@@ -196,6 +199,41 @@ def test_downloads_are_capped(web: tuple[str, Path], tmp_path: Path) -> None:
     with pytest.raises(sources.SourceRefused, match="exceeds the cap"):
         sources.download(url + "/endless", config, claimed=None, policy=Policy(), label="e")
     assert os.listdir(tmp_path / "staging") == []
+
+
+KILLED_DOWNLOAD = """
+import sys
+from diskpipe.formats.policy import Policy
+from diskpipe.tasks import sources
+config = sources.ImportConfig(staging_dir=sys.argv[2], allowed_ports=(int(sys.argv[3]),),
+                              allowed_networks=("127.0.0.1/32",), max_download=1 << 40)
+def progress(done, total):
+    if done >= 64 << 20:
+        print("downloading", flush=True)
+sources.download(sys.argv[1], config, claimed=None, policy=Policy(), label="killed", progress=progress)
+"""
+
+
+def test_a_download_killed_midway_leaves_no_data_in_staging(web: tuple[str, Path], tmp_path: Path) -> None:
+    """A download is staged in an anonymous file: SIGKILL of the worker
+    mid-transfer leaves no data, only an empty claim that cleanup removes."""
+    url, _ = web
+    staging = tmp_path / "staging"
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_DOWNLOAD, url + "/endless-data", str(staging), str(port_of(url))],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(ROOT),
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "downloading"
+    assert sum(entry.stat().st_size for entry in staging.iterdir()) >= 64 << 20  # the claim saw the data
+    child.kill()
+    child.wait(timeout=60)
+    child.stdout.close()
+    assert sum(entry.stat().st_blocks for entry in staging.iterdir()) == 0
+    sources.cleanup_staging(sources.ImportConfig(staging_dir=str(staging)))
+    assert os.listdir(staging) == []
 
 
 def test_a_missing_file_is_refused_not_retried(web: tuple[str, Path], tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ import os
 import socket
 import ssl
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ from diskpipe.validation import HeadCheck
 GiB = 1 << 30
 COPY_CHUNK = 4 * 1024 * 1024
 ZERO_CHUNK = bytes(COPY_CHUNK)
+CLAIM_STEP = 16 * 1024 * 1024  # a download's claim follows its data in steps of this much
 MAX_REDIRECTS = 5
 DENIED_NETWORKS = (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
@@ -176,30 +176,32 @@ def open_beneath(base: str, relative: str) -> int:
 # -- staging ---------------------------------------------------------------
 
 
-def _staging_used(directory: str) -> int:
-    """Named staged files and the claims of unpacked (anonymous) layers."""
-    from diskpipe.tasks.unpacking import staged_bytes
+def open_download_file(config: ImportConfig, label: str, description: str) -> Staged:
+    """An anonymous staged file for a download (see diskpipe.tasks.unpacking:
+    its data goes with its last descriptor, whatever kills the job; a locked
+    claim file announces its size to `staging_cap`)."""
+    from diskpipe.tasks.unpacking import open_layer, staged_bytes
 
-    return staged_bytes(directory)
-
-
-def new_staging_file(config: ImportConfig, label: str) -> tuple[int, str]:
-    os.makedirs(config.staging_dir, mode=0o700, exist_ok=True)
-    if _staging_used(config.staging_dir) >= config.staging_cap:
+    try:
+        os.makedirs(config.staging_dir, mode=0o700, exist_ok=True)
+        used = staged_bytes(config.staging_dir)
+    except OSError as error:
+        raise SourceUnavailable(f"cannot stage in {config.staging_dir}: {error}") from error
+    if used >= config.staging_cap:
         raise SourceUnavailable(f"staging directory {config.staging_dir} is full ({config.staging_cap} bytes cap)")
-    path = os.path.join(config.staging_dir, f"{label}.{uuid.uuid4().hex[:12]}.staged")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    return fd, path
+    return open_layer(config, label, description)
 
 
 class SparseWriter:
     """Writes a stream to a staged file, leaving holes for zero chunks."""
 
-    def __init__(self, fd: int, cap: int, what: str) -> None:
+    def __init__(self, fd: int, cap: int, what: str, claim: Callable[[int], None] | None = None) -> None:
         self.fd = fd
         self.cap = cap
         self.what = what
         self.written = 0
+        self._claim = claim  # told the bytes held, so staging_cap sees a growing download
+        self._claimed = 0
 
     def write(self, data: bytes) -> None:
         if self.written + len(data) > self.cap:
@@ -210,6 +212,9 @@ class SparseWriter:
             if piece != memoryview(ZERO_CHUNK)[: len(piece)]:
                 os.pwrite(self.fd, piece, self.written + start)
         self.written += len(data)
+        if self._claim is not None and self.written - self._claimed >= CLAIM_STEP:
+            self._claim(self.written)
+            self._claimed = self.written
 
     def finish(self) -> None:
         os.ftruncate(self.fd, self.written)
@@ -340,14 +345,17 @@ def download(
     # One clock for the whole transfer: connecting, TLS, headers, redirects, body.
     pacer = transfer.Pacer(transfer_limits(config))
     response, connection = _open_url(url, config, pacer)
-    fd, path = new_staging_file(config, label)
-    staged = Staged(fd=fd, path=path, owned=True, description=url)
+    try:
+        staged = open_download_file(config, label, url)
+    except BaseException:
+        connection.close()
+        raise
     try:
         length_header = response.getheader("Content-Length")
         expected = int(length_header) if length_header and length_header.isdigit() else None
         if expected is not None and expected > config.max_download:
             raise SourceRefused(f"{url} is {expected} bytes, above the cap of {config.max_download}")
-        writer = SparseWriter(fd, config.max_download, f"download of {url}")
+        writer = SparseWriter(staged.fd, config.max_download, f"download of {url}", getattr(staged, "claim", None))
 
         def chunks() -> Iterator[bytes]:
             while True:
