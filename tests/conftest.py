@@ -70,7 +70,11 @@ def samples_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if prebuilt and (Path(prebuilt) / "manifest.json").exists():
         return Path(prebuilt)
     out = tmp_path_factory.mktemp("samples")
-    subprocess.run([sys.executable, "-m", "samples", str(out)], cwd=ROOT, check=True, capture_output=True, text=True)
+    built = subprocess.run(
+        [sys.executable, "-m", "samples", str(out)], cwd=ROOT, check=False, capture_output=True, text=True
+    )
+    if built.returncode != 0:  # say which recipe failed, not only the exit status
+        pytest.fail(f"python -m samples failed:\n{built.stdout[-3000:]}\n{built.stderr[-3000:]}")
     return out
 
 
