@@ -45,3 +45,16 @@ def test_a_dead_cluster_is_rebuilt_in_place_for_the_next_test(ceph_cephx: Ceph) 
     # Same state dir, conf and keyring paths: fixtures holding them still work.
     assert Path(ceph_cephx.conf).parent == ceph_cephx.state
     assert ceph_cephx.keyring is not None and Path(ceph_cephx.keyring).exists()
+
+
+@pytest.mark.timeout(FAULT_TEST_TIMEOUT)
+def test_osds_marked_down_peer_again_and_the_same_cluster_serves(ceph_cephx: Ceph) -> None:
+    # The remedy wait_healthy applies to PGs stuck laggy after a pause (the
+    # stuck state itself is a race this test cannot force).
+    generation = ceph_cephx.generation
+    (osd,) = ceph_cephx.pids("osd")
+    assert ceph_cephx.ops_waiting_for_readable() == 0
+    assert "marked down osd.0" in ceph_cephx.repeer()
+    ceph_cephx.wait_healthy()
+    assert ceph_cephx.pids("osd") == [osd]  # the same daemon, booted into the map again
+    assert ceph_cephx.generation == generation
