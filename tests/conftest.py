@@ -255,7 +255,8 @@ class Ceph:
             # the lease renewal (every 8 s) that ends a laggy state that is not stuck.
             if problem is not None and not repeered and self.ops_waiting_for_readable():
                 repeered = True
-                return f"{problem}; PGs stuck laggy, peering again: {self.repeer()}"
+                warnings.warn(f"Ceph PGs stuck laggy ({problem}), peering again: {self.repeer()}", stacklevel=2)
+                return problem
             return problem
 
         wait_until(condition, f"Ceph ({self.state}) serving I/O", timeout)
