@@ -181,7 +181,18 @@ EOF
 fi
 
 run() { "$@" >>"$setup_log" 2>&1; }
-ceph_() { run ceph -c "$conf" --connect-timeout 10 "$@"; }
+# Every ceph command is retried until the deadline. On a busy machine the CLI
+# can send its command before the monmap has arrived: it then goes out with
+# fsid 0000... and the mon refuses it ("problem getting command descriptions
+# from mon", EPERM), the same race as the OSD's below. Each command used here
+# is idempotent, so running it again is safe.
+ceph_() {
+    local deadline=$((t0 + timeout_s))
+    until run ceph -c "$conf" --connect-timeout 10 "$@"; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.5
+    done
+}
 
 t0=$SECONDS
 log "creating cluster in $dir (mon 127.0.0.1:$port, auth $auth, memstore $memstore_bytes bytes)"

@@ -23,6 +23,7 @@ from diskpipe.converter.qemu_img import Cancelled, CancelToken
 from diskpipe.converter.stores.base import StoreUnavailable
 from diskpipe.converter.stores.file import FileStore
 from diskpipe.converter.stores.rbd import RbdConfig, RbdStore, qemu_rbd_target
+from tests.conftest import FAULT_TEST_TIMEOUT, RECOVERY_TIMEOUT, process_alive, wait_until
 
 CONVERTIBLE = {"raw", "qcow2", "vpc", "vhdx", "vmdk", "vdi", "qed", "parallels"}
 MAX_TEST_SIZE = 256 * 1024 * 1024  # hashing every byte of a 1 TiB disk is for benchmarks
@@ -183,13 +184,28 @@ def _slow_source(tmp_path: Path) -> Path:
     return source
 
 
-def _qemu_children() -> list[int]:
-    found = subprocess.run(
-        ["pgrep", "-f", "qemu-img convert"], capture_output=True, text=True, check=False
-    ).stdout.split()
-    return [int(pid) for pid in found]
+def _qemu_children(parent: int | None = None) -> list[int]:
+    """The running `qemu-img convert` children of `parent` (default: this
+    test process). Only our own: on a shared machine other qemu-img runs are
+    none of this test's business, to kill or to count."""
+    parent = os.getpid() if parent is None else parent
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm, _, rest = (entry / "stat").read_text().rpartition(")")
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        state, ppid = rest.split()[:2]
+        if comm.endswith("(qemu-img") and state != "Z" and int(ppid) == parent and b"convert" in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
+@pytest.mark.timeout(FAULT_TEST_TIMEOUT)
+@pytest.mark.usefixtures("ceph_recovers")
 def test_cancel_kills_qemu_img_and_leaves_nothing(tmp_path: Path, rbd_store: RbdStore, ceph: Any) -> None:
     source = _slow_source(tmp_path)
     token = CancelToken()
@@ -199,7 +215,9 @@ def test_cancel_kills_qemu_img_and_leaves_nothing(tmp_path: Path, rbd_store: Rbd
         if stage == "convert":
             started.set()
 
-    threading.Timer(0.05, lambda: started.wait(30) and token.cancel()).start()
+    canceller = threading.Timer(0.05, lambda: started.wait(RECOVERY_TIMEOUT) and token.cancel())
+    canceller.daemon = True
+    canceller.start()
     with pytest.raises(Cancelled):
         convert_image(
             ConvertRequest(str(source), "cancelled", options=qemu_img.ConvertOptions(coroutines=1)),
@@ -223,6 +241,8 @@ convert_image(ConvertRequest(sys.argv[1], sys.argv[2]), store, progress=progress
 """
 
 
+@pytest.mark.timeout(FAULT_TEST_TIMEOUT)
+@pytest.mark.usefixtures("ceph_recovers")
 @pytest.mark.parametrize("victim", ["qemu-img", "python"])
 def test_a_conversion_killed_midway_leaves_no_image_and_the_next_run_succeeds(
     victim: str, tmp_path: Path, rbd_store: RbdStore, ceph: Any
@@ -234,17 +254,18 @@ def test_a_conversion_killed_midway_leaves_no_image_and_the_next_run_succeeds(
     )
     assert process.stdout is not None
     assert process.stdout.readline().strip() == "converting"
+    converters = _qemu_children(process.pid)
+    assert converters
     if victim == "qemu-img":
-        for pid in _qemu_children():
+        for pid in converters:
             os.kill(pid, signal.SIGKILL)
     else:
         process.kill()
-    process.wait(timeout=60)
+    process.wait(timeout=RECOVERY_TIMEOUT)
     # qemu-img dies with its parent (PR_SET_PDEATHSIG).
-    deadline = time.monotonic() + 10
-    while _qemu_children() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _qemu_children()
+    wait_until(
+        lambda: f"qemu-img {running} still running" if (running := _running(converters)) else None, "qemu-img gone"
+    )
     names = ceph.rbd("ls").split()
     assert image_id not in names  # never a half image under the real name
     # The next run cleans the dead owner's temporary and succeeds.
@@ -254,6 +275,10 @@ def test_a_conversion_killed_midway_leaves_no_image_and_the_next_run_succeeds(
     result = convert_image(ConvertRequest(str(source), image_id), rbd_store)
     assert result.location.url.endswith(f"/{image_id}/snap")
     rbd_store.delete(image_id)
+
+
+def _running(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if process_alive(pid)]
 
 
 def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
