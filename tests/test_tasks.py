@@ -82,10 +82,16 @@ class Workers:
         """The worker takes control messages through the broker: it is
         consuming, not just started."""
         from celery import Celery
+        from kombu.exceptions import OperationalError
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
         client = Celery(broker=self.broker)
         try:
             return bool(client.control.ping(destination=[f"{name}@{socket.gethostname()}"], timeout=5))
+        except (OSError, OperationalError, RedisConnectionError):
+            # A connection Redis dropped (a restart earlier in the session,
+            # a busy machine): not an answer yet; the caller asks again.
+            return False
         finally:
             client.close()
 
