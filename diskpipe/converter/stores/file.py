@@ -99,6 +99,8 @@ class FileTarget:
         return os.fstat(self._open()).st_size
 
     def write_at(self, offset: int, data: bytes) -> None:
+        if self._fd is None and not self.path.exists():
+            self.create_empty()  # a target written from Python, not by qemu-img
         fd = self._open(os.O_RDWR)
         view = memoryview(data)
         while view:
