@@ -364,9 +364,9 @@ def add_commands(commands: Any) -> None:
     def common(parser: argparse.ArgumentParser, *, store: bool = True, broker: bool = True) -> None:
         parser.add_argument("--output", choices=("human", "json"), default="human")
         if store:
-            parser.add_argument(
-                "--store", metavar="file:DIR|rbd:POOL|s3:BUCKET", help="where images go (default: [store] config)"
-            )
+            from diskpipe.converter.stores import registry
+
+            parser.add_argument("--store", metavar=registry.usage(), help="where images go (default: [store] config)")
         if broker:
             parser.add_argument("--broker", metavar="URL", help="Redis URL of the Celery broker (default: config/env)")
 

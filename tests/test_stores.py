@@ -346,11 +346,12 @@ def test_s3_unreachable_endpoint_is_transient(staging: Path) -> None:
         store.begin(image_id(), SIZE)
 
 
-def test_cli_converts_into_s3_and_exits_2_on_wrong_credentials(rgw: Any, tmp_path: Path) -> None:
+def test_cli_converts_and_imports_into_s3_and_exits_2_on_wrong_credentials(rgw: Any, tmp_path: Path) -> None:
     bucket = rgw.bucket()
     source = make_qcow2(tmp_path / "cli.qcow2")
     env = dict(
         os.environ,
+        XDG_DATA_HOME=str(tmp_path / "data"),
         DISKPIPE_S3_ENDPOINT=rgw.endpoint,
         DISKPIPE_S3_ACCESS_KEY=rgw.access_key,
         DISKPIPE_S3_SECRET_KEY=rgw.secret_key,
@@ -358,11 +359,32 @@ def test_cli_converts_into_s3_and_exits_2_on_wrong_credentials(rgw: Any, tmp_pat
         DISKPIPE_S3_STAGING_DIR=str(tmp_path),
     )
     env.pop("DISKPIPE_CONFIG", None)
-    command = [sys.executable, "-m", "diskpipe", "convert", str(source), "--store", f"s3:{bucket}", "--quiet"]
-    done = subprocess.run([*command, "--id", "cli-ok"], env=env, capture_output=True, text=True, check=False)
+    env.pop("DISKPIPE_BROKER_URL", None)
+    store_option = ["--store", f"s3:{bucket}"]
+
+    def diskpipe(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "diskpipe", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    command = ["convert", str(source), *store_option, "--quiet"]
+    done = diskpipe(*command, "--id", "cli-ok")
     assert done.returncode == 0, done.stderr
     assert f"s3://{bucket}/cli-ok" in done.stdout
+    # The whole in-process pipeline (purge, convert, verify, record, delete).
+    imported = diskpipe("import", "./cli.qcow2", *store_option, "--id", "cli-import", "--output=json")
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    assert '"status": "active"' in imported.stdout and f"s3://{bucket}/cli-import" in imported.stdout
+    deleted = diskpipe("delete", "cli-import", *store_option)
+    assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+    keys = [item["Key"] for item in rgw.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert keys == ["cli-ok"]
     env["DISKPIPE_S3_SECRET_KEY"] = "wrong"
-    failed = subprocess.run([*command, "--id", "cli-bad"], env=env, capture_output=True, text=True, check=False)
+    failed = diskpipe(*command, "--id", "cli-bad")
     assert failed.returncode == 2
     assert "refused the credentials" in failed.stderr

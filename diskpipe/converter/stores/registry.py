@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from diskpipe.converter.stores.base import Store
+if TYPE_CHECKING:  # kept light: the CLI reads the kinds while building its parser
+    from diskpipe.converter.stores.base import Store
 
 
 class UnknownStore(ValueError):
