@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import statistics
 import subprocess
 import sys
@@ -222,19 +223,23 @@ def empty_bucket(client: Any, bucket: str, ceph: BenchCeph) -> None:
 
 def operator_s3_way(source: Path, fmt: str, client: Any, bucket: str, scratch: Path) -> None:
     """The obvious script: qemu-img convert to a raw file, then upload it."""
-    from boto3.s3.transfer import TransferConfig
-
     temporary = scratch / f"operator-{uuid.uuid4().hex[:8]}.raw"
     subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(source), str(temporary)], check=True)
     try:
-        client.upload_file(
-            str(temporary),
-            bucket,
-            temporary.stem,
-            Config=TransferConfig(multipart_threshold=S3_PART, multipart_chunksize=S3_PART, max_concurrency=S3_THREADS),
-        )
+        operator_upload(client, temporary, bucket)
     finally:
         temporary.unlink()
+
+
+def operator_upload(client: Any, path: Path, bucket: str) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    client.upload_file(
+        str(path),
+        bucket,
+        path.stem,
+        Config=TransferConfig(multipart_threshold=S3_PART, multipart_chunksize=S3_PART, max_concurrency=S3_THREADS),
+    )
 
 
 def diskpipe_s3_way(source: Path, store: S3Store, *, hashes: bool, report: list[dict[str, float]]) -> None:
@@ -251,6 +256,15 @@ def s3_rows(sources: dict[str, Path], ceph: BenchCeph, repeat: int, port: int, s
         client = s3_client(endpoint)
         bucket = "bench"
         client.create_bucket(Bucket=bucket)
+        # The first writes into the gateway's new pools are several times
+        # slower than later ones: warm them up so the first candidate is not
+        # the one to pay for it.
+        warm = scratch / "warm-up.raw"
+        warm.write_bytes(os.urandom(1 << 20) * 256)
+        for _ in range(2):
+            operator_upload(client, warm, bucket)
+        warm.unlink()
+        empty_bucket(client, bucket, ceph)
         store = S3Store(
             S3Config(
                 bucket=bucket,
@@ -302,14 +316,14 @@ OPTION_SETS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=None, help="runs of each candidate (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="one source, one run each")
     parser.add_argument("--only", choices=("all", "rbd", "s3"), default="all", help="which rows to measure")
     parser.add_argument("--guest-size", default="4G", help="size of the guest disk (smaller for a trial run)")
     parser.add_argument("--ceph-port", type=int, default=6797, help="mon port of the benchmark's Ceph")
     parser.add_argument("--rgw-port", type=int, default=7497, help="port of the benchmark's S3 gateway")
     args = parser.parse_args(argv)
-    repeat = 1 if args.quick else args.repeat
+    repeat = args.repeat or (1 if args.quick else 3)
 
     from diskpipe.config import parse_size
 

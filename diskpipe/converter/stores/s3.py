@@ -380,11 +380,28 @@ class S3Store:
         part_size = self._part_size(size)
         count = max(1, -(-size // part_size))  # an empty image is one empty part
         client = self.client()
+        # Parts that lie in holes of the staged file are zeros: S3 must get
+        # them anyway, but they are sent from one shared buffer, their MD5
+        # computed once, and nothing is read.
+        data_extents = [(start, start + length) for start, length, data in target.extents() if data]
+        zero_parts: dict[int, tuple[bytes, bytes]] = {}
+        zero_lock = threading.Lock()
+
+        def zero_part(length: int) -> tuple[bytes, bytes]:
+            with zero_lock:
+                if length not in zero_parts:
+                    zeros = bytes(length)
+                    zero_parts[length] = zeros, _md5(zeros)
+                return zero_parts[length]
 
         def send(number: int) -> dict[str, Any]:
             offset = (number - 1) * part_size
-            data = target.read_at(offset, min(part_size, size - offset))
-            digest = _md5(data)
+            length = min(part_size, size - offset)
+            if any(start < offset + length and offset < end for start, end in data_extents):
+                data = target.read_at(offset, length)
+                digest = _md5(data)
+            else:
+                data, digest = zero_part(length)
             answer = self._call(
                 f"upload part {number}/{count} of {target.image_id}",
                 client.upload_part,
