@@ -62,6 +62,7 @@ from diskpipe.converter.stores.file import file_extents
 log = logging.getLogger(__name__)
 MiB = 1 << 20
 MIN_PART = 5 * MiB  # S3's smallest part (but the last)
+MAX_PART = 5 << 30  # S3's largest part
 MAX_PARTS = 10_000  # S3's most parts per upload
 PROTECTED_TAG = "diskpipe-protected"
 OWNER_METADATA = "diskpipe-owner"
@@ -105,8 +106,8 @@ class S3Config:
             )
         if self.addressing not in ADDRESSING:
             raise StoreError(f"[s3] addressing must be one of {', '.join(ADDRESSING)}, not {self.addressing!r}")
-        if self.part_size < MIN_PART:
-            raise StoreError(f"[s3] part_size must be at least {MIN_PART} bytes (S3's minimum)")
+        if not MIN_PART <= self.part_size <= MAX_PART:
+            raise StoreError(f"[s3] part_size must be {MIN_PART}-{MAX_PART} bytes (S3's limits)")
         if self.threads < 1 or self.max_attempts < 1:
             raise StoreError("[s3] threads and max_attempts must be at least 1")
         if (self.access_key is None) != (self.secret_key is None):
