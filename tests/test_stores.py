@@ -384,6 +384,9 @@ def test_cli_converts_and_imports_into_s3_and_exits_2_on_wrong_credentials(rgw: 
     assert deleted.returncode == 0, deleted.stdout + deleted.stderr
     keys = [item["Key"] for item in rgw.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert keys == ["cli-ok"]
+    cleaned = diskpipe("cleanup", *store_option, "--output=json")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert '"store": []' in cleaned.stdout
     env["DISKPIPE_S3_SECRET_KEY"] = "wrong"
     failed = diskpipe(*command, "--id", "cli-bad")
     assert failed.returncode == 2
