@@ -28,20 +28,19 @@ def _broker(args: argparse.Namespace) -> str | None:
     return broker or load_celery_config().broker_url
 
 
-def _store_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+def _store_config(args: argparse.Namespace) -> tuple[Any, str | None]:
     from diskpipe.tasks.settings import load_store_config, parse_store_option
 
     base = load_store_config()
     store = getattr(args, "store", None)
-    return parse_store_option(store, base) if store else (base, {})
+    return parse_store_option(store, base) if store else (base, None)
 
 
 def _make_store(args: argparse.Namespace) -> Any:
-    from diskpipe.converter.stores.rbd import load_rbd_config
     from diskpipe.tasks.settings import make_store
 
-    config, rbd_overrides = _store_config(args)
-    return make_store(config, load_rbd_config(**rbd_overrides) if config.kind == "rbd" else None)
+    config, argument = _store_config(args)
+    return make_store(config, argument)
 
 
 def _records(args: argparse.Namespace) -> Any:
@@ -368,9 +367,9 @@ def add_commands(commands: Any) -> None:
     def common(parser: argparse.ArgumentParser, *, store: bool = True, broker: bool = True) -> None:
         parser.add_argument("--output", choices=("human", "json"), default="human")
         if store:
-            parser.add_argument(
-                "--store", metavar="file:DIR|rbd:POOL", help="where images go (default: [store] config)"
-            )
+            from diskpipe.converter.stores import registry
+
+            parser.add_argument("--store", metavar=registry.usage(), help="where images go (default: [store] config)")
         if broker:
             parser.add_argument("--broker", metavar="URL", help="Redis URL of the Celery broker (default: config/env)")
 

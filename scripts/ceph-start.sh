@@ -3,8 +3,10 @@
 # for tests and experiments. Everything (conf, keyrings, mon store, OSD dir,
 # pid files, admin sockets, logs) lives in one state directory.
 #
-# Usage: scripts/ceph-start.sh [STATE_DIR]
+# Usage: scripts/ceph-start.sh [--rgw] [STATE_DIR]
 #   eval "$(scripts/ceph-start.sh)"   # sets CEPH_CONF=<STATE_DIR>/ceph.conf
+#   --rgw  also start a RADOS Gateway (S3) and a test user: scripts/rgw-start.sh
+#          (DISKPIPE_RGW_PORT etc.), which prints DISKPIPE_S3_* lines first
 #
 # Environment:
 #   DISKPIPE_CEPH_DIR            state dir (default /tmp/diskpipe-ceph); $1 wins
@@ -29,6 +31,11 @@
 set -Eeuo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+with_rgw=0
+if [[ "${1:-}" == --rgw ]]; then
+    with_rgw=1
+    shift
+fi
 dir="${1:-${DISKPIPE_CEPH_DIR:-/tmp/diskpipe-ceph}}"
 port="${DISKPIPE_CEPH_PORT:-6789}"
 pool="${DISKPIPE_CEPH_POOL:-rbd}"
@@ -266,6 +273,9 @@ wait_for "a test image create/rm" probe
 
 trap - ERR
 log "cluster up in $((SECONDS - t0))s"
+if ((with_rgw)); then
+    "$here/rgw-start.sh" "$dir"
+fi
 if [[ "$auth" == cephx ]]; then
     printf 'DISKPIPE_CEPH_KEYRING=%q\n' "$dir/client.diskpipe.keyring"
 fi

@@ -20,6 +20,10 @@ if [[ ! -e "$marker" ]] && [[ -n "$(ls -A "$dir")" ]]; then
     exit 1
 fi
 
+# A gateway first, and alone: killed together with its OSD it can hang in
+# shutdown for minutes.
+"$(dirname "${BASH_SOURCE[0]}")/rgw-stop.sh" "$dir"
+
 # Alive = /proc entry exists and it is not a fully-exited zombie. After
 # SIGKILL the thread-group leader turns Z at once while the other threads still
 # tear down (releasing GiBs of memstore RAM, closing the listening sockets), so

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what diskpipe needs on a Debian 12 machine: the Debian packages
 # (qemu-img, libmagic, Redis, a one-node Ceph's daemons and client bindings,
-# the tools the sample generator uses) and a virtualenv in .venv with
+# the RADOS Gateway the S3 store's tests use, the tools the sample generator uses) and a virtualenv in .venv with
 # diskpipe installed. `--test` adds the test extras, `--bench` the benchmark
 # extras, `--no-apt` skips the Debian packages.
 set -euo pipefail
@@ -21,7 +21,7 @@ done
 APT_PACKAGES=(
     qemu-utils qemu-block-extra libmagic1
     redis-server
-    ceph-mon ceph-osd ceph-common python3-rados python3-rbd
+    ceph-mon ceph-osd ceph-common python3-rados python3-rbd radosgw
     cryptsetup-bin gdisk fdisk e2fsprogs xfsprogs btrfs-progs squashfs-tools dosfstools
     cpio gzip xz-utils zstd lz4 bzip2 debootstrap
     python3-venv

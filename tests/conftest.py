@@ -341,3 +341,69 @@ def ceph_cephx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
     )
     yield ceph
     _stop_ceph(ceph)
+
+
+class Rgw:
+    """A RADOS Gateway on the session's Ceph, with a test user."""
+
+    def __init__(self, ceph: Ceph, env: dict[str, str], values: dict[str, str]) -> None:
+        self.ceph = ceph
+        self.env = env
+        self.endpoint = values["DISKPIPE_S3_ENDPOINT"]
+        self.access_key = values["DISKPIPE_S3_ACCESS_KEY"]
+        self.secret_key = values["DISKPIPE_S3_SECRET_KEY"]
+
+    def start(self) -> None:
+        """(Re)start the gateway and wait until it answers (the script waits,
+        with a generous deadline)."""
+        started = subprocess.run(
+            ["bash", str(SCRIPTS / "rgw-start.sh"), str(self.ceph.state)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if started.returncode != 0:
+            pytest.fail(f"radosgw did not start: {started.stderr[-3000:]}")
+
+    def stop(self) -> None:
+        subprocess.run(
+            ["bash", str(SCRIPTS / "rgw-stop.sh"), str(self.ceph.state)], env=self.env, capture_output=True, check=True
+        )
+
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}, connect_timeout=5),
+        )
+
+    def bucket(self) -> str:
+        """A new, empty bucket."""
+        import uuid
+
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def rgw(ceph: Ceph) -> Iterator[Rgw]:
+    """Ceph's own S3 gateway (radosgw) on the session's one-node Ceph."""
+    if shutil.which("radosgw") is None:
+        pytest.fail("radosgw is not installed: run scripts/setup.sh")
+    env = dict(ceph.env, DISKPIPE_RGW_PORT=os.environ.get("DISKPIPE_TEST_RGW_PORT", "7481"))
+    started = subprocess.run(
+        ["bash", str(SCRIPTS / "rgw-start.sh"), str(ceph.state)], env=env, capture_output=True, text=True, check=False
+    )
+    if started.returncode != 0:
+        pytest.fail(f"radosgw did not start: {started.stderr[-3000:]}")
+    gateway = Rgw(ceph, env, _parse_env(started.stdout))
+    yield gateway
+    gateway.stop()

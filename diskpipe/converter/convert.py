@@ -224,8 +224,8 @@ def convert_image(
     """
     if request.to_format not in TARGET_FORMATS:
         raise ValueError(f"cannot convert to {request.to_format}")
-    if request.to_format != "raw" and store.name != "file":
-        raise ValueError("only the file store keeps qcow2 output; RBD wants raw")
+    if request.to_format not in store.capabilities.keeps_formats:
+        raise ValueError(f"the {store.name} store keeps {', '.join(sorted(store.capabilities.keeps_formats))} only")
     if inspected is not None and request.source_fd is None:
         raise ValueError("inspected facts need the descriptor they were read from (source_fd)")
     with contextlib.ExitStack() as opened:
@@ -279,7 +279,7 @@ def _convert_open(
                 spec,
                 qemu_target,
                 request.to_format,
-                convert_limits(virtual_size, to_file=store.name == "file", timeout=request.timeout),
+                convert_limits(virtual_size, to_file=store.capabilities.local_target, timeout=request.timeout),
                 options=request.options,
                 progress=lambda percent: report("convert", percent),
                 cancel=cancel,

@@ -83,7 +83,6 @@ def worker_redis() -> Any:
 def _environment_for(pid: int) -> Any:
     import redis
 
-    from diskpipe.converter.stores.rbd import load_rbd_config
     from diskpipe.formats.policy import load_policy
     from diskpipe.tasks.lease import Lease
     from diskpipe.tasks.pipeline import Environment
@@ -95,7 +94,7 @@ def _environment_for(pid: int) -> Any:
     owner = f"{os.uname().nodename}-{pid}"
     return Environment(
         records=RedisRecords(client),
-        store=make_store(load_store_config(), load_rbd_config()),
+        store=make_store(load_store_config()),
         policy=load_policy(),
         import_config=load_import_config(),
         lease=lambda image_id: Lease(client, image_id, owner, ttl=config.lease_ttl),

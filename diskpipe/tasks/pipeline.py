@@ -427,10 +427,9 @@ def _fetch(job: ImportJob, env: Environment, progress: Callable[..., None], canc
 
 
 def _purge_temporaries(store: Store, image_id: str) -> None:
-    """With the lease held, every `<id>.tmp.*` is a dead delivery's leftover."""
-    purge = getattr(store, "purge_temporaries", None)
-    if purge is not None:
-        purge(image_id)
+    """With the lease held, every temporary of the image (`<id>.tmp.*`, an
+    unfinished upload) is a dead delivery's leftover."""
+    store.purge_temporaries(image_id)
 
 
 def _adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any]) -> dict[str, Any]:

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from diskpipe.config import load_file, load_section
+from diskpipe.converter.stores import registry
 from diskpipe.converter.stores.base import Store
-from diskpipe.converter.stores.file import FileStore
-from diskpipe.converter.stores.rbd import RbdConfig, RbdStore
 
 
 def _data_home() -> str:
@@ -46,7 +45,7 @@ class CeleryConfig:
 class StoreConfig:
     """The `[store]` section: where images and (embedded) records go."""
 
-    kind: str = "file"  # file | rbd
+    kind: str = "file"  # file | rbd | s3 (each reads its own section: [rbd], [s3])
     directory: str = os.path.join(_data_home(), "images")
     records: str = os.path.join(_data_home(), "records.sqlite")
 
@@ -61,26 +60,17 @@ def load_store_config(path: str | None = None, **overrides: Any) -> StoreConfig:
     return load_section(StoreConfig, "store", load_file(path).get("store", {}), **overrides)
 
 
-def make_store(config: StoreConfig, rbd: RbdConfig | None = None) -> Store:
-    if config.kind == "file":
-        return FileStore(config.directory)
-    if config.kind == "rbd":
-        from diskpipe.converter.stores.rbd import load_rbd_config
-
-        return RbdStore(rbd or load_rbd_config())
-    raise ValueError(f"unknown store kind {config.kind!r} (file or rbd)")
+def make_store(config: StoreConfig, argument: str | None = None) -> Store:
+    """The store `[store] kind` names (or `--store`), from its own section."""
+    return registry.create(config.kind, argument, directory=config.directory)
 
 
-def parse_store_option(value: str, base: StoreConfig) -> tuple[StoreConfig, dict[str, Any]]:
-    """`--store file:DIR` or `--store rbd:POOL` -> store config and rbd overrides."""
-    kind, _, argument = value.partition(":")
-    if kind == "file":
-        return StoreConfig(kind="file", directory=argument or base.directory, records=base.records), {}
-    if kind == "rbd":
-        return StoreConfig(kind="rbd", directory=base.directory, records=base.records), (
-            {"pool": argument} if argument else {}
-        )
-    raise ValueError(f"--store takes file:DIR or rbd:POOL, not {value!r}")
+def parse_store_option(value: str, base: StoreConfig) -> tuple[StoreConfig, str | None]:
+    """`--store KIND[:ARGUMENT]` -> store config and the argument (the file
+    store's directory, the RBD pool, the S3 bucket)."""
+    kind, argument = registry.parse_spec(value)
+    directory = argument if kind == "file" and argument else base.directory
+    return StoreConfig(kind=kind, directory=directory, records=base.records), argument
 
 
 def redis_client(url: str) -> Any:

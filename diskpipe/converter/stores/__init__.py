@@ -1,6 +1,15 @@
-"""Where converted images are kept: one interface, two backends (local
-files, the embedded default; Ceph RBD, the real target)."""
+"""Where converted images are kept: one interface (`base.Store`), several
+backends (local files, the embedded default; Ceph RBD; S3 object stores),
+picked by kind through `registry`."""
 
-from diskpipe.converter.stores.base import Location, Store, StoreError, StoreUnavailable, Target, owner_tag
+from diskpipe.converter.stores.base import (
+    Capabilities,
+    Location,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    Target,
+    owner_tag,
+)
 
-__all__ = ["Location", "Store", "StoreError", "StoreUnavailable", "Target", "owner_tag"]
+__all__ = ["Capabilities", "Location", "Store", "StoreError", "StoreUnavailable", "Target", "owner_tag"]

@@ -3,7 +3,8 @@
 A conversion writes into a *target*: a temporary image under a name no
 reader looks at (`<id>.tmp.<owner>`), which `finalize` turns into the real
 image in one atomic step (rename; for RBD also snapshot + protect first) and
-`abort` removes. So a failed or killed conversion never leaves a half image
+`abort` removes (an object store's temporary is an unfinished multipart
+upload, invisible until completed). So a failed or killed conversion never leaves a half image
 under the real name, and `cleanup` finds what a dead owner left behind.
 """
 
@@ -64,6 +65,26 @@ class ImageNotFound(StoreError):
     """No image with that id is stored."""
 
 
+class ImageProtected(StoreError):
+    """The image is protected in the store and cannot be deleted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a store can do; the converter asks these, never a store's name."""
+
+    # True: qemu-img writes the stored image itself (a file, an RBD image).
+    # False: qemu-img writes a staged raw file that the store uploads
+    # (object stores: S3 has no random writes).
+    writes_directly: bool
+    # Output formats the store keeps (RBD and S3: raw only, for Ceph clones
+    # and for Nova, which boots raw from them).
+    keeps_formats: frozenset[str]
+    # qemu-img's target is a local file, so its size can be capped with
+    # RLIMIT_FSIZE (a hostile image cannot fill the disk).
+    local_target: bool
+
+
 def owner_tag() -> str:
     """Who writes a temporary image: host and process, so a cleanup pass can
     tell a live writer from a dead one."""
@@ -98,7 +119,7 @@ def tmp_name(image_id: str, owner: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Location:
-    url: str  # file:///... or rbd://<fsid>/<pool>/<image>/snap
+    url: str  # file:///..., rbd://<fsid>/<pool>/<image>/snap or s3://<bucket>/<key>
     store: str
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -130,7 +151,11 @@ class Target(Protocol):
 
 
 class Store(Protocol):
+    """What every store does. `name` is its kind (`file`, `rbd`, `s3`), for
+    records and messages only: behaviour follows `capabilities`."""
+
     name: str
+    capabilities: Capabilities
 
     def begin(self, image_id: str, size: int, *, image_format: str = "raw") -> Target:
         """Create an empty temporary image of `size` bytes (or let qemu create it)."""
@@ -159,7 +184,21 @@ class Store(Protocol):
         """The stored image, opened for reading (verification)."""
         ...
 
-    def delete(self, image_id: str) -> None: ...
+    def delete(self, image_id: str) -> None:
+        """Remove the stored image; ImageProtected while it is protected,
+        ImageInUse while it has clones, ImageNotFound when it is not there."""
+        ...
+
+    def protect(self, image_id: str, protected: bool = True) -> None:
+        """Mark the stored image protected (delete refuses it) or not."""
+        ...
+
+    def is_protected(self, image_id: str) -> bool: ...
+
+    def purge_temporaries(self, image_id: str) -> list[str]:
+        """Remove every temporary of `image_id`, whoever wrote it (the caller
+        holds the image's lease, so none of them is live); return their names."""
+        ...
 
     def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[str]:
         """Remove temporary images whose writer is gone; return their names.

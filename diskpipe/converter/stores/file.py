@@ -1,4 +1,6 @@
 """The file store: images as sparse files in a directory (the embedded default).
+qemu-img writes the stored file itself; raw and qcow2 are kept; a protected
+image is read-only (mode 0440) and `delete` refuses it.
 
 A conversion writes `.<id>.tmp.<owner>`; `finalize` fsyncs it and links it
 to `<id>.<format>` (a hard link fails if the name exists, so nothing is
@@ -17,8 +19,10 @@ from diskpipe.converter.checksums import Extent
 from diskpipe.converter.qemu_img import TargetSpec
 from diskpipe.converter.stores.base import (
     TMP_MARKER,
+    Capabilities,
     ImageExists,
     ImageNotFound,
+    ImageProtected,
     Location,
     StoreUnavailable,
     check_image_id,
@@ -28,6 +32,10 @@ from diskpipe.converter.stores.base import (
 )
 
 FORMATS = ("raw", "qcow2")
+# A protected image is read-only for everyone: the mark lives with the file,
+# and `chmod` shows it to an operator.
+IMAGE_MODE = 0o640
+PROTECTED_MODE = 0o440
 
 
 def file_extents(fd: int, size: int) -> Iterator[Extent]:
@@ -91,6 +99,8 @@ class FileTarget:
         return os.fstat(self._open()).st_size
 
     def write_at(self, offset: int, data: bytes) -> None:
+        if self._fd is None and not self.path.exists():
+            self.create_empty()  # a target written from Python, not by qemu-img
         fd = self._open(os.O_RDWR)
         view = memoryview(data)
         while view:
@@ -110,6 +120,7 @@ class FileTarget:
 
 class FileStore:
     name = "file"
+    capabilities = Capabilities(writes_directly=True, keeps_formats=frozenset(FORMATS), local_target=True)
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
@@ -181,7 +192,21 @@ class FileStore:
         path = self._find(image_id)
         if path is None:
             raise ImageNotFound(f"image {image_id} not found in {self.directory}")
+        if self.is_protected(image_id):
+            raise ImageProtected(f"image {image_id} is protected; unprotect it first")
         path.unlink()
+
+    def protect(self, image_id: str, protected: bool = True) -> None:
+        path = self._find(image_id)
+        if path is None:
+            raise ImageNotFound(f"image {image_id} not found in {self.directory}")
+        path.chmod(PROTECTED_MODE if protected else IMAGE_MODE)
+
+    def is_protected(self, image_id: str) -> bool:
+        path = self._find(image_id)
+        if path is None:
+            raise ImageNotFound(f"image {image_id} not found in {self.directory}")
+        return not path.stat().st_mode & 0o200
 
     def purge_temporaries(self, image_id: str) -> list[str]:
         """Remove every temporary of `image_id`, whoever wrote it (the caller

@@ -17,6 +17,7 @@ seconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -29,9 +30,11 @@ from diskpipe.converter.checksums import Extent
 from diskpipe.converter.qemu_img import TargetSpec
 from diskpipe.converter.stores.base import (
     TMP_MARKER,
+    Capabilities,
     ImageExists,
     ImageInUse,
     ImageNotFound,
+    ImageProtected,
     Location,
     StoreError,
     StoreUnavailable,
@@ -47,6 +50,9 @@ SNAPSHOT = "snap"
 FEATURES = 1 | 4 | 8 | 16 | 32
 OWNER_KEY = "diskpipe.owner"
 CREATED_KEY = "diskpipe.created"
+# Set on a stored image that `delete` must refuse (the snapshot is protected
+# anyway, for clones: this is the operator's "keep it" mark).
+PROTECTED_KEY = "diskpipe.protected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +159,7 @@ class RbdTarget:
 
 class RbdStore:
     name = "rbd"
+    capabilities = Capabilities(writes_directly=True, keeps_formats=frozenset({"raw"}), local_target=False)
 
     def __init__(self, config: RbdConfig | None = None) -> None:
         self.config = config or RbdConfig()
@@ -303,7 +310,29 @@ class RbdStore:
         finally:
             image.close()
 
+    def protect(self, image_id: str, protected: bool = True) -> None:
+        image = self.open_raw(image_id)
+        try:
+            if protected:
+                self._call(image.metadata_set, PROTECTED_KEY, "1")
+            else:
+                with contextlib.suppress(KeyError):  # not protected
+                    self._call(image.metadata_remove, PROTECTED_KEY)
+        finally:
+            image.close()
+
+    def is_protected(self, image_id: str) -> bool:
+        image = self.open_raw(image_id)
+        try:
+            return bool(self._call(image.metadata_get, PROTECTED_KEY) == "1")
+        except KeyError:
+            return False
+        finally:
+            image.close()
+
     def delete(self, image_id: str) -> None:
+        if self.is_protected(image_id):
+            raise ImageProtected(f"image {image_id} is protected; unprotect it first")
         clones = self.children(image_id)
         if clones:
             raise ImageInUse(f"image {image_id} is in use: its snapshot has clones ({', '.join(clones)})")

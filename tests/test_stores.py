@@ -1,0 +1,393 @@
+"""One store contract, checked on every store: the file store, RBD on a real
+one-node Ceph, and S3 on Ceph's own RADOS Gateway. Then the S3 store's
+faults: a gateway stopped mid-upload, wrong credentials, a missing bucket."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diskpipe.converter.convert import ConvertRequest, convert_image
+from diskpipe.converter.stores import registry
+from diskpipe.converter.stores.base import (
+    ImageExists,
+    ImageNotFound,
+    ImageProtected,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
+from diskpipe.converter.stores.file import FileStore
+from diskpipe.converter.stores.rbd import RbdConfig, RbdStore
+from diskpipe.converter.stores.s3 import S3Config, S3Store
+
+KINDS = ["file", "rbd", "s3"]
+MiB = 1 << 20
+SIZE = 12 * MiB  # more than two 5 MiB S3 parts, so uploads are multipart
+URL_SCHEMES = {"file": "file://", "rbd": "rbd://", "s3": "s3://"}
+
+
+def s3_config(rgw: Any, bucket: str, staging: Path, **overrides: Any) -> S3Config:
+    values: dict[str, Any] = {
+        "bucket": bucket,
+        "endpoint": rgw.endpoint,
+        "access_key": rgw.access_key,
+        "secret_key": rgw.secret_key,
+        "addressing": "path",
+        "part_size": 5 * MiB,
+        "threads": 2,
+        "connect_timeout": 5,
+        "read_timeout": 30,
+        "max_attempts": 2,
+        "staging_dir": str(staging),
+    }
+    values.update(overrides)
+    return S3Config(**values)
+
+
+@pytest.fixture
+def staging(tmp_path: Path) -> Iterator[Path]:
+    """The S3 store's staging directory: empty again after every test."""
+    directory = tmp_path / "staging"
+    directory.mkdir()
+    yield directory
+    assert list(directory.iterdir()) == [], "a staged file was left behind"
+
+
+@pytest.fixture(params=KINDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path, staging: Path) -> Iterator[Store]:
+    kind = request.param
+    if kind == "file":
+        yield FileStore(tmp_path / "images")
+    elif kind == "rbd":
+        ceph = request.getfixturevalue("ceph")
+        rbd_store = RbdStore(RbdConfig(conf=ceph.conf, connect_timeout=10, op_timeout=20))
+        yield rbd_store
+        rbd_store.close()
+    else:
+        rgw = request.getfixturevalue("rgw")
+        yield S3Store(s3_config(rgw, rgw.bucket(), staging))
+
+
+def image_id() -> str:
+    return f"contract-{uuid.uuid4().hex[:10]}"
+
+
+# Data at the start, in the middle (across the 5 MiB S3 part boundary) and at
+# the very end; the rest stays zero.
+PIECES = [(0, b"\x01" * 4096), (5 * MiB - 1000, os.urandom(3000)), (SIZE - 777, os.urandom(777))]
+
+
+def expected_bytes() -> bytes:
+    data = bytearray(SIZE)
+    for offset, piece in PIECES:
+        data[offset : offset + len(piece)] = piece
+    return bytes(data)
+
+
+def store_image(store: Store, name: str) -> None:
+    target = store.begin(name, SIZE)
+    try:
+        for offset, piece in PIECES:
+            target.write_at(offset, piece)
+        store.seal(target)
+        store.finalize(target)
+    except BaseException:
+        store.abort(target)
+        raise
+
+
+def read_back(store: Store, name: str) -> bytes:
+    image = store.open_image(name)
+    try:
+        size = image.stored_size()
+        return b"".join(image.read_at(offset, min(4 * MiB, size - offset)) for offset in range(0, size, 4 * MiB))
+    finally:
+        image.close()
+
+
+def temporaries(store: Store, name: str) -> list[str]:
+    """What the store still holds of `name` besides the image (listed the
+    store's own way, not through the code under test)."""
+    if isinstance(store, FileStore):
+        return [entry.name for entry in store.directory.iterdir() if entry.name.startswith(f".{name}.tmp.")]
+    if isinstance(store, RbdStore):
+        import rbd
+
+        return [image for image in rbd.RBD().list(store._connect()) if image.startswith(f"{name}.tmp.")]
+    assert isinstance(store, S3Store)
+    uploads = store.client().list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
+    return [upload["UploadId"] for upload in uploads if upload["Key"] == name]
+
+
+# -- the contract -----------------------------------------------------------
+
+
+def test_registry_builds_every_kind_from_its_own_section(tmp_path: Path) -> None:
+    config = tmp_path / "diskpipe.toml"
+    config.write_text('[rbd]\npool = "images"\n[s3]\nbucket = "from-config"\nendpoint = "http://127.0.0.1:1"\n')
+    for kind, argument, check in (
+        ("file", str(tmp_path / "d"), lambda s: s.directory == tmp_path / "d"),
+        ("rbd", None, lambda s: s.config.pool == "images"),
+        ("rbd", "other", lambda s: s.config.pool == "other"),
+        ("s3", None, lambda s: s.bucket == "from-config"),
+        ("s3", "from-cli", lambda s: s.bucket == "from-cli" and s.config.endpoint == "http://127.0.0.1:1"),
+    ):
+        built: Any = registry.create(kind, argument, directory=str(tmp_path / "default"), config_path=str(config))
+        assert built.name == kind and check(built)
+    assert registry.parse_spec("s3:images") == ("s3", "images")
+    with pytest.raises(registry.UnknownStore, match="s3:BUCKET"):
+        registry.parse_spec("swift:images")
+    with pytest.raises(StoreError, match="invalid S3 bucket name"):
+        registry.create("s3", "Bad_Bucket", directory=str(tmp_path))
+
+
+def test_capabilities_not_names_decide(store: Store) -> None:
+    caps = store.capabilities
+    assert "raw" in caps.keeps_formats
+    # qemu-img writes file and RBD images itself; S3 gets a staged file.
+    assert caps.writes_directly is (store.name != "s3")
+    assert ("qcow2" in caps.keeps_formats) is (store.name == "file")
+
+
+def test_begin_write_finalize_read_back(store: Store) -> None:
+    name = image_id()
+    assert not store.exists(name)
+    store_image(store, name)
+    try:
+        assert store.exists(name)
+        location = store.location(name)
+        assert location.url.startswith(URL_SCHEMES[store.name]) and name in location.url
+        assert location.store == store.name
+        assert read_back(store, name) == expected_bytes()
+        image = store.open_image(name)
+        try:
+            extents = list(image.extents())
+        finally:
+            image.close()
+        # In order, inside the image, and every written byte inside an extent
+        # that holds data (holes may be listed or left out).
+        assert extents == sorted(extents) and all(offset + length <= SIZE for offset, length, _ in extents)
+        for offset, piece in PIECES:
+            assert any(
+                data and start <= offset and offset + len(piece) <= start + length for start, length, data in extents
+            )
+        assert temporaries(store, name) == []
+        with pytest.raises(ImageExists):
+            store.begin(name, SIZE)
+    finally:
+        store.delete(name)
+    assert not store.exists(name)
+    with pytest.raises(ImageNotFound):
+        store.delete(name)
+
+
+def test_abort_leaves_nothing(store: Store) -> None:
+    name = image_id()
+    target = store.begin(name, SIZE)
+    target.write_at(0, b"partial")
+    assert temporaries(store, name) != []
+    store.abort(target)
+    store.abort(target)  # never fails on one already gone
+    assert not store.exists(name)
+    assert temporaries(store, name) == []
+
+
+def test_protect_refuses_delete(store: Store) -> None:
+    name = image_id()
+    store_image(store, name)
+    try:
+        assert not store.is_protected(name)
+        store.protect(name)
+        assert store.is_protected(name)
+        with pytest.raises(ImageProtected):
+            store.delete(name)
+        assert store.exists(name)
+        store.protect(name, False)
+        assert not store.is_protected(name)
+    finally:
+        store.delete(name)
+    with pytest.raises(ImageNotFound):
+        store.protect(name)
+
+
+def test_purge_temporaries_removes_a_dead_writers_leftover(store: Store) -> None:
+    name = image_id()
+    target = store.begin(name, SIZE)
+    target.write_at(0, b"left behind")
+    target.close()  # the writer dies without abort
+    assert len(temporaries(store, name)) == 1
+    removed = store.purge_temporaries(name)
+    assert len(removed) == 1
+    assert temporaries(store, name) == []
+    assert store.purge_temporaries(name) == []
+    assert not store.exists(name)
+
+
+def test_cleanup_asks_is_live_first(store: Store) -> None:
+    name = image_id()
+    target = store.begin(name, SIZE)
+    target.write_at(0, b"abandoned")
+    target.close()
+    kept = store.cleanup(lambda image, owner: True if image == name else None)
+    assert not any(name in entry for entry in kept)
+    assert len(temporaries(store, name)) == 1, "a live writer's temporary was removed"
+    removed = store.cleanup(lambda image, owner: False if image == name else None)
+    assert any(name in entry for entry in removed)
+    assert temporaries(store, name) == []
+
+
+def make_qcow2(path: Path) -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "24M"], check=True)
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 0x5a 1M 3M", "-c", "write -P 0xa5 11M 2M", "-c", "write -P 0x01 23M 1M", str(path)],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
+def test_a_real_conversion_reads_back_byte_identical(store: Store, tmp_path: Path) -> None:
+    source = make_qcow2(tmp_path / "small.qcow2")
+    raw = tmp_path / "reference.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(source), str(raw)], check=True)
+    reference = raw.read_bytes()
+    name = image_id()
+    result = convert_image(ConvertRequest(source=str(source), image_id=name), store)
+    try:
+        assert read_back(store, name) == reference
+        assert result.checksums.md5 == hashlib.md5(reference).hexdigest()
+        assert result.checksums.sha512 == hashlib.sha512(reference).hexdigest()
+        assert result.location.url == store.location(name).url
+        assert temporaries(store, name) == []
+    finally:
+        store.delete(name)
+    if "qcow2" not in store.capabilities.keeps_formats:
+        with pytest.raises(ValueError, match="keeps raw only"):
+            convert_image(ConvertRequest(source=str(source), image_id=name, to_format="qcow2"), store)
+
+
+# -- S3 faults ----------------------------------------------------------------
+
+
+def test_s3_location_names_the_object_and_glance_form(rgw: Any, staging: Path) -> None:
+    bucket = rgw.bucket()
+    store = S3Store(s3_config(rgw, bucket, staging, prefix="images/"))
+    name = image_id()
+    store_image(store, name)
+    location = store.location(name)
+    assert location.url == f"s3://{bucket}/images/{name}"
+    assert location.metadata["glance_location"] == f"s3+{rgw.endpoint}/{bucket}/images/{name}"
+    head = rgw.client().head_object(Bucket=bucket, Key=f"images/{name}")
+    assert head["ContentLength"] == SIZE
+    store.delete(name)
+
+
+def test_s3_gateway_stopped_mid_upload(rgw: Any, staging: Path, tmp_path: Path) -> None:
+    bucket = rgw.bucket()
+    store = S3Store(s3_config(rgw, bucket, staging))
+    source = make_qcow2(tmp_path / "small.qcow2")
+    name = image_id()
+    stopped = []
+
+    def progress(stage: str, percent: float) -> None:
+        # The parts go up beside the hashing: stop the gateway just before.
+        if stage == "checksum" and not stopped:
+            rgw.stop()
+            stopped.append(stage)
+
+    try:
+        with pytest.raises(StoreUnavailable, match="unreachable"):
+            convert_image(ConvertRequest(source=str(source), image_id=name), store, progress=progress)
+        assert stopped
+    finally:
+        rgw.start()
+    # The object never became visible; the unfinished upload (abort could not
+    # reach the gateway) is invisible, and cleanup aborts it.
+    assert not store.exists(name)
+    assert "Contents" not in rgw.client().list_objects_v2(Bucket=bucket)
+    assert len(temporaries(store, name)) == 1
+    assert store.cleanup() == [], "a fresh upload is not stale yet"
+    stale = S3Store(s3_config(rgw, bucket, staging, stale_after=0))
+    assert len(stale.cleanup()) == 1
+    assert temporaries(store, name) == []
+
+
+def test_s3_wrong_credentials_is_a_setup_error(rgw: Any, staging: Path, tmp_path: Path) -> None:
+    bucket = rgw.bucket()
+    store = S3Store(s3_config(rgw, bucket, staging, secret_key="not-the-secret"))
+    with pytest.raises(StoreError, match="refused the credentials") as raised:
+        convert_image(ConvertRequest(source=str(make_qcow2(tmp_path / "s.qcow2")), image_id=image_id()), store)
+    assert not isinstance(raised.value, StoreUnavailable)
+    assert "Contents" not in rgw.client().list_objects_v2(Bucket=bucket)
+    assert rgw.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_s3_missing_bucket_is_a_setup_error(rgw: Any, staging: Path, tmp_path: Path) -> None:
+    store = S3Store(s3_config(rgw, f"missing-{uuid.uuid4().hex[:8]}", staging))
+    with pytest.raises(StoreError, match="does not exist") as raised:
+        convert_image(ConvertRequest(source=str(make_qcow2(tmp_path / "s.qcow2")), image_id=image_id()), store)
+    assert not isinstance(raised.value, StoreUnavailable)
+
+
+def test_s3_unreachable_endpoint_is_transient(staging: Path) -> None:
+    store = S3Store(
+        S3Config(bucket="any", endpoint="http://127.0.0.1:9", access_key="k", secret_key="s", max_attempts=1)
+    )
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        store.begin(image_id(), SIZE)
+
+
+def test_cli_converts_and_imports_into_s3_and_exits_2_on_wrong_credentials(rgw: Any, tmp_path: Path) -> None:
+    bucket = rgw.bucket()
+    source = make_qcow2(tmp_path / "cli.qcow2")
+    env = dict(
+        os.environ,
+        XDG_DATA_HOME=str(tmp_path / "data"),
+        DISKPIPE_S3_ENDPOINT=rgw.endpoint,
+        DISKPIPE_S3_ACCESS_KEY=rgw.access_key,
+        DISKPIPE_S3_SECRET_KEY=rgw.secret_key,
+        DISKPIPE_S3_ADDRESSING="path",
+        DISKPIPE_S3_STAGING_DIR=str(tmp_path),
+    )
+    env.pop("DISKPIPE_CONFIG", None)
+    env.pop("DISKPIPE_BROKER_URL", None)
+    store_option = ["--store", f"s3:{bucket}"]
+
+    def diskpipe(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "diskpipe", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    command = ["convert", str(source), *store_option, "--quiet"]
+    done = diskpipe(*command, "--id", "cli-ok")
+    assert done.returncode == 0, done.stderr
+    assert f"s3://{bucket}/cli-ok" in done.stdout
+    # The whole in-process pipeline (purge, convert, verify, record, delete).
+    imported = diskpipe("import", "./cli.qcow2", *store_option, "--id", "cli-import", "--output=json")
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    assert '"status": "active"' in imported.stdout and f"s3://{bucket}/cli-import" in imported.stdout
+    deleted = diskpipe("delete", "cli-import", *store_option)
+    assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+    keys = [item["Key"] for item in rgw.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert keys == ["cli-ok"]
+    cleaned = diskpipe("cleanup", *store_option, "--output=json")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert '"store": []' in cleaned.stdout
+    env["DISKPIPE_S3_SECRET_KEY"] = "wrong"
+    failed = diskpipe(*command, "--id", "cli-bad")
+    assert failed.returncode == 2
+    assert "refused the credentials" in failed.stderr
