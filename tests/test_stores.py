@@ -391,3 +391,31 @@ def test_cli_converts_and_imports_into_s3_and_exits_2_on_wrong_credentials(rgw: 
     failed = diskpipe(*command, "--id", "cli-bad")
     assert failed.returncode == 2
     assert "refused the credentials" in failed.stderr
+
+
+def test_an_s3_part_is_streamed_from_the_staged_file_not_held_in_memory(tmp_path: Path) -> None:
+    """A part is read piece by piece (at most PIECE bytes a read), whatever
+    its size; a part in a hole never touches the file."""
+    import hashlib
+    import io
+
+    from diskpipe.converter.stores.s3 import PIECE, PartBody
+
+    data = os.urandom(3 * PIECE + 123)
+    staged = tmp_path / "staged"
+    staged.write_bytes(bytes(PIECE) + data)
+    fd = os.open(staged, os.O_RDONLY)
+    try:
+        part = PartBody(fd, PIECE, len(data), zeros=False)
+        assert part.md5() == hashlib.md5(data).digest()
+        reads = []
+        while chunk := part.read(1 << 30):
+            reads.append(len(chunk))
+        assert max(reads) == PIECE and sum(reads) == len(data)
+        part.seek(0)
+        assert part.read() == data
+    finally:
+        os.close(fd)
+    hole = PartBody(-1, 0, 5 * PIECE, zeros=True)  # no descriptor at all
+    assert hole.md5() == hashlib.md5(bytes(5 * PIECE)).digest()
+    assert hole.seek(0, io.SEEK_END) == 5 * PIECE

@@ -29,6 +29,7 @@ import base64
 import contextlib
 import errno
 import hashlib
+import io
 import logging
 import os
 import re
@@ -90,7 +91,7 @@ class S3Config:
     profile: str | None = None  # a profile of ~/.aws/credentials
     addressing: str = "auto"  # path | virtual | auto
     part_size: int = 64 * MiB  # raised when an image would need more than 10,000 parts
-    threads: int = 4  # parts in flight (memory: threads x part_size)
+    threads: int = 4  # parts in flight (each streamed from the staged file, 1 MiB at a time)
     connect_timeout: int = 10  # seconds
     read_timeout: int = 60  # seconds per request
     max_attempts: int = 3  # botocore's attempts per request, the first included
@@ -133,6 +134,68 @@ def _boto() -> tuple[Any, Any, Any]:
 
 def _md5(data: bytes) -> bytes:
     return hashlib.md5(data, usedforsecurity=False).digest()
+
+
+PIECE = 1024 * 1024  # what one read of a part takes from the staged file
+_ZEROS = bytes(PIECE)
+
+
+class PartBody(io.RawIOBase):
+    """One part of the staged file as a seekable file object. boto3 reads it
+    in pieces (to sign, to checksum, to send), so a part is never held in
+    memory whole: the worker's memory stays `threads` x PIECE whatever the
+    part size (parts grow to 200+ MiB for a 2 TiB image). A part that lies in
+    a hole reads as zeros without touching the disk."""
+
+    def __init__(self, fd: int, offset: int, length: int, *, zeros: bool) -> None:
+        super().__init__()
+        self._fd = fd
+        self._offset = offset
+        self._length = length
+        self._zeros = zeros
+        self._position = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), self._length - self._position, PIECE)
+        if count <= 0:
+            return 0
+        if self._zeros:
+            buffer[:count] = _ZEROS[:count]
+        else:
+            data = os.pread(self._fd, count, self._offset + self._position)
+            if len(data) != count:
+                raise OSError(errno.EIO, f"staged file ended at {self._offset + self._position + len(data)}")
+            buffer[:count] = data
+        self._position += count
+        return count
+
+    def md5(self) -> bytes:
+        """The part's MD5 (Content-MD5), read piece by piece."""
+        digest = hashlib.md5(usedforsecurity=False)
+        self.seek(0)
+        piece = bytearray(PIECE)
+        while count := self.readinto(piece):
+            digest.update(memoryview(piece)[:count])
+        self.seek(0)
+        return digest.digest()
 
 
 def open_staged(directory: str, size: int) -> int:
@@ -382,27 +445,26 @@ class S3Store:
         count = max(1, -(-size // part_size))  # an empty image is one empty part
         client = self.client()
         # Parts that lie in holes of the staged file are zeros: S3 must get
-        # them anyway, but they are sent from one shared buffer, their MD5
-        # computed once, and nothing is read.
+        # them anyway, but nothing is read for them and the MD5 of a zero
+        # part of each length is computed once.
         data_extents = [(start, start + length) for start, length, data in target.extents() if data]
-        zero_parts: dict[int, tuple[bytes, bytes]] = {}
+        zero_digests: dict[int, bytes] = {}
         zero_lock = threading.Lock()
 
-        def zero_part(length: int) -> tuple[bytes, bytes]:
-            with zero_lock:
-                if length not in zero_parts:
-                    zeros = bytes(length)
-                    zero_parts[length] = zeros, _md5(zeros)
-                return zero_parts[length]
-
-        def send(number: int) -> dict[str, Any]:
+        def body(number: int) -> tuple[PartBody, bytes]:
             offset = (number - 1) * part_size
             length = min(part_size, size - offset)
-            if any(start < offset + length and offset < end for start, end in data_extents):
-                data = target.read_at(offset, length)
-                digest = _md5(data)
-            else:
-                data, digest = zero_part(length)
+            zeros = not any(start < offset + length and offset < end for start, end in data_extents)
+            part = PartBody(target._descriptor(), offset, length, zeros=zeros)
+            if not zeros:
+                return part, part.md5()
+            with zero_lock:
+                if length not in zero_digests:
+                    zero_digests[length] = part.md5()
+                return part, zero_digests[length]
+
+        def send(number: int) -> dict[str, Any]:
+            data, digest = body(number)
             answer = self._call(
                 f"upload part {number}/{count} of {target.image_id}",
                 client.upload_part,
@@ -411,6 +473,7 @@ class S3Store:
                 UploadId=target.upload_id,
                 PartNumber=number,
                 Body=data,
+                ContentLength=data.length,
                 ContentMD5=base64.b64encode(digest).decode("ascii"),
             )
             etag = str(answer["ETag"]).strip('"')
