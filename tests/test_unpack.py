@@ -13,6 +13,7 @@ import gzip
 import io
 import lzma
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -573,3 +574,49 @@ def test_a_chain_of_thousands_of_tar_extension_headers_is_refused(tmp_path: Path
     config = import_config(tmp_path)
     assert "too many chained tar headers" in str(refused(path, config))
     assert staging(config) == []
+
+
+_SPARSE_OVF = (
+    b'<?xml version="1.0"?><Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"'
+    b' xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"><References><File ovf:id="f" ovf:href="disk.vmdk"/>'
+    b'</References><DiskSection><Disk ovf:diskId="d" ovf:fileRef="f" ovf:capacity="1"/></DiskSection></Envelope>'
+)
+
+
+def _tar_of(*members: tuple[str, bytes, dict[str, str] | None], global_pax: dict[str, str] | None = None) -> bytes:
+    out = io.BytesIO()
+    for index, (name, data, pax) in enumerate(members):
+        if index == 1 and global_pax is not None:
+            out.write(tarfile.TarInfo.create_pax_global_header(global_pax))
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        if pax:
+            info.pax_headers = pax
+        out.write(info.tobuf(format=tarfile.PAX_FORMAT if pax else tarfile.USTAR_FORMAT))
+        out.write(data + bytes(-len(data) % 512))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("form", ["global-0.1-map", "1.0-map-in-data", "bad-number-map"])
+def test_gnu_sparse_members_are_refused_before_their_maps_cost_memory(form: str, tmp_path: Path) -> None:
+    """tarfile expands GNU sparse maps into Python objects, for every member
+    a global header applies to: a 4 MB OVA cost 1.4 GiB. Sparse members are
+    refused before their map is parsed; a map tarfile cannot read is a
+    refusal, not an internal error."""
+    ovf = ("vm.ovf", _SPARSE_OVF, None)
+    if form == "global-0.1-map":
+        junk = [(f"junk{index}", b"", {"comment": "x"}) for index in range(20)]
+        data = _tar_of(ovf, *junk, global_pax={"GNU.sparse.map": ",".join(["0,1"] * 1_000_000)})
+    elif form == "1.0-map-in-data":
+        count = 1_000_000
+        body = b"%d\n" % count + b"1000\n1000\n" * count
+        data = _tar_of(ovf, ("junk", body, {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}))
+    else:
+        data = _tar_of(ovf, ("junk", b"x\n", {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}))
+    path = upload(tmp_path, "sparse.ova", data)
+    config = import_config(tmp_path)
+    started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(sources.SourceRefused, match="OVA"):
+        unpack_path(path, config)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - started < 64 * 1024  # KiB: no map expanded
+    assert [entry.name for entry in (tmp_path / "staging").iterdir() if entry.stat().st_blocks] == []

@@ -644,9 +644,33 @@ def extract_ova(current: Staged, job: _Job) -> Staged:
     return result
 
 
+class _SparseMember(Exception):
+    """A tar member in a GNU sparse format: no OVA needs one."""
+
+
+class _PlainTarInfo(tarfile.TarInfo):
+    """Tar headers without GNU sparse maps. tarfile expands a sparse map
+    (pax `GNU.sparse.*`, a map in the data area, type 'S') into Python
+    objects in full, for every member a global header applies to: a 4 MB
+    OVA could cost gigabytes. An OVA's disk is a plain file, so any sparse
+    member is refused before its map is parsed."""
+
+    def _proc_sparse(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+        raise _SparseMember("old GNU sparse member")
+
+    def _proc_gnusparse_00(self, *args: Any) -> None:
+        raise _SparseMember("GNU sparse 0.0 member")
+
+    def _proc_gnusparse_01(self, *args: Any) -> None:
+        raise _SparseMember("GNU sparse 0.1 member")
+
+    def _proc_gnusparse_10(self, *args: Any) -> None:
+        raise _SparseMember("GNU sparse 1.0 member")
+
+
 def _copy_ova_disk(source: PackedSource, result: UnpackedLayer, job: _Job) -> None:
     try:
-        with tarfile.open(fileobj=source, mode="r:") as tar:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=source, mode="r:", tarinfo=_PlainTarInfo) as tar:  # type: ignore[call-overload]
             member = _ova_disk_member(tar, job.limits)
             handle = tar.extractfile(member)
             if handle is None:
@@ -661,6 +685,10 @@ def _copy_ova_disk(source: PackedSource, result: UnpackedLayer, job: _Job) -> No
         raise SourceRefused(f"not a readable OVA: {error}") from error
     except RecursionError as error:  # a chain of thousands of pax headers
         raise SourceRefused("not a readable OVA: too many chained tar headers") from error
+    except _SparseMember as error:
+        raise SourceRefused(f"not a usable OVA: {error} (an OVA holds plain files)") from error
+    except (ValueError, EOFError, OverflowError) as error:  # numbers in headers tarfile cannot parse
+        raise SourceRefused(f"not a readable OVA: {error}") from error
 
 
 def _ova_disk_member(tar: tarfile.TarFile, limits: Limits) -> tarfile.TarInfo:
@@ -671,6 +699,8 @@ def _ova_disk_member(tar: tarfile.TarFile, limits: Limits) -> tarfile.TarInfo:
     disk = ovf_disk_file(_read_ovf(tar, first))
     count = 1
     while (member := tar.next()) is not None:
+        # tarfile keeps every member it has read; the walk needs none of them.
+        tar.members.clear()  # type: ignore[attr-defined]
         count += 1
         if count > limits.members:
             raise CapExceeded("max_ova_members", f"the OVA exceeds the cap max_ova_members = {limits.members}")
