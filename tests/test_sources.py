@@ -403,3 +403,16 @@ def test_allow_hard_links_comes_from_the_import_section(tmp_path: Path, monkeypa
     assert not sources.load_import_config(str(config)).allow_hard_links
     monkeypatch.setenv("DISKPIPE_IMPORT_ALLOW_HARD_LINKS", "yes")
     assert sources.load_import_config(str(config)).allow_hard_links
+
+
+def test_a_url_cannot_forge_lines_in_messages_and_logs(tmp_path: Path) -> None:
+    """urlsplit drops tabs and line breaks, so such a URL passes the checks;
+    every message quotes the URL as the submitter wrote it (repr), so a
+    tenant cannot write a forged line into the record or the worker log."""
+    config = sources.ImportConfig(
+        staging_dir=str(tmp_path / "staging"), allowed_ports=(1,), allowed_networks=("127.0.0.1/32",)
+    )
+    url = "http://127.0.0.1:1/x\n[2026-01-01 00:00:00,000: ERROR/MainProcess] image victim: FORGED\r"
+    with pytest.raises((sources.SourceUnavailable, sources.SourceRefused)) as failure:
+        sources.download(url, config, claimed=None, policy=Policy(), label="forge")
+    assert "\n" not in str(failure.value) and "\r" not in str(failure.value)

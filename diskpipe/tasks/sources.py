@@ -125,24 +125,24 @@ def open_local(path: str, config: ImportConfig) -> Staged:
     resolved = os.path.realpath(path)
     allowed = [os.path.realpath(directory) for directory in config.allowed_dirs]
     if not any(resolved == base or resolved.startswith(base.rstrip("/") + "/") for base in allowed):
-        raise SourceRefused(f"{path} is outside the import directories ({', '.join(config.allowed_dirs)})")
+        raise SourceRefused(f"{path!r} is outside the import directories ({', '.join(config.allowed_dirs)})")
     base = next(base for base in allowed if resolved == base or resolved.startswith(base.rstrip("/") + "/"))
     try:
         fd = open_beneath(base, os.path.relpath(resolved, base))
     except OSError as error:
-        raise SourceRefused(f"{path}: {error.strerror}") from error
+        raise SourceRefused(f"{path!r}: {error.strerror}") from error
     status = os.fstat(fd)
     import stat as stat_module
 
     if not stat_module.S_ISREG(status.st_mode):
         os.close(fd)
-        raise SourceRefused(f"{path} is not a regular file")
+        raise SourceRefused(f"{path!r} is not a regular file")
     # A hard link is the same file under another name, possibly in a tree the
     # submitter may not import from; the path check cannot see that name.
     if status.st_nlink > 1 and not config.allow_hard_links:
         os.close(fd)
         raise SourceRefused(
-            f"{path} has {status.st_nlink} hard links (it may be a file from outside the import directories); "
+            f"{path!r} has {status.st_nlink} hard links (it may be a file from outside the import directories); "
             "[import] allow_hard_links = true accepts it"
         )
     os.set_blocking(fd, True)
@@ -227,9 +227,9 @@ class SparseWriter:
 def _host_allowed(host: str, config: ImportConfig) -> None:
     lowered = host.lower().rstrip(".")
     if any(fnmatch.fnmatch(lowered, pattern.lower()) for pattern in config.denied_hosts):
-        raise SourceRefused(f"host {host} is denied")
+        raise SourceRefused(f"host {host!r} is denied")
     if config.allowed_hosts and not any(fnmatch.fnmatch(lowered, pattern.lower()) for pattern in config.allowed_hosts):
-        raise SourceRefused(f"host {host} is not in the allowed hosts")
+        raise SourceRefused(f"host {host!r} is not in the allowed hosts")
 
 
 def _address_refusal(address: str, config: ImportConfig) -> str | None:
@@ -258,12 +258,12 @@ def check_url(url: str, config: ImportConfig) -> tuple[str, str, int, str, str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:
-        raise SourceUnavailable(f"cannot resolve {host}: {error}") from error
+        raise SourceUnavailable(f"cannot resolve {host!r}: {error}") from error
     resolved = sorted({str(info[4][0]) for info in infos})
     denied = [reason for address in resolved if (reason := _address_refusal(address, config)) is not None]
     if denied:
         # Any denied address refuses the host: DNS could hand out either.
-        raise SourceRefused(f"{host} resolves to a denied address ({', '.join(denied)})")
+        raise SourceRefused(f"{host!r} resolves to a denied address ({', '.join(denied)})")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
@@ -304,21 +304,21 @@ def _open_url(
             response = connection.getresponse()
         except (OSError, http.client.HTTPException, transfer.TransferTooSlow) as error:
             connection.close()
-            raise SourceUnavailable(f"cannot fetch {current}: {error}") from error
+            raise SourceUnavailable(f"cannot fetch {current!r}: {error}") from error
         if response.status in (301, 302, 303, 307, 308):
             location = response.getheader("Location")
             connection.close()
             if not location:
-                raise SourceRefused(f"{current}: redirect without a location")
+                raise SourceRefused(f"{current!r}: redirect without a location")
             current = urljoin(current, location)
             continue
         if response.status != 200:
             connection.close()
             if response.status >= 500 or response.status == 429:
-                raise SourceUnavailable(f"{current}: HTTP {response.status}")
-            raise SourceRefused(f"{current}: HTTP {response.status} {response.reason}")
+                raise SourceUnavailable(f"{current!r}: HTTP {response.status}")
+            raise SourceRefused(f"{current!r}: HTTP {response.status} {response.reason!r}")
         return response, connection
-    raise SourceRefused(f"{url}: more than {MAX_REDIRECTS} redirects")
+    raise SourceRefused(f"{url!r}: more than {MAX_REDIRECTS} redirects")
 
 
 def transfer_limits(config: ImportConfig) -> transfer.TransferLimits:
@@ -354,8 +354,8 @@ def download(
         length_header = response.getheader("Content-Length")
         expected = int(length_header) if length_header and length_header.isdigit() else None
         if expected is not None and expected > config.max_download:
-            raise SourceRefused(f"{url} is {expected} bytes, above the cap of {config.max_download}")
-        writer = SparseWriter(staged.fd, config.max_download, f"download of {url}", getattr(staged, "claim", None))
+            raise SourceRefused(f"{url!r} is {expected} bytes, above the cap of {config.max_download}")
+        writer = SparseWriter(staged.fd, config.max_download, f"download of {url!r}", getattr(staged, "claim", None))
 
         def chunks() -> Iterator[bytes]:
             while True:
@@ -365,9 +365,9 @@ def download(
                     # The pacer bounds each receive inside this read.
                     chunk = response.read(COPY_CHUNK)
                 except transfer.TransferTooSlow as error:
-                    raise SourceUnavailable(f"download of {url} cut off: {error}") from error
+                    raise SourceUnavailable(f"download of {url!r} cut off: {error}") from error
                 except (OSError, http.client.HTTPException) as error:
-                    raise SourceUnavailable(f"download of {url} failed: {error}") from error
+                    raise SourceUnavailable(f"download of {url!r} failed: {error}") from error
                 if not chunk:
                     return
                 yield chunk
@@ -384,7 +384,7 @@ def download(
             if progress is not None:
                 progress(writer.written, expected)
         if expected is not None and writer.written != expected:
-            raise SourceUnavailable(f"download of {url} ended after {writer.written} of {expected} bytes")
+            raise SourceUnavailable(f"download of {url!r} ended after {writer.written} of {expected} bytes")
         writer.finish()
         if inspector.undecided is not None:
             # Not a refusal: the full verdict on the staged file decides.
