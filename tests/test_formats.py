@@ -194,3 +194,24 @@ def test_a_cowd_parent_hint_is_its_backing_file_for_file_and_stream(tmp_path: Pa
     for info in (inspect(path), _streamed(path, 17)):
         assert (info.backing_file, info.backing_file_format) == ("base-flat.vmdk", "vmdk")
         assert (oracle["backing-filename"], oracle["backing-filename-format"]) == ("base-flat.vmdk", "vmdk")
+
+
+def test_an_extent_name_past_qemus_511_characters_is_read_as_qemu_reads_it(tmp_path: Path) -> None:
+    """qemu's sscanf keeps the first 511 characters of an extent name with
+    no closing quote there and opens that file: diskpipe must see the same
+    extent (and the policy refuses it), not a descriptor without extents."""
+    from diskpipe.formats import inspect
+    from diskpipe.formats.policy import Policy, check
+
+    target = "etc/hostname"
+    name = "/" + "./" * ((511 - 1 - len(target)) // 2) + target
+    name = name.rjust(511, "/")
+    path = tmp_path / "long.vmdk"
+    path.write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        f'createType="monolithicFlat"\nRW 2048 VMFS "{name}EXTRA"\n'
+    )
+    info = inspect(path)
+    assert info.virtual_size == qemu_info(path, "vmdk")["virtual-size"] == 1 << 20
+    relaxed = Policy(vmdk_create_types=frozenset({"monolithicSparse", "streamOptimized", "monolithicFlat"}))
+    assert "vmdk_extents" in {issue.check for issue in check(info, relaxed).issues}

@@ -24,8 +24,11 @@ TEXT_CREATE_TYPES = frozenset({
 EXTENT_TYPES = frozenset({"FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE"})
 FLAT_TYPES = frozenset({"FLAT", "VMFS"})
 MAX_NAME = 511  # qemu's sscanf width for an extent file name
-# sscanf("%10s %ld %10s \"%511[^\n\r\"]\" %ld"): access, sectors, type, "name", [offset]
-_EXTENT_LINE = rb'[ \t\r\v\f]*(\S{1,10})[ \t\r\v\f]+([+-]?\d+)[ \t\r\v\f]+(\S{1,10})[ \t\r\v\f]+"([^\n\r"]{1,511})"(?:[ \t\r\v\f]+([+-]?\d+))?'
+# sscanf("%10s %ld %10s \"%511[^\n\r\"]\" %ld"): access, sectors, type, "name", [offset].
+# sscanf counts the fields it filled: a name longer than 511 characters (no
+# closing quote where the format wants one) still fills four, and qemu opens
+# the name cut at 511 — so the closing quote is optional here too.
+_EXTENT_LINE = rb'[ \t\r\v\f]*(\S{1,10})[ \t\r\v\f]+([+-]?\d+)[ \t\r\v\f]+(\S{1,10})[ \t\r\v\f]+"([^\n\r"]{1,511})(?:"(?:[ \t\r\v\f]+([+-]?\d+))?)?'
 _KEY_VALUE = rb'\s*([A-Za-z][A-Za-z0-9_.]*)\s*=\s*("[^"\r\n]*"|[^\s"]*)\s*$'
 _STRICT_EXTENT = rb'\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)\s+"([^"\r\n]*)"(?:\s+(\d+))?\s*$'
 # The patterns are compiled on first use (re's cache keeps them): compiling
