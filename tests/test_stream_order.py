@@ -32,7 +32,7 @@ from diskpipe.formats.crc import crc32c
 from diskpipe.formats.detect import inspection
 from diskpipe.formats.errors import Unavailable
 from diskpipe.formats.policy import Policy, check
-from diskpipe.formats.reads import Read, ReadTail, run_on_bytes
+from diskpipe.formats.reads import Read, ReadTail, run_on_reader
 from diskpipe.tasks import sources
 from diskpipe.tasks.pipeline import Environment, ImportJob, run_import
 from diskpipe.tasks.records import SqliteRecords
@@ -393,7 +393,11 @@ def test_reordered_and_mutated_streams_end_in_format_error_or_a_verdict(
         assert "inspection failed" not in str(error), "an inspector crashed on this data"
         streamed = None
     try:
-        from_bytes: ImageInfo | None = run_on_bytes(inspection(InspectOptions(allocation=True)), image)
+        from_bytes: ImageInfo | None = run_on_reader(
+            inspection(InspectOptions(allocation=True)),
+            lambda offset, length: image[offset : offset + length],
+            len(image),
+        )
     except FormatError:
         from_bytes = None
     if streamed is None:

@@ -30,13 +30,13 @@ class Progress:
 def sniff_contents(head: bytes, container_found: bool) -> list[Content]:
     """What lies inside the raw bytes. Archives and text are looked for only
     when no container matched (a VMDK descriptor is text, and honest)."""
-    found = [content for sniffer in registry.SNIFFERS if (content := sniffer.sniff(head)) is not None]
+    found = [content for sniff in registry.SNIFFERS if (content := sniff(head)) is not None]
     if not container_found:
         compressed = ramdisk.sniff(head, lambda data: [fmt.name for fmt in registry.probe_containers(data)])
         if compressed is not None:
             found.append(compressed)
         if not found:
-            other = registry.NON_DISK.sniff(head)
+            other = registry.NON_DISK(head)
             if other is not None:
                 found.append(other)
     return found

@@ -97,26 +97,6 @@ def run_on_file(inspection: Generator[Request, Any, T], fd: int, size: int) -> T
     return run_on_reader(inspection, lambda offset, length: os.pread(fd, length, offset), size)
 
 
-def run_on_bytes(inspection: Generator[Request, Any, T], data: bytes) -> T:
-    """Drive an inspector over bytes already in memory (tests, small uploads)."""
-    view = memoryview(data)
-    size = len(data)
-    try:
-        request = next(inspection)
-        while True:
-            _check_request(request)
-            answer: bytes | int
-            if isinstance(request, Read):
-                answer = bytes(view[request.offset : request.offset + request.length])
-            elif isinstance(request, ReadTail):
-                answer = bytes(view[max(0, size - request.length) :])
-            else:
-                answer = size
-            request = inspection.send(answer)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-
-
 class StreamDriver:
     """Drives one inspector over data that arrives in chunks, in order.
 
@@ -144,22 +124,9 @@ class StreamDriver:
         return self._position
 
     @property
-    def done(self) -> bool:
-        """The inspector has its answer (or failed); later bytes change nothing."""
-        return self._done
-
-    @property
     def error(self) -> BaseException | None:
         """What the inspector raised (also an unbounded or malformed request)."""
         return self._error
-
-    @property
-    def waiting_for_end(self) -> bool:
-        """The inspector only waits for the end of the stream (size or tail)."""
-        return isinstance(self._pending, (ReadTail, GetSize))
-
-    def peek_head(self) -> bytes:
-        return bytes(self._head)
 
     # -- driving the generator -------------------------------------------------
     def _advance(self, answer: Any, *, first: bool = False, throw: BaseException | None = None) -> None:
