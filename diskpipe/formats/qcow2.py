@@ -105,14 +105,8 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     version = header["version"]
     details: dict[str, Any] = {"version": version, "anomalies": anomalies}
     cluster_bits = header["cluster_bits"]
-    cluster_bits_valid = MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS
-    if not cluster_bits_valid:
-        _anomaly(anomalies, "cluster_size", f"unsupported cluster size: 2^{cluster_bits}")
-    # Out-of-range values are kept in a sane range so nothing below can blow up.
-    cluster_size = 1 << min(max(cluster_bits, MIN_CLUSTER_BITS), MAX_CLUSTER_BITS)
+    cluster_bits_valid, cluster_size = _check_cluster_size(cluster_bits, header_length, anomalies)
     details["cluster-bits"] = cluster_bits
-    if header_length > cluster_size:
-        _anomaly(anomalies, "header_too_long", f"header_length {header_length} exceeds the cluster size")
     _check_features(header, compression_type, anomalies, details)
     incompatible = header["incompatible_features"]
     extended_l2 = bool(incompatible & INCOMPAT_EXTENDED_L2)
@@ -186,6 +180,19 @@ def _parse_header(head: bytes, anomalies: list[dict[str, str]]) -> tuple[dict[st
     if header_length > V3_MIN_HEADER_LENGTH and len(head) > V3_MIN_HEADER_LENGTH:
         compression_type = head[V3_MIN_HEADER_LENGTH]
     return header, header_length, compression_type
+
+
+def _check_cluster_size(cluster_bits: int, header_length: int, anomalies: list[dict[str, str]]) -> tuple[bool, int]:
+    """Whether qemu accepts the cluster size, and the cluster size to go on
+    with: out-of-range values are kept in a sane range so nothing after can
+    blow up."""
+    cluster_bits_valid = MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS
+    if not cluster_bits_valid:
+        _anomaly(anomalies, "cluster_size", f"unsupported cluster size: 2^{cluster_bits}")
+    cluster_size = 1 << min(max(cluster_bits, MIN_CLUSTER_BITS), MAX_CLUSTER_BITS)
+    if header_length > cluster_size:
+        _anomaly(anomalies, "header_too_long", f"header_length {header_length} exceeds the cluster size")
+    return cluster_bits_valid, cluster_size
 
 
 def _check_features(
