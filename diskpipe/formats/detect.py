@@ -118,23 +118,12 @@ def inspection(
     details = dict(primary.details)
     if other_matches:
         details["other-matches"] = other_matches
+    # Facts' fields are ImageInfo fields: the primary container's facts carry over.
     return ImageInfo(
-        format=primary.format,
+        **{**primary._asdict(), "details": details},
         disk_format=glance_disk_format(primary.format, contents),
-        virtual_size=primary.virtual_size,
         file_size=file_size,
         filename=filename,
-        cluster_size=primary.cluster_size,
-        backing_file=primary.backing_file,
-        backing_file_format=primary.backing_file_format,
-        data_file=primary.data_file,
-        encrypted=primary.encrypted,
-        dirty=primary.dirty,
-        corrupt=primary.corrupt,
-        subformat=primary.subformat,
-        format_specific=primary.format_specific,
-        details=details,
         matches=tuple(names),
         contents=tuple(contents),
-        allocated_size=primary.allocated_size,
     )
