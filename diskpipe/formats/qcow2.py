@@ -285,6 +285,12 @@ def _check_tables(
         _anomaly(anomalies, "too_many_snapshots", f"{header['nb_snapshots']} snapshots")
     if header["refcount_table_clusters"] * cluster_size > MAX_REFTABLE_BYTES:
         _anomaly(anomalies, "refcount_table_too_large", "reference count table too large")
+    _check_overlap(header, cluster_size, anomalies)
+
+
+def _check_overlap(header: dict[str, Any], cluster_size: int, anomalies: list[dict[str, str]]) -> None:
+    """No two metadata structures may share a cluster."""
+    l1_size = header["l1_size"]
     ranges = [("header", 0, cluster_size)]
     if l1_size:
         ranges.append(("L1 table", header["l1_table_offset"], l1_size * 8))
