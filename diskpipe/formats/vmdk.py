@@ -190,17 +190,7 @@ def _inspect_sparse(head: bytes, options: InspectOptions) -> Generator[Request, 
     if compressed:
         extent["compressed"] = True
     details["create-type"] = create_type
-    return Facts(
-        format=NAME,
-        virtual_size=capacity_bytes,
-        cluster_size=effective["grain_size"] * 512,
-        backing_file=qemu_view.parent_hint,
-        backing_file_format="vmdk" if qemu_view.parent_hint is not None else None,
-        subformat=create_type,
-        format_specific=_format_specific(qemu_view, create_type, [extent]),
-        details=details,
-        allocated_size=allocated,
-    )
+    return _extent_facts(qemu_view, extent, create_type, create_type, details, allocated)
 
 
 def _read_embedded_descriptor(
@@ -270,6 +260,29 @@ def _check_against_file_size(
             )
 
 
+def _extent_facts(
+    qemu_view: vmdk_descriptor.Descriptor,
+    extent: dict[str, Any],
+    subformat: str,
+    qemu_create_type: str,
+    details: dict[str, Any],
+    allocated: int | None,
+) -> Facts:
+    """Facts of a binary extent opened on its own; `qemu_view` is the
+    descriptor text qemu takes the CIDs and the parent hint from."""
+    return Facts(
+        format=NAME,
+        virtual_size=extent["virtual-size"],
+        cluster_size=extent["cluster-size"],
+        backing_file=qemu_view.parent_hint,
+        backing_file_format="vmdk" if qemu_view.parent_hint is not None else None,
+        subformat=subformat,
+        format_specific=_format_specific(qemu_view, qemu_create_type, [extent]),
+        details=details,
+        allocated_size=allocated,
+    )
+
+
 def _format_specific(
     descriptor: vmdk_descriptor.Descriptor, create_type: str, extents: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -306,16 +319,7 @@ def _inspect_cowd(head: bytes) -> Generator[Request, Any, Facts]:
     capacity_bytes = header["capacity"] * 512
     # qemu names no create-type or extent format for a COWD extent.
     extent = {"virtual-size": capacity_bytes, "cluster-size": header["granularity"] * 512, "format": ""}
-    return Facts(
-        format=NAME,
-        virtual_size=capacity_bytes,
-        cluster_size=header["granularity"] * 512,
-        backing_file=descriptor.parent_hint,
-        backing_file_format="vmdk" if descriptor.parent_hint is not None else None,
-        subformat="vmfsSparse",
-        format_specific=_format_specific(descriptor, "", [extent]),
-        details=details,
-    )
+    return _extent_facts(descriptor, extent, "vmfsSparse", "", details, None)
 
 
 def _inspect_text(head: bytes) -> Generator[Request, Any, Facts]:
