@@ -1,5 +1,5 @@
-"""The read protocol: the same inspector answers alike from a file, from bytes
-and from a stream fed in chunks of any size; a stream never holds more than
+"""The read protocol: the same inspector answers alike from a file, from any
+positioned reader and from a stream fed in chunks of any size; a stream never holds more than
 its bound and says "unavailable" for bytes it has passed."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from diskpipe.formats.reads import (
     ReadTail,
     Request,
     StreamDriver,
-    run_on_bytes,
     run_on_file,
+    run_on_reader,
 )
 
 DATA = bytes(range(256)) * (4 * 1024 * 1024 // 256 + 7)  # 4 MiB and a bit, non-repeating per 256
@@ -64,7 +64,11 @@ def feed(driver: StreamDriver, data: bytes, chunk: int) -> Any:
     return driver.finish()
 
 
-def test_bytes_and_file_answer_the_same(tmp_path: Path) -> None:
+def read_data(offset: int, length: int) -> bytes:
+    return DATA[offset : offset + length]
+
+
+def test_a_reader_and_a_file_answer_the_same(tmp_path: Path) -> None:
     path = tmp_path / "data"
     path.write_bytes(DATA)
     fd = os.open(path, os.O_RDONLY)
@@ -72,7 +76,7 @@ def test_bytes_and_file_answer_the_same(tmp_path: Path) -> None:
         assert run_on_file(forward_reader(), fd, len(DATA)) == expected()
     finally:
         os.close(fd)
-    assert run_on_bytes(forward_reader(), DATA) == expected()
+    assert run_on_reader(forward_reader(), read_data, len(DATA)) == expected()
 
 
 @pytest.mark.parametrize("chunk", [1 << 20, 65536, 4096, 17, 16 * 1024 * 1024])
@@ -118,7 +122,7 @@ def test_an_inspector_asking_for_an_unbounded_read_is_a_bug() -> None:
         yield Read(0, MAX_READ + 1)
 
     with pytest.raises(AssertionError):
-        run_on_bytes(greedy(), DATA)
+        run_on_reader(greedy(), read_data, len(DATA))
 
 
 def test_an_inspector_error_surfaces_at_the_feed_that_caused_it() -> None:

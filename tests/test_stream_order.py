@@ -18,7 +18,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -32,7 +32,7 @@ from diskpipe.formats.crc import crc32c
 from diskpipe.formats.detect import inspection
 from diskpipe.formats.errors import Unavailable
 from diskpipe.formats.policy import Policy, check
-from diskpipe.formats.reads import Read, ReadTail, run_on_bytes
+from diskpipe.formats.reads import Read, ReadTail, run_on_reader
 from diskpipe.tasks import sources
 from diskpipe.tasks.pipeline import Environment, ImportJob, run_import
 from diskpipe.tasks.records import SqliteRecords
@@ -208,22 +208,27 @@ def test_a_validating_reader_says_undecided_not_refused(backwards: Path) -> None
     assert "stream could not decide" in str(raised.value)
 
 
-def test_validate_from_standard_input_says_undecided(backwards: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "diskpipe", "validate", "--output=json", "-"],
-        stdin=backwards.open("rb"),
+def run_diskpipe(*args: str, stdin: IO[bytes] | None = None, env: dict[str, str] | None = None) -> Any:
+    """The `diskpipe` command line, run as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "diskpipe", *args],
+        stdin=stdin,
+        env=env,
         capture_output=True,
         text=True,
         cwd=ROOT,
         check=False,
     )
+
+
+def test_validate_from_standard_input_says_undecided(backwards: Path) -> None:
+    with backwards.open("rb") as stdin:
+        result = run_diskpipe("validate", "--output=json", "-", stdin=stdin)
     assert result.returncode == 1, result.stderr
     verdict = json.loads(result.stdout)
     assert verdict["decided"] is False and verdict["issues"] == []
     assert "stream could not decide" in verdict["notes"][0]
-    on_file = subprocess.run(
-        [sys.executable, "-m", "diskpipe", "validate", str(backwards)], capture_output=True, cwd=ROOT, check=False
-    )
+    on_file = run_diskpipe("validate", str(backwards))
     assert on_file.returncode == 0
 
 
@@ -233,14 +238,7 @@ def test_the_embedded_import_of_a_backwards_vhdx_reaches_active(
     env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "data"))
     env.pop("DISKPIPE_BROKER_URL", None)
     env.pop("DISKPIPE_CONFIG", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "diskpipe", "import", str(backwards), "--id", "backwards-1", "--output=json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-    )
+    done = run_diskpipe("import", str(backwards), "--id", "backwards-1", "--output=json", env=env)
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
     assert record["status"] == "active" and record["source_format"] == "vhdx"
@@ -393,7 +391,11 @@ def test_reordered_and_mutated_streams_end_in_format_error_or_a_verdict(
         assert "inspection failed" not in str(error), "an inspector crashed on this data"
         streamed = None
     try:
-        from_bytes: ImageInfo | None = run_on_bytes(inspection(InspectOptions(allocation=True)), image)
+        from_bytes: ImageInfo | None = run_on_reader(
+            inspection(InspectOptions(allocation=True)),
+            lambda offset, length: image[offset : offset + length],
+            len(image),
+        )
     except FormatError:
         from_bytes = None
     if streamed is None:

@@ -191,56 +191,18 @@ def run(
     """Run qemu-img with `args`; return its stdout. Raises QemuImgError,
     Cancelled, or QemuImgError with reason "timed out"."""
     command = [qemu_img_binary(), *args]
-    child_env = dict(os.environ if env is None else env)
-    child_env.setdefault("LC_ALL", "C")  # stable, parseable messages
-    process = subprocess.Popen(
-        limited_command(command, limits),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        close_fds=True,
-        pass_fds=pass_fds,
-        env=child_env,
-    )
+    process = _spawn(command, limits, env, pass_fds)
     assert process.stdout is not None and process.stderr is not None
     deadline = time.monotonic() + limits.timeout if limits.timeout else None
-    stdout = bytearray()
-    stderr = bytearray()
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ, stdout)
-    selector.register(process.stderr, selectors.EVENT_READ, stderr)
     reason = ""
     try:
-        while selector.get_map():
-            if cancel is not None and cancel.cancelled:
-                reason = "cancelled"
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                reason = "timed out"
-                break
-            for key, _ in selector.select(timeout=0.2):
-                chunk = os.read(key.fd, 65536)
-                if not chunk:
-                    selector.unregister(key.fileobj)
-                    continue
-                buffer: bytearray = key.data
-                buffer += chunk
-                if buffer is stdout and progress is not None:
-                    found = _PROGRESS.findall(chunk)
-                    if found:
-                        progress(float(found[-1]))
-                    # Progress lines are all a convert prints: keep only recent ones.
-                    del stdout[: max(0, len(stdout) - 4096)]
-                if buffer is stderr and len(stderr) > 4 * STDERR_KEPT:
-                    del stderr[: len(stderr) - STDERR_KEPT]
+        stdout, stderr, reason = _collect(process, deadline, progress, cancel)
     except BaseException:
         # Interrupted (Ctrl-C, a time limit): qemu-img runs in its own
         # session, so it must be killed here or it would go on writing.
         _kill_group(process)
         raise
     finally:
-        selector.close()
         if reason:
             _kill_group(process)
         returncode = process.wait()
@@ -254,6 +216,67 @@ def run(
     if returncode != 0:
         raise QemuImgError(command, returncode, error_text)
     return stdout.decode("utf-8", "replace")
+
+
+def _spawn(
+    command: list[str], limits: Limits, env: dict[str, str] | None, pass_fds: tuple[int, ...]
+) -> subprocess.Popen[bytes]:
+    child_env = dict(os.environ if env is None else env)
+    child_env.setdefault("LC_ALL", "C")  # stable, parseable messages
+    return subprocess.Popen(
+        limited_command(command, limits),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+        pass_fds=pass_fds,
+        env=child_env,
+    )
+
+
+def _collect(
+    process: subprocess.Popen[bytes],
+    deadline: float | None,
+    progress: Callable[[float], None] | None,
+    cancel: CancelToken | None,
+) -> tuple[bytearray, bytearray, str]:
+    """Read qemu-img's stdout and stderr until both end; returns them and
+    why reading stopped early ("cancelled", "timed out"; "" when it did not)."""
+    assert process.stdout is not None and process.stderr is not None
+    stdout = bytearray()
+    stderr = bytearray()
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ, lambda chunk: _keep_stdout(stdout, chunk, progress))
+        selector.register(process.stderr, selectors.EVENT_READ, lambda chunk: _keep_stderr(stderr, chunk))
+        while selector.get_map():
+            if cancel is not None and cancel.cancelled:
+                return stdout, stderr, "cancelled"
+            if deadline is not None and time.monotonic() > deadline:
+                return stdout, stderr, "timed out"
+            for key, _ in selector.select(timeout=0.2):
+                chunk = os.read(key.fd, 65536)
+                if chunk:
+                    key.data(chunk)
+                else:
+                    selector.unregister(key.fileobj)
+    return stdout, stderr, ""
+
+
+def _keep_stdout(stdout: bytearray, chunk: bytes, progress: Callable[[float], None] | None) -> None:
+    stdout += chunk
+    if progress is not None:
+        found = _PROGRESS.findall(chunk)
+        if found:
+            progress(float(found[-1]))
+        # Progress lines are all a convert prints: keep only recent ones.
+        del stdout[: max(0, len(stdout) - 4096)]
+
+
+def _keep_stderr(stderr: bytearray, chunk: bytes) -> None:
+    stderr += chunk
+    if len(stderr) > 4 * STDERR_KEPT:
+        del stderr[: len(stderr) - STDERR_KEPT]
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -272,17 +295,6 @@ def info(image: ImageSpec, *, limits: Limits = INFO_LIMITS) -> dict[str, Any]:
         pass_fds=image.pass_fds,
     )
     result: dict[str, Any] = json.loads(output)
-    return result
-
-
-def map_extents(image: ImageSpec, *, limits: Limits = INFO_LIMITS) -> list[dict[str, Any]]:
-    """`qemu-img map --output=json`: the guest extents and whether they hold data."""
-    output = run(
-        ["map", *image.object_args(), "--output=json", "--force-share", *image.source_args()],
-        limits,
-        pass_fds=image.pass_fds,
-    )
-    result: list[dict[str, Any]] = json.loads(output)
     return result
 
 
@@ -349,8 +361,3 @@ def convert(
         progress=progress is not None,
     )
     run(args, limits, progress=progress, cancel=cancel, pass_fds=source.pass_fds + target.pass_fds)
-
-
-def version() -> str:
-    output = run(["--version"], INFO_LIMITS)
-    return output.splitlines()[0] if output else ""

@@ -37,9 +37,8 @@ class ContainerFormat(NamedTuple):
     inspect: Callable[[bytes, InspectOptions], Inspection]  # head bytes -> Facts
 
 
-class ContentSniffer(NamedTuple):
-    kind: str
-    sniff: Callable[[bytes], Content | None]  # on the retained head bytes
+# A content sniffer looks at the retained head bytes alone.
+ContentSniffer = Callable[[bytes], Content | None]
 
 
 def read_exact(offset: int, length: int, head: bytes) -> Generator[Request, Any, bytes]:

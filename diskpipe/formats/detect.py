@@ -30,13 +30,13 @@ class Progress:
 def sniff_contents(head: bytes, container_found: bool) -> list[Content]:
     """What lies inside the raw bytes. Archives and text are looked for only
     when no container matched (a VMDK descriptor is text, and honest)."""
-    found = [content for sniffer in registry.SNIFFERS if (content := sniffer.sniff(head)) is not None]
+    found = [content for sniff in registry.SNIFFERS if (content := sniff(head)) is not None]
     if not container_found:
         compressed = ramdisk.sniff(head, lambda data: [fmt.name for fmt in registry.probe_containers(data)])
         if compressed is not None:
             found.append(compressed)
         if not found:
-            other = registry.NON_DISK.sniff(head)
+            other = registry.NON_DISK(head)
             if other is not None:
                 found.append(other)
     return found
@@ -118,23 +118,12 @@ def inspection(
     details = dict(primary.details)
     if other_matches:
         details["other-matches"] = other_matches
+    # Facts' fields are ImageInfo fields: the primary container's facts carry over.
     return ImageInfo(
-        format=primary.format,
+        **{**primary._asdict(), "details": details},
         disk_format=glance_disk_format(primary.format, contents),
-        virtual_size=primary.virtual_size,
         file_size=file_size,
         filename=filename,
-        cluster_size=primary.cluster_size,
-        backing_file=primary.backing_file,
-        backing_file_format=primary.backing_file_format,
-        data_file=primary.data_file,
-        encrypted=primary.encrypted,
-        dirty=primary.dirty,
-        corrupt=primary.corrupt,
-        subformat=primary.subformat,
-        format_specific=primary.format_specific,
-        details=details,
         matches=tuple(names),
         contents=tuple(contents),
-        allocated_size=primary.allocated_size,
     )

@@ -85,6 +85,24 @@ def describe(raw: bytes) -> dict[str, Any]:
     if payload_offset < HEADER_SECTORS:
         raise FormatError(NAME, "LUKS payload is overlapping with the header", field="payload_offset", offset=104)
     key_sectors = -(-key_bytes * STRIPES // 512)
+    slots = _key_slots(raw, key_sectors, payload_offset)
+    data: dict[str, Any] = {
+        "ivgen-alg": ivgen_alg,
+        "hash-alg": hash_name,
+        "cipher-alg": f"{cipher}-{key_bits}",
+        "uuid": c_string(header["uuid"]),
+        "cipher-mode": mode,
+        "slots": slots,
+        "payload-offset": payload_offset * 512,
+        "master-key-iters": header["mk_digest_iterations"],
+    }
+    if ivgen_hash:
+        data["ivgen-hash-alg"] = ivgen_hash
+    return data
+
+
+def _key_slots(raw: bytes, key_sectors: int, payload_offset: int) -> list[dict[str, Any]]:
+    """The key slots as qemu reports them, checked as qemu checks them."""
     slots: list[dict[str, Any]] = []
     spans: list[tuple[int, int]] = []
     for index in range(SLOT_COUNT):
@@ -110,19 +128,7 @@ def describe(raw: bytes) -> dict[str, Any]:
             entry["iters"] = slot["iterations"]
             entry["stripes"] = slot["stripes"]
         slots.append(entry)
-    data: dict[str, Any] = {
-        "ivgen-alg": ivgen_alg,
-        "hash-alg": hash_name,
-        "cipher-alg": f"{cipher}-{key_bits}",
-        "uuid": c_string(header["uuid"]),
-        "cipher-mode": mode,
-        "slots": slots,
-        "payload-offset": payload_offset * 512,
-        "master-key-iters": header["mk_digest_iterations"],
-    }
-    if ivgen_hash:
-        data["ivgen-hash-alg"] = ivgen_hash
-    return data
+    return slots
 
 
 def inspect(head: bytes, options: InspectOptions) -> Inspection:

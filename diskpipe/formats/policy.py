@@ -339,19 +339,21 @@ def _claim_fits(info: ImageInfo, claim: str, final: bool) -> bool | None:
         return None if not final and info.format == "raw" and claim in ("vpc", "dmg") else False
     if info.format != "raw" and not fixed_vhd:
         return False
-    if claim == "raw":
-        return True
     if fixed_vhd:
-        return False
-    if claim == "iso":
-        return "iso" in kinds
-    if claim == "aki":
-        return "kernel" in kinds
-    if claim == "ari":
-        return "ramdisk" in kinds
+        return claim == "raw"
+    return _raw_claim_fits(claim, kinds)
+
+
+# What raw data must hold for a raw-family claim (raw itself: anything).
+CLAIMED_CONTENT = {"iso": "iso", "aki": "kernel", "ari": "ramdisk"}
+
+
+def _raw_claim_fits(claim: str, kinds: set[str]) -> bool:
+    if claim in CLAIMED_CONTENT:
+        return CLAIMED_CONTENT[claim] in kinds
     if claim == "ami":
         return not kinds & {"iso", "kernel", "ramdisk", *NON_DISK_KINDS}
-    return False
+    return claim == "raw"
 
 
 @_check("claimed_format", head=True)

@@ -44,6 +44,7 @@ HEADER_V3 = Layout(NAME, "version 3 header", ">", [
     (100, "I", "header_length"),
 ])  # fmt: skip
 V2_HEADER_LENGTH = 72
+MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21  # qemu: 512 bytes to 2 MiB
 V3_MIN_HEADER_LENGTH = 104
 
 INCOMPAT_DIRTY = 1 << 0
@@ -99,10 +100,72 @@ def _anomaly(anomalies: list[dict[str, str]], name: str, message: str) -> None:
 
 
 def inspect(head: bytes, options: InspectOptions) -> Inspection:
+    anomalies: list[dict[str, str]] = []
+    header, header_length, compression_type = _parse_header(head, anomalies)
+    version = header["version"]
+    details: dict[str, Any] = {"version": version, "anomalies": anomalies}
+    cluster_bits = header["cluster_bits"]
+    cluster_bits_valid, cluster_size = _check_cluster_size(cluster_bits, header_length, anomalies)
+    details["cluster-bits"] = cluster_bits
+    _check_features(header, compression_type, anomalies, details)
+    incompatible = header["incompatible_features"]
+    extended_l2 = bool(incompatible & INCOMPAT_EXTENDED_L2)
+    # With an impossible cluster size every offset check would be noise.
+    if cluster_bits_valid:
+        _check_tables(header, cluster_size, extended_l2, anomalies)
+
+    # Header extensions run up to the backing file name, else to the cluster end.
+    backing_offset = header["backing_file_offset"]
+    extension_end = backing_offset if backing_offset else cluster_size
+    extensions = yield from _read_extensions(head, header_length, min(extension_end, cluster_size), anomalies)
+    backing_file = yield from _read_backing_file(header, head, cluster_size, anomalies, details)
+    backing_format, data_file = _extension_facts(extensions, header, anomalies, details)
+
+    virtual_size = header["size"] // 512 * 512
+    # Overlapping metadata makes the tables garbage: their counts would mislead.
+    tables_usable = not any(anomaly["name"] == "metadata_overlap" for anomaly in anomalies)
+    count = options.allocation and cluster_bits_valid and tables_usable and header["l1_size"] <= MAX_L1_ENTRIES
+    # The LUKS header and the bitmap directory can lie anywhere, also among
+    # the L2 tables: their reads are merged into the table scan in file
+    # order, so a stream can answer every one of them.
+    side_reads = _side_reads(extensions, header)
+    prefetched: dict[int, bytes] = {}
+    allocated, host_end = None, 0
+    if count:
+        allocated, host_end = yield from _count_allocation(
+            header, cluster_size, extended_l2, virtual_size, anomalies, details, side_reads, prefetched
+        )
+    format_specific = yield from _format_specific(
+        header, version, compression_type, extensions, data_file, head, prefetched
+    )
+    # The size comes last: a stream knows it only at its end.
+    file_size: int = yield GetSize()
+    details["file-size"] = file_size
+    if cluster_bits_valid:
+        _check_against_file_size(header, cluster_size, file_size, anomalies)
+    _check_host_end(header, host_end, file_size, anomalies)
+    return Facts(
+        format=NAME,
+        virtual_size=virtual_size,
+        cluster_size=1 << cluster_bits if cluster_bits_valid else None,
+        backing_file=backing_file,
+        backing_file_format=backing_format,
+        data_file=data_file,
+        encrypted=header["crypt_method"] != 0,
+        dirty=bool(incompatible & INCOMPAT_DIRTY),
+        corrupt=bool(incompatible & INCOMPAT_CORRUPT),
+        subformat="0.10" if version == 2 else "1.1",
+        format_specific=format_specific,
+        details=details,
+        allocated_size=allocated,
+    )
+
+
+def _parse_header(head: bytes, anomalies: list[dict[str, str]]) -> tuple[dict[str, Any], int, int]:
+    """The header fields (a version 2 header gets version 3's defaults), the
+    header length and the compression type."""
     header = HEADER_V2.parse(head)
     version = header["version"]
-    anomalies: list[dict[str, str]] = []
-    details: dict[str, Any] = {"version": version, "anomalies": anomalies}
     if version not in (2, 3):
         _anomaly(anomalies, "unsupported_version", f"unsupported qcow2 version {version}")
     if version >= 3:
@@ -116,17 +179,26 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     compression_type = 0
     if header_length > V3_MIN_HEADER_LENGTH and len(head) > V3_MIN_HEADER_LENGTH:
         compression_type = head[V3_MIN_HEADER_LENGTH]
+    return header, header_length, compression_type
 
-    cluster_bits = header["cluster_bits"]
-    cluster_bits_valid = 9 <= cluster_bits <= 21
+
+def _check_cluster_size(cluster_bits: int, header_length: int, anomalies: list[dict[str, str]]) -> tuple[bool, int]:
+    """Whether qemu accepts the cluster size, and the cluster size to go on
+    with: out-of-range values are kept in a sane range so nothing after can
+    blow up."""
+    cluster_bits_valid = MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS
     if not cluster_bits_valid:
         _anomaly(anomalies, "cluster_size", f"unsupported cluster size: 2^{cluster_bits}")
-    # Out-of-range values are kept in a sane range so nothing below can blow up.
-    cluster_size = 1 << min(max(cluster_bits, 9), 21)
-    details["cluster-bits"] = cluster_bits
+    cluster_size = 1 << min(max(cluster_bits, MIN_CLUSTER_BITS), MAX_CLUSTER_BITS)
     if header_length > cluster_size:
         _anomaly(anomalies, "header_too_long", f"header_length {header_length} exceeds the cluster size")
+    return cluster_bits_valid, cluster_size
 
+
+def _check_features(
+    header: dict[str, Any], compression_type: int, anomalies: list[dict[str, str]], details: dict[str, Any]
+) -> None:
+    """Feature bits, refcount order, compression and encryption fields."""
     incompatible = header["incompatible_features"]
     unknown_incompatible = incompatible & ~INCOMPAT_KNOWN
     details["incompatible-features"] = incompatible
@@ -134,8 +206,7 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     details["autoclear-features"] = header["autoclear_features"]
     if unknown_incompatible:
         details["unknown-incompatible-features"] = unknown_incompatible
-    extended_l2 = bool(incompatible & INCOMPAT_EXTENDED_L2)
-    if extended_l2 and cluster_bits < 14:
+    if incompatible & INCOMPAT_EXTENDED_L2 and header["cluster_bits"] < 14:
         _anomaly(anomalies, "extended_l2_cluster_size", "extended L2 entries need clusters of at least 16 KiB")
     if header["refcount_order"] > 6:
         _anomaly(anomalies, "refcount_order", f"refcount order {header['refcount_order']} > 6")
@@ -147,29 +218,32 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     if crypt_method > 2:
         _anomaly(anomalies, "crypt_method", f"unsupported encryption method {crypt_method}")
 
-    # With an impossible cluster size every offset check would be noise.
-    if cluster_bits_valid:
-        _check_tables(header, cluster_size, extended_l2, anomalies)
 
-    # Header extensions run up to the backing file name, else to the cluster end.
+def _read_backing_file(
+    header: dict[str, Any], head: bytes, cluster_size: int, anomalies: list[dict[str, str]], details: dict[str, Any]
+) -> Generator[Request, Any, str | None]:
+    """The backing file name qemu would follow (None: no backing file)."""
     backing_offset = header["backing_file_offset"]
-    extension_end = backing_offset if backing_offset else cluster_size
-    extensions = yield from _read_extensions(head, header_length, min(extension_end, cluster_size), anomalies)
+    if not backing_offset:
+        return None
+    backing_size = header["backing_file_size"]
+    details["backing-file-bytes"] = backing_size
+    if backing_offset > cluster_size:
+        _anomaly(anomalies, "backing_file_offset", f"backing file offset {backing_offset} beyond the first cluster")
+    if backing_size > min(MAX_BACKING_NAME, max(0, cluster_size - backing_offset)):
+        _anomaly(anomalies, "backing_file_name", f"backing file name too long ({backing_size} bytes)")
+    raw_name = yield from read_exact(backing_offset, min(backing_size, MAX_BACKING_NAME + 1), head)
+    backing_file = c_string(raw_name) if backing_size else None
+    if backing_size and not backing_file:
+        # An empty C string still names a backing chain to qemu's checks.
+        backing_file = ""
+    return backing_file
 
-    backing_file = None
-    if backing_offset:
-        backing_size = header["backing_file_size"]
-        details["backing-file-bytes"] = backing_size
-        if backing_offset > cluster_size:
-            _anomaly(anomalies, "backing_file_offset", f"backing file offset {backing_offset} beyond the first cluster")
-        if backing_size > min(MAX_BACKING_NAME, max(0, cluster_size - backing_offset)):
-            _anomaly(anomalies, "backing_file_name", f"backing file name too long ({backing_size} bytes)")
-        raw_name = yield from read_exact(backing_offset, min(backing_size, MAX_BACKING_NAME + 1), head)
-        backing_file = c_string(raw_name) if backing_size else None
-        if backing_size and not backing_file:
-            # An empty C string still names a backing chain to qemu's checks.
-            backing_file = ""
 
+def _extension_facts(
+    extensions: dict[str, Any], header: dict[str, Any], anomalies: list[dict[str, str]], details: dict[str, Any]
+) -> tuple[str | None, str | None]:
+    """(backing format, data file) from the header extensions."""
     backing_format = None
     if extensions.get("backing_format") is not None:
         raw_format: bytes = extensions["backing_format"]
@@ -179,67 +253,16 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     data_file = None
     if extensions.get("data_file") is not None:
         data_file = c_string(extensions["data_file"])
-    if incompatible & INCOMPAT_DATA_FILE:
+    if header["incompatible_features"] & INCOMPAT_DATA_FILE:
         details["external-data-file"] = True
         if data_file is None:
             # qemu would then need a data file given on the command line.
             data_file = ""
-    if "crypto" in extensions and crypt_method != 2:
+    if "crypto" in extensions and header["crypt_method"] != 2:
         _anomaly(anomalies, "crypto_header", "crypto header extension without LUKS encryption")
-
     if extensions.get("feature_names"):
         details["feature-names"] = extensions["feature_names"]
-
-    virtual_size = header["size"] // 512 * 512
-    allocated = None
-    host_end = 0
-    # Overlapping metadata makes the tables garbage: their counts would mislead.
-    tables_usable = not any(anomaly["name"] == "metadata_overlap" for anomaly in anomalies)
-    count = options.allocation and cluster_bits_valid and tables_usable and header["l1_size"] <= MAX_L1_ENTRIES
-
-    # The LUKS header and the bitmap directory can lie anywhere, also among
-    # the L2 tables: their reads are merged into the table scan in file
-    # order, so a stream can answer every one of them.
-    side_reads = _side_reads(extensions, header)
-    prefetched: dict[int, bytes] = {}
-    if count:
-        try:
-            allocated, host_end = yield from _count_allocation(
-                header, cluster_size, extended_l2, virtual_size, anomalies, details, side_reads, prefetched
-            )
-        except Unavailable:
-            allocated = None
-    format_specific = yield from _format_specific(
-        header, version, compression_type, extensions, data_file, head, prefetched
-    )
-    # The size comes last: a stream knows it only at its end.
-    file_size: int = yield GetSize()
-    details["file-size"] = file_size
-    if cluster_bits_valid:
-        _check_against_file_size(header, cluster_size, file_size, anomalies)
-    # With an external data file, data cluster offsets point into that file.
-    if host_end > file_size and not incompatible & INCOMPAT_DATA_FILE:
-        _anomaly(
-            anomalies,
-            "allocation_past_eof",
-            f"allocation tables point {host_end - file_size} bytes past the end of the file",
-        )
-
-    return Facts(
-        format=NAME,
-        virtual_size=virtual_size,
-        cluster_size=1 << cluster_bits if cluster_bits_valid else None,
-        backing_file=backing_file,
-        backing_file_format=backing_format,
-        data_file=data_file,
-        encrypted=crypt_method != 0,
-        dirty=bool(incompatible & INCOMPAT_DIRTY),
-        corrupt=bool(incompatible & INCOMPAT_CORRUPT),
-        subformat="0.10" if version == 2 else "1.1",
-        format_specific=format_specific,
-        details=details,
-        allocated_size=allocated,
-    )
+    return backing_format, data_file
 
 
 def _check_tables(
@@ -262,6 +285,12 @@ def _check_tables(
         _anomaly(anomalies, "too_many_snapshots", f"{header['nb_snapshots']} snapshots")
     if header["refcount_table_clusters"] * cluster_size > MAX_REFTABLE_BYTES:
         _anomaly(anomalies, "refcount_table_too_large", "reference count table too large")
+    _check_overlap(header, cluster_size, anomalies)
+
+
+def _check_overlap(header: dict[str, Any], cluster_size: int, anomalies: list[dict[str, str]]) -> None:
+    """No two metadata structures may share a cluster."""
+    l1_size = header["l1_size"]
     ranges = [("header", 0, cluster_size)]
     if l1_size:
         ranges.append(("L1 table", header["l1_table_offset"], l1_size * 8))
@@ -287,6 +316,16 @@ def _check_against_file_size(
     refcount_end = header["refcount_table_offset"] + header["refcount_table_clusters"] * cluster_size
     if header["refcount_table_clusters"] and refcount_end > file_size:
         _anomaly(anomalies, "refcount_table_past_eof", "refcount table lies past the end of the file")
+
+
+def _check_host_end(header: dict[str, Any], host_end: int, file_size: int, anomalies: list[dict[str, str]]) -> None:
+    # With an external data file, data cluster offsets point into that file.
+    if host_end > file_size and not header["incompatible_features"] & INCOMPAT_DATA_FILE:
+        _anomaly(
+            anomalies,
+            "allocation_past_eof",
+            f"allocation tables point {host_end - file_size} bytes past the end of the file",
+        )
 
 
 def _read_extensions(
@@ -442,7 +481,8 @@ def _count_allocation(
     side_reads: list[tuple[int, int]],
     prefetched: dict[int, bytes],
 ) -> Generator[Request, Any, tuple[int | None, int]]:
-    """(guest bytes with data, end of the furthest host cluster referenced).
+    """(guest bytes with data, end of the furthest host cluster referenced);
+    (None, 0) when a stream has passed a table.
 
     "Data" is what `qemu-img map` reports as data: clusters with a host
     offset (including preallocated zero clusters) and compressed clusters.
@@ -450,64 +490,91 @@ def _count_allocation(
     piece in ascending file order, so a stream can answer every read.
     """
     np = allocation.numpy()
-    l2_entries = cluster_size // (16 if extended_l2 else 8)
     total = 0
     host_end = 0
     compressed_clusters = 0
-    for first_index, piece_offset, piece_length in allocation.table_pieces(
-        header["l1_table_offset"], header["l1_size"] * 8, 8
-    ):
-        yield from _prefetch(side_reads, prefetched, piece_offset)
-        piece: bytes = yield Read(piece_offset, piece_length)
-        if not piece:
-            break  # past the end of the data: the rest of the table reads as zeros
-        l1 = np.frombuffer(piece[: len(piece) // 8 * 8], dtype=">u8") & np.uint64(L2_OFFSET_MASK)
-        present = np.nonzero(l1)[0]
-        if not present.size:
-            continue
-        offsets = l1[present]
-        host_end = max(host_end, int(offsets.max()) + cluster_size)
-        # Misaligned or shared L2 tables would make the scan re-read the same
-        # bytes over and over (a cheap way to make an inspector hang).
-        if bool((offsets % np.uint64(cluster_size)).any()):
-            _anomaly(anomalies, "l2_table_alignment", "an L2 table offset is not cluster aligned")
-            yield from _prefetch(side_reads, prefetched, None)
-            return None, host_end
-        if np.unique(offsets).size != offsets.size:
-            _anomaly(anomalies, "l2_table_shared", "two L1 entries point at the same L2 table")
-            yield from _prefetch(side_reads, prefetched, None)
-            return None, host_end
-        units_per_cluster = 32 if extended_l2 else 1
-        entry_size = 16 if extended_l2 else 8
-        past_end = False
-        for l1_index, l2_offset in zip(
-            (present[np.argsort(offsets, kind="stable")] + first_index).tolist(),
-            np.sort(offsets, kind="stable").tolist(),
-            strict=True,
+    try:
+        for first_index, piece_offset, piece_length in allocation.table_pieces(
+            header["l1_table_offset"], header["l1_size"] * 8, 8
         ):
-            if past_end:
-                break
-            # A 2 MiB cluster's L2 table is read in bounded pieces.
-            for first_entry, table_offset, table_length in allocation.table_pieces(l2_offset, cluster_size, entry_size):
-                yield from _prefetch(side_reads, prefetched, table_offset)
-                table: bytes = yield Read(table_offset, table_length)
-                if not table:
-                    # Past the end of the data, and so is every later table of
-                    # this piece (they are in file order): they read as zeros,
-                    # no data. Scanning 128 Ki such tables of 2 MiB each would
-                    # cost minutes of CPU for a 1 MiB L1 table.
-                    past_end = True
-                    break
-                units, table_end, compressed = _scan_l2(
-                    table.ljust(table_length, b"\0"), header["cluster_bits"], extended_l2
-                )
-                host_end = max(host_end, table_end)
-                compressed_clusters += compressed
-                first_unit = (l1_index * l2_entries + first_entry) * units_per_cluster
-                total += allocation.clip_to_size(units + first_unit, cluster_size // units_per_cluster, virtual_size)
+            yield from _prefetch(side_reads, prefetched, piece_offset)
+            piece: bytes = yield Read(piece_offset, piece_length)
+            if not piece:
+                break  # past the end of the data: the rest of the table reads as zeros
+            l1 = np.frombuffer(piece[: len(piece) // 8 * 8], dtype=">u8") & np.uint64(L2_OFFSET_MASK)
+            present = np.nonzero(l1)[0]
+            if not present.size:
+                continue
+            offsets = l1[present]
+            host_end = max(host_end, int(offsets.max()) + cluster_size)
+            problem = _l2_offsets_problem(offsets, cluster_size)
+            if problem is not None:
+                _anomaly(anomalies, *problem)
+                yield from _prefetch(side_reads, prefetched, None)
+                return None, host_end
+            units, tables_end, compressed = yield from _count_l2_tables(
+                (present[np.argsort(offsets, kind="stable")] + first_index).tolist(),
+                np.sort(offsets, kind="stable").tolist(),
+                header["cluster_bits"],
+                extended_l2,
+                virtual_size,
+                side_reads,
+                prefetched,
+            )
+            total += units
+            host_end = max(host_end, tables_end)
+            compressed_clusters += compressed
+    except Unavailable:
+        return None, 0
     details["compressed-clusters"] = compressed_clusters
     yield from _prefetch(side_reads, prefetched, None)
     return total, host_end
+
+
+def _l2_offsets_problem(offsets: Any, cluster_size: int) -> tuple[str, str] | None:
+    """Misaligned or shared L2 tables would make the scan re-read the same
+    bytes over and over (a cheap way to make an inspector hang)."""
+    np = allocation.numpy()
+    if bool((offsets % np.uint64(cluster_size)).any()):
+        return "l2_table_alignment", "an L2 table offset is not cluster aligned"
+    if np.unique(offsets).size != offsets.size:
+        return "l2_table_shared", "two L1 entries point at the same L2 table"
+    return None
+
+
+def _count_l2_tables(
+    l1_indexes: list[int],
+    l2_offsets: list[int],
+    cluster_bits: int,
+    extended_l2: bool,
+    virtual_size: int,
+    side_reads: list[tuple[int, int]],
+    prefetched: dict[int, bytes],
+) -> Generator[Request, Any, tuple[int, int, int]]:
+    """(guest bytes with data, furthest host byte, compressed clusters) of
+    the L2 tables of one L1 piece, given in ascending file order."""
+    cluster_size = 1 << cluster_bits
+    l2_entries = cluster_size // (16 if extended_l2 else 8)
+    units_per_cluster = 32 if extended_l2 else 1
+    entry_size = 16 if extended_l2 else 8
+    total = host_end = compressed_clusters = 0
+    for l1_index, l2_offset in zip(l1_indexes, l2_offsets, strict=True):
+        # A 2 MiB cluster's L2 table is read in bounded pieces.
+        for first_entry, table_offset, table_length in allocation.table_pieces(l2_offset, cluster_size, entry_size):
+            yield from _prefetch(side_reads, prefetched, table_offset)
+            table: bytes = yield Read(table_offset, table_length)
+            if not table:
+                # Past the end of the data, and so is every later table of
+                # this piece (they are in file order): they read as zeros,
+                # no data. Scanning 128 Ki such tables of 2 MiB each would
+                # cost minutes of CPU for a 1 MiB L1 table.
+                return total, host_end, compressed_clusters
+            units, table_end, compressed = _scan_l2(table.ljust(table_length, b"\0"), cluster_bits, extended_l2)
+            host_end = max(host_end, table_end)
+            compressed_clusters += compressed
+            first_unit = (l1_index * l2_entries + first_entry) * units_per_cluster
+            total += allocation.clip_to_size(units + first_unit, cluster_size // units_per_cluster, virtual_size)
+    return total, host_end, compressed_clusters
 
 
 def _scan_l2(table: bytes, cluster_bits: int, extended_l2: bool) -> tuple[Any, int, int]:

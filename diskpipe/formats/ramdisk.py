@@ -73,6 +73,19 @@ def _zstd(data: bytes) -> bytes:
         return bytes(out)
 
 
+def _lz4_length(length: int, block: bytes, position: int) -> tuple[int, int]:
+    """A token's 4-bit length; 15 continues in bytes that add up until one
+    is not 255. Returns the length and the position after it."""
+    if length == 15:
+        while True:
+            extra = block[position]
+            position += 1
+            length += extra
+            if extra != 255:
+                break
+    return length, position
+
+
 def _lz4_block(block: bytes, limit: int) -> bytes:
     """Decode one LZ4 block, stopping after `limit` output bytes."""
     out = bytearray()
@@ -80,14 +93,7 @@ def _lz4_block(block: bytes, limit: int) -> bytes:
     while position < len(block) and len(out) < limit:
         token = block[position]
         position += 1
-        literal_length = token >> 4
-        if literal_length == 15:
-            while True:
-                extra = block[position]
-                position += 1
-                literal_length += extra
-                if extra != 255:
-                    break
+        literal_length, position = _lz4_length(token >> 4, block, position)
         out += block[position : position + literal_length]
         position += literal_length
         if position >= len(block):
@@ -96,14 +102,7 @@ def _lz4_block(block: bytes, limit: int) -> bytes:
         position += 2
         if offset == 0 or offset > len(out):
             raise ValueError("lz4: bad match offset")
-        match_length = token & 15
-        if match_length == 15:
-            while True:
-                extra = block[position]
-                position += 1
-                match_length += extra
-                if extra != 255:
-                    break
+        match_length, position = _lz4_length(token & 15, block, position)
         match_length += 4
         start = len(out) - offset
         for index in range(min(match_length, limit - len(out) + 1)):

@@ -97,26 +97,6 @@ def run_on_file(inspection: Generator[Request, Any, T], fd: int, size: int) -> T
     return run_on_reader(inspection, lambda offset, length: os.pread(fd, length, offset), size)
 
 
-def run_on_bytes(inspection: Generator[Request, Any, T], data: bytes) -> T:
-    """Drive an inspector over bytes already in memory (tests, small uploads)."""
-    view = memoryview(data)
-    size = len(data)
-    try:
-        request = next(inspection)
-        while True:
-            _check_request(request)
-            answer: bytes | int
-            if isinstance(request, Read):
-                answer = bytes(view[request.offset : request.offset + request.length])
-            elif isinstance(request, ReadTail):
-                answer = bytes(view[max(0, size - request.length) :])
-            else:
-                answer = size
-            request = inspection.send(answer)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-
-
 class StreamDriver:
     """Drives one inspector over data that arrives in chunks, in order.
 
@@ -144,22 +124,9 @@ class StreamDriver:
         return self._position
 
     @property
-    def done(self) -> bool:
-        """The inspector has its answer (or failed); later bytes change nothing."""
-        return self._done
-
-    @property
     def error(self) -> BaseException | None:
         """What the inspector raised (also an unbounded or malformed request)."""
         return self._error
-
-    @property
-    def waiting_for_end(self) -> bool:
-        """The inspector only waits for the end of the stream (size or tail)."""
-        return isinstance(self._pending, (ReadTail, GetSize))
-
-    def peek_head(self) -> bytes:
-        return bytes(self._head)
 
     # -- driving the generator -------------------------------------------------
     def _advance(self, answer: Any, *, first: bool = False, throw: BaseException | None = None) -> None:
@@ -189,63 +156,74 @@ class StreamDriver:
 
     def _serve(self, chunk: memoryview, chunk_start: int) -> None:
         """Answer pending requests from the head, the current chunk and captures."""
-        chunk_end = chunk_start + len(chunk)
         while not self._done:
             request = self._pending
-            if isinstance(request, GetSize):
+            if isinstance(request, (GetSize, ReadTail)):
                 if not self._finished:
-                    return
-                self._advance(self._position)
-                continue
-            if isinstance(request, ReadTail):
-                if not self._finished:
-                    return
-                length = min(request.length, self._position)
-                self._advance(bytes(self._tail[len(self._tail) - length :]) if length else b"")
+                    return  # the size and the tail are known only at the end
+                self._advance(self._end_answer(request))
                 continue
             assert isinstance(request, Read)
             start, end = request.offset, request.offset + request.length
             if self._finished:
                 end = min(end, self._position)
-            if self._capture is None:
-                if end <= start:
-                    self._advance(b"")
-                    continue
-                if end <= len(self._head):
-                    self._advance(bytes(self._head[start:end]))
-                    continue
-                tail_start = self._position - len(self._tail)
-                if self._finished and start >= tail_start:
-                    self._advance(bytes(self._tail[start - tail_start : end - tail_start]))
-                    continue
-                # The part before the current chunk must come from the head.
-                if start < chunk_start and start < len(self._head) and len(self._head) >= chunk_start:
-                    self._capture = bytearray(self._head[start:chunk_start])
-                elif start < chunk_start or (self._finished and start >= chunk_end):
-                    self._advance(None, throw=Unavailable(f"bytes at {start} already passed"))
-                    continue
-                else:
-                    self._capture = bytearray()
-                self._captured = start + len(self._capture)
-            # Copy the overlap of [captured, end) with the current chunk.
-            if self._captured < chunk_end and end > chunk_start:
-                lo = max(self._captured, chunk_start)
-                hi = min(end, chunk_end)
-                if lo < hi:
-                    if lo != self._captured:
-                        self._advance(None, throw=Unavailable(f"bytes at {self._captured} already passed"))
-                        continue
-                    self._capture += chunk[lo - chunk_start : hi - chunk_start]
-                    self._captured = hi
-            if self._captured >= end:
-                data = bytes(self._capture)
-                self._advance(data)
+            if self._capture is None and self._answer_or_start_capture(start, end, chunk_start, len(chunk)):
                 continue
-            if self._finished:
-                # End of data inside the request: a short read, as from a file.
+            if not self._capture_from(chunk, chunk_start, end):
+                continue
+            assert self._capture is not None
+            # Finished: the end of data lies inside the request, a short read as from a file.
+            if self._captured >= end or self._finished:
                 self._advance(bytes(self._capture))
                 continue
             return
+
+    def _end_answer(self, request: GetSize | ReadTail) -> bytes | int:
+        """The answer to a GetSize or ReadTail, once the stream has ended."""
+        if isinstance(request, GetSize):
+            return self._position
+        length = min(request.length, self._position)
+        return bytes(self._tail[len(self._tail) - length :]) if length else b""
+
+    def _answer_or_start_capture(self, start: int, end: int, chunk_start: int, chunk_length: int) -> bool:
+        """Answer a read from the head or the tail (or refuse bytes already
+        passed), and return True; or start capturing it and return False."""
+        if end <= start:
+            self._advance(b"")
+            return True
+        if end <= len(self._head):
+            self._advance(bytes(self._head[start:end]))
+            return True
+        tail_start = self._position - len(self._tail)
+        if self._finished and start >= tail_start:
+            self._advance(bytes(self._tail[start - tail_start : end - tail_start]))
+            return True
+        # The part before the current chunk must come from the head.
+        if start < chunk_start and start < len(self._head) and len(self._head) >= chunk_start:
+            self._capture = bytearray(self._head[start:chunk_start])
+        elif start < chunk_start or (self._finished and start >= chunk_start + chunk_length):
+            self._advance(None, throw=Unavailable(f"bytes at {start} already passed"))
+            return True
+        else:
+            self._capture = bytearray()
+        self._captured = start + len(self._capture)
+        return False
+
+    def _capture_from(self, chunk: memoryview, chunk_start: int, end: int) -> bool:
+        """Copy the overlap of [captured, end) with the current chunk; False
+        when a gap before it made the read unavailable."""
+        assert self._capture is not None
+        chunk_end = chunk_start + len(chunk)
+        if self._captured < chunk_end and end > chunk_start:
+            lo = max(self._captured, chunk_start)
+            hi = min(end, chunk_end)
+            if lo < hi:
+                if lo != self._captured:
+                    self._advance(None, throw=Unavailable(f"bytes at {self._captured} already passed"))
+                    return False
+                self._capture += chunk[lo - chunk_start : hi - chunk_start]
+                self._captured = hi
+        return True
 
     # -- public feeding API ----------------------------------------------------
     def feed(self, chunk: bytes | bytearray | memoryview) -> None:

@@ -43,14 +43,14 @@ CONTAINERS: tuple[ContainerFormat, ...] = (
 # Ramdisks and compressed streams are sniffed separately (they need the
 # container probes to name what compressed data holds).
 SNIFFERS: tuple[ContentSniffer, ...] = (
-    ContentSniffer("luks", luks.sniff_luks2),
-    ContentSniffer("iso", iso.sniff),
-    ContentSniffer("kernel", kernel.sniff),
-    ContentSniffer("gpt", partitions.sniff_gpt),
-    ContentSniffer("mbr", partitions.sniff_mbr),
-    ContentSniffer("filesystem", filesystem.sniff),
+    luks.sniff_luks2,
+    iso.sniff,
+    kernel.sniff,
+    partitions.sniff_gpt,
+    partitions.sniff_mbr,
+    filesystem.sniff,
 )
-NON_DISK = ContentSniffer("non-disk", nondisk.sniff)
+NON_DISK: ContentSniffer = nondisk.sniff
 
 
 def probe_containers(data: bytes) -> list[ContainerFormat]:

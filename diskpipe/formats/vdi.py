@@ -75,30 +75,7 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
                 details=details,
             )
     header = HEADER_V1.parse(head)
-    for field, label in (("offset_bmap", "block map offset"), ("offset_data", "data offset")):
-        if header[field] % 512:
-            raise FormatError(NAME, f"unsupported VDI image (unaligned {label} 0x{header[field]:x})", field=field)
-    if header["sector_size"] != 512:
-        raise FormatError(
-            NAME, f"unsupported VDI image (sector size {header['sector_size']} is not 512)", field="sector_size"
-        )
-    if header["block_size"] != BLOCK_SIZE:
-        raise FormatError(
-            NAME, f"unsupported VDI image (block size {header['block_size']} is not {BLOCK_SIZE})", field="block_size"
-        )
-    blocks = header["blocks_in_image"]
-    if blocks > BLOCKS_IN_IMAGE_MAX:
-        raise FormatError(
-            NAME,
-            f"unsupported VDI image (too many blocks {blocks}, max is {BLOCKS_IN_IMAGE_MAX})",
-            field="blocks_in_image",
-        )
-    if header["disk_size"] > blocks * BLOCK_SIZE:
-        raise FormatError(
-            NAME,
-            f"unsupported VDI image (disk size {header['disk_size']}, image bitmap has room for {blocks * BLOCK_SIZE})",
-            field="disk_size",
-        )
+    _check_header(header)
     if any(header["uuid_link"]) or any(header["uuid_parent"]):
         # qemu refuses these too; they name a parent image (a differencing disk).
         details["parent"] = {"uuid-link": header["uuid_link"].hex(), "uuid-parent": header["uuid_parent"].hex()}
@@ -123,6 +100,34 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
         details=details,
         allocated_size=allocated,
     )
+
+
+def _check_header(header: dict[str, Any]) -> None:
+    """qemu's refusals of a version 1.1 header."""
+    for field, label in (("offset_bmap", "block map offset"), ("offset_data", "data offset")):
+        if header[field] % 512:
+            raise FormatError(NAME, f"unsupported VDI image (unaligned {label} 0x{header[field]:x})", field=field)
+    if header["sector_size"] != 512:
+        raise FormatError(
+            NAME, f"unsupported VDI image (sector size {header['sector_size']} is not 512)", field="sector_size"
+        )
+    if header["block_size"] != BLOCK_SIZE:
+        raise FormatError(
+            NAME, f"unsupported VDI image (block size {header['block_size']} is not {BLOCK_SIZE})", field="block_size"
+        )
+    blocks = header["blocks_in_image"]
+    if blocks > BLOCKS_IN_IMAGE_MAX:
+        raise FormatError(
+            NAME,
+            f"unsupported VDI image (too many blocks {blocks}, max is {BLOCKS_IN_IMAGE_MAX})",
+            field="blocks_in_image",
+        )
+    if header["disk_size"] > blocks * BLOCK_SIZE:
+        raise FormatError(
+            NAME,
+            f"unsupported VDI image (disk size {header['disk_size']}, image bitmap has room for {blocks * BLOCK_SIZE})",
+            field="disk_size",
+        )
 
 
 def _count_allocation(header: dict[str, Any], virtual_size: int) -> Generator[Request, Any, tuple[int, int]]:

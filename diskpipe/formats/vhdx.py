@@ -141,17 +141,7 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     regions = _parse_regions(raw_regions, anomalies)
     bat, metadata = regions[BAT_REGION], regions[METADATA_REGION]
     _check_overlaps(regions, header, anomalies)
-
-    log_pending = False
-    if any(header["log_guid"]) and header["log_length"]:
-        log_pending = yield from _log_has_entries(header, anomalies)
-    if log_pending:
-        anomalies.append(
-            {
-                "name": "pending_log",
-                "message": "the log holds entries that need replaying (qemu refuses a read-only open)",
-            }
-        )
+    yield from _check_log(header, anomalies)
 
     # qemu's files put the BAT before the metadata that describes it: in a
     # stream, keep a small BAT as it passes and read it after the metadata.
@@ -163,26 +153,7 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
             early_bat = None
 
     items = yield from _read_metadata(metadata, anomalies)
-    params = items["file_parameters"]
-    block_size, has_parent = params["block_size"], params["has_parent"]
-    if not (MiB <= block_size <= 256 * MiB and block_size & (block_size - 1) == 0):
-        raise FormatError(NAME, f"invalid block size {block_size}", field="file parameters")
-    logical_sector = items["logical_sector_size"]
-    if logical_sector != 512:
-        raise FormatError(NAME, f"logical sector size {logical_sector} is not supported by qemu (512 only)")
-    disk_size = items["virtual_disk_size"]
-    details.update(
-        {
-            "block-size": block_size,
-            "logical-sector-size": logical_sector,
-            "physical-sector-size": items["physical_sector_size"],
-            "leave-blocks-allocated": params["leave_blocks_allocated"],
-        }
-    )
-    if has_parent or "parent_locator" in items:
-        details["parent"] = items.get("parent_locator", {})
-        details["has-parent"] = has_parent
-
+    block_size, logical_sector, disk_size = _disk_geometry(items, details)
     chunk_ratio = (1 << 23) * logical_sector // block_size
     data_blocks = -(-disk_size // block_size)
     bat_entries = data_blocks + (data_blocks - 1) // chunk_ratio if data_blocks else 0
@@ -212,10 +183,44 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
         format=NAME,
         virtual_size=disk_size // 512 * 512,
         cluster_size=block_size,
-        subformat="fixed" if params["leave_blocks_allocated"] else "dynamic",
+        subformat="fixed" if items["file_parameters"]["leave_blocks_allocated"] else "dynamic",
         details=details,
         allocated_size=allocated,
     )
+
+
+def _check_log(header: dict[str, Any], anomalies: list[dict[str, str]]) -> Generator[Request, Any, None]:
+    if any(header["log_guid"]) and header["log_length"] and (yield from _log_has_entries(header, anomalies)):
+        anomalies.append(
+            {
+                "name": "pending_log",
+                "message": "the log holds entries that need replaying (qemu refuses a read-only open)",
+            }
+        )
+
+
+def _disk_geometry(items: dict[str, Any], details: dict[str, Any]) -> tuple[int, int, int]:
+    """(block size, logical sector size, virtual disk size), checked as qemu
+    checks them; records them and the parent in `details`."""
+    params = items["file_parameters"]
+    block_size, has_parent = params["block_size"], params["has_parent"]
+    if not (MiB <= block_size <= 256 * MiB and block_size & (block_size - 1) == 0):
+        raise FormatError(NAME, f"invalid block size {block_size}", field="file parameters")
+    logical_sector = items["logical_sector_size"]
+    if logical_sector != 512:
+        raise FormatError(NAME, f"logical sector size {logical_sector} is not supported by qemu (512 only)")
+    details.update(
+        {
+            "block-size": block_size,
+            "logical-sector-size": logical_sector,
+            "physical-sector-size": items["physical_sector_size"],
+            "leave-blocks-allocated": params["leave_blocks_allocated"],
+        }
+    )
+    if has_parent or "parent_locator" in items:
+        details["parent"] = items.get("parent_locator", {})
+        details["has-parent"] = has_parent
+    return block_size, logical_sector, items["virtual_disk_size"]
 
 
 def _parse_regions(raw: bytes, anomalies: list[dict[str, str]]) -> dict[bytes, dict[str, Any]]:
@@ -284,6 +289,20 @@ def _log_has_entries(header: dict[str, Any], anomalies: list[dict[str, str]]) ->
 def _read_metadata(region: dict[str, Any], anomalies: list[dict[str, str]]) -> Generator[Request, Any, dict[str, Any]]:
     start = region["file_offset"]
     raw: bytes = yield Read(start, min(METADATA_TABLE_SIZE, region["length"]))
+    wanted = _metadata_entries(raw, region, anomalies)
+    items: dict[str, Any] = {}
+    for item_guid, entry in sorted(wanted.items(), key=lambda pair: pair[1]["offset"]):
+        length = min(entry["length"], MAX_READ)
+        data: bytes = yield Read(start + entry["offset"], length)
+        _parse_item(item_guid, data, start + entry["offset"], items)
+    return items
+
+
+def _metadata_entries(
+    raw: bytes, region: dict[str, Any], anomalies: list[dict[str, str]]
+) -> dict[bytes, dict[str, Any]]:
+    """The table's entries for the items diskpipe reads, by GUID."""
+    start = region["file_offset"]
     table = METADATA_HEADER.parse(raw, file_offset=start)
     if table["signature"] != b"metadata":
         raise FormatError(NAME, "metadata table signature missing", offset=start)
@@ -317,34 +336,33 @@ def _read_metadata(region: dict[str, Any], anomalies: list[dict[str, str]]) -> G
     for item_guid, label in MANDATORY_ITEMS.items():
         if item_guid not in wanted:
             raise FormatError(NAME, f"mandatory metadata item '{label}' is missing", offset=start)
-    items: dict[str, Any] = {}
-    for item_guid, entry in sorted(wanted.items(), key=lambda pair: pair[1]["offset"]):
-        length = min(entry["length"], MAX_READ)
-        data: bytes = yield Read(start + entry["offset"], length)
-        if item_guid == FILE_PARAMETERS:
-            if len(data) < 8:
-                raise FormatError(NAME, "file parameters truncated", offset=start + entry["offset"])
-            flags = int.from_bytes(data[4:8], "little")
-            items["file_parameters"] = {
-                "block_size": int.from_bytes(data[:4], "little"),
-                "leave_blocks_allocated": bool(flags & 1),
-                "has_parent": bool(flags & PARAMS_HAS_PARENT),
-            }
-        elif item_guid == PARENT_LOCATOR:
-            items["parent_locator"] = _parse_parent_locator(data)
-        else:
-            size = 8 if item_guid == VIRTUAL_DISK_SIZE else 4 if item_guid != PAGE83_DATA else 16
-            if len(data) < size:
-                raise FormatError(
-                    NAME, f"metadata item '{MANDATORY_ITEMS[item_guid]}' truncated", offset=start + entry["offset"]
-                )
-            if item_guid == VIRTUAL_DISK_SIZE:
-                items["virtual_disk_size"] = int.from_bytes(data[:8], "little")
-            elif item_guid == LOGICAL_SECTOR_SIZE:
-                items["logical_sector_size"] = int.from_bytes(data[:4], "little")
-            elif item_guid == PHYSICAL_SECTOR_SIZE:
-                items["physical_sector_size"] = int.from_bytes(data[:4], "little")
-    return items
+    return wanted
+
+
+def _parse_item(item_guid: bytes, data: bytes, offset: int, items: dict[str, Any]) -> None:
+    """One metadata item's value into `items`."""
+    if item_guid == FILE_PARAMETERS:
+        if len(data) < 8:
+            raise FormatError(NAME, "file parameters truncated", offset=offset)
+        flags = int.from_bytes(data[4:8], "little")
+        items["file_parameters"] = {
+            "block_size": int.from_bytes(data[:4], "little"),
+            "leave_blocks_allocated": bool(flags & 1),
+            "has_parent": bool(flags & PARAMS_HAS_PARENT),
+        }
+        return
+    if item_guid == PARENT_LOCATOR:
+        items["parent_locator"] = _parse_parent_locator(data)
+        return
+    size = 8 if item_guid == VIRTUAL_DISK_SIZE else 4 if item_guid != PAGE83_DATA else 16
+    if len(data) < size:
+        raise FormatError(NAME, f"metadata item '{MANDATORY_ITEMS[item_guid]}' truncated", offset=offset)
+    if item_guid == VIRTUAL_DISK_SIZE:
+        items["virtual_disk_size"] = int.from_bytes(data[:8], "little")
+    elif item_guid == LOGICAL_SECTOR_SIZE:
+        items["logical_sector_size"] = int.from_bytes(data[:4], "little")
+    elif item_guid == PHYSICAL_SECTOR_SIZE:
+        items["physical_sector_size"] = int.from_bytes(data[:4], "little")
 
 
 def _parse_parent_locator(data: bytes) -> dict[str, Any]:

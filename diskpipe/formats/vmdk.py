@@ -155,9 +155,50 @@ def _inspect_sparse(head: bytes, options: InspectOptions) -> Generator[Request, 
     if header["version"] > 3:
         anomalies.append({"name": "unsupported_version", "message": f"unsupported VMDK version {header['version']}"})
     compressed = header["compress_algorithm"] == COMPRESSION_DEFLATE
+    descriptor, qemu_view = yield from _read_embedded_descriptor(header, head, anomalies, details)
 
-    # The embedded descriptor: the region the header names (for the strict
-    # reading) and qemu's fixed 10 KiB at byte 512 (for CID and parent hint).
+    if header["capacity"] == 0 and header["descriptor_offset"]:
+        # qemu then opens the embedded descriptor as if it were a descriptor file.
+        anomalies.append(
+            {
+                "name": "descriptor_as_file",
+                "message": "capacity 0: qemu reads the embedded descriptor as a descriptor file",
+            }
+        )
+        # The extents come from the header's region; CID and parent hint, as
+        # always for a binary extent, from qemu's 10 KiB at byte 512.
+        return _descriptor_facts(descriptor, details, anomalies, qemu_view=qemu_view)
+
+    effective = yield from _effective_header(header, compressed, anomalies)
+    allocated = None
+    data_end = 0
+    if options.allocation and effective["gd_offset"] != GD_AT_END:
+        try:
+            allocated, data_end = yield from _count_allocation(effective)
+        except Unavailable:
+            allocated = None
+    file_size: int = yield GetSize()
+    _check_against_file_size(effective, data_end, file_size, anomalies)
+
+    create_type = "streamOptimized" if compressed else "monolithicSparse"
+    capacity_bytes = effective["capacity"] * 512
+    extent: dict[str, Any] = {
+        "virtual-size": capacity_bytes,
+        "cluster-size": effective["grain_size"] * 512,
+        "format": "",
+    }
+    if compressed:
+        extent["compressed"] = True
+    details["create-type"] = create_type
+    return _extent_facts(qemu_view, extent, create_type, create_type, details, allocated)
+
+
+def _read_embedded_descriptor(
+    header: dict[str, Any], head: bytes, anomalies: list[dict[str, str]], details: dict[str, Any]
+) -> Generator[Request, Any, tuple[vmdk_descriptor.Descriptor, vmdk_descriptor.Descriptor]]:
+    """The embedded descriptor twice: as the header's region holds it (for
+    the strict reading) and as qemu reads it, 10 KiB at byte 512 (for CID
+    and parent hint). Raises when qemu would find no CID."""
     region_offset = header["descriptor_offset"] * 512
     region_size = header["descriptor_size"] * 512
     details["descriptor-region"] = {"offset": region_offset, "bytes": region_size}
@@ -183,68 +224,60 @@ def _inspect_sparse(head: bytes, options: InspectOptions) -> Generator[Request, 
     details["descriptor"] = descriptor.to_json()
     if not qemu_view.cid_valid:
         raise FormatError(NAME, CID_MESSAGE, offset=EMBEDDED_DESCRIPTOR_OFFSET)
+    return descriptor, qemu_view
 
-    if header["capacity"] == 0 and header["descriptor_offset"]:
-        # qemu then opens the embedded descriptor as if it were a descriptor file.
-        anomalies.append(
-            {
-                "name": "descriptor_as_file",
-                "message": "capacity 0: qemu reads the embedded descriptor as a descriptor file",
-            }
-        )
-        # The extents come from the header's region; CID and parent hint, as
-        # always for a binary extent, from qemu's 10 KiB at byte 512.
-        return _descriptor_facts(descriptor, details, anomalies, qemu_view=qemu_view)
 
+def _effective_header(
+    header: dict[str, Any], compressed: bool, anomalies: list[dict[str, str]]
+) -> Generator[Request, Any, dict[str, Any]]:
+    """The header qemu goes by: the stream footer's copy when the grain
+    directory is at the end and the footer is valid, else the head's."""
     _extent_checks(header)
-    effective = header
     if header["gd_offset"] == GD_AT_END:
         footer_header = yield from _read_footer(header, anomalies)
         if footer_header is not None:
-            effective = footer_header
-            _extent_checks(effective)
+            _extent_checks(footer_header)
+            return footer_header
     elif compressed:
         yield from _check_end_of_stream(anomalies)
+    return header
 
-    allocated = None
-    data_end = 0
-    if options.allocation and effective["gd_offset"] != GD_AT_END:
-        try:
-            allocated, data_end = yield from _count_allocation(effective)
-        except Unavailable:
-            allocated = None
-    file_size: int = yield GetSize()
-    if file_size < effective["overhead"] * 512:
-        raise FormatError(NAME, f"file truncated, expecting at least {effective['overhead'] * 512} bytes", offset=64)
+
+def _check_against_file_size(
+    header: dict[str, Any], data_end: int, file_size: int, anomalies: list[dict[str, str]]
+) -> None:
+    if file_size < header["overhead"] * 512:
+        raise FormatError(NAME, f"file truncated, expecting at least {header['overhead'] * 512} bytes", offset=64)
     if data_end > round_up(file_size, 512):
         anomalies.append({"name": "allocation_past_eof", "message": "grain tables point past the end of the file"})
-    if effective["gd_offset"] != GD_AT_END:
+    if header["gd_offset"] != GD_AT_END:
         # Known from the header (or footer) and the size alone, so a stream
         # decides it too. qemu reads zeros there, or fails on a huge offset.
-        gd_start = effective["gd_offset"] * 512
-        if gd_start + _gd_entries(effective) * 4 > round_up(file_size, 512):
+        gd_start = header["gd_offset"] * 512
+        if gd_start + _gd_entries(header) * 4 > round_up(file_size, 512):
             anomalies.append(
                 {"name": "gd_past_eof", "message": f"grain directory at byte {gd_start} lies past the end of the file"}
             )
 
-    create_type = "streamOptimized" if compressed else "monolithicSparse"
-    capacity_bytes = effective["capacity"] * 512
-    extent: dict[str, Any] = {
-        "virtual-size": capacity_bytes,
-        "cluster-size": effective["grain_size"] * 512,
-        "format": "",
-    }
-    if compressed:
-        extent["compressed"] = True
-    details["create-type"] = create_type
+
+def _extent_facts(
+    qemu_view: vmdk_descriptor.Descriptor,
+    extent: dict[str, Any],
+    subformat: str,
+    qemu_create_type: str,
+    details: dict[str, Any],
+    allocated: int | None,
+) -> Facts:
+    """Facts of a binary extent opened on its own; `qemu_view` is the
+    descriptor text qemu takes the CIDs and the parent hint from."""
     return Facts(
         format=NAME,
-        virtual_size=capacity_bytes,
-        cluster_size=effective["grain_size"] * 512,
+        virtual_size=extent["virtual-size"],
+        cluster_size=extent["cluster-size"],
         backing_file=qemu_view.parent_hint,
         backing_file_format="vmdk" if qemu_view.parent_hint is not None else None,
-        subformat=create_type,
-        format_specific=_format_specific(qemu_view, create_type, [extent]),
+        subformat=subformat,
+        format_specific=_format_specific(qemu_view, qemu_create_type, [extent]),
         details=details,
         allocated_size=allocated,
     )
@@ -286,16 +319,7 @@ def _inspect_cowd(head: bytes) -> Generator[Request, Any, Facts]:
     capacity_bytes = header["capacity"] * 512
     # qemu names no create-type or extent format for a COWD extent.
     extent = {"virtual-size": capacity_bytes, "cluster-size": header["granularity"] * 512, "format": ""}
-    return Facts(
-        format=NAME,
-        virtual_size=capacity_bytes,
-        cluster_size=header["granularity"] * 512,
-        backing_file=descriptor.parent_hint,
-        backing_file_format="vmdk" if descriptor.parent_hint is not None else None,
-        subformat="vmfsSparse",
-        format_specific=_format_specific(descriptor, "", [extent]),
-        details=details,
-    )
+    return _extent_facts(descriptor, extent, "vmfsSparse", "", details, None)
 
 
 def _inspect_text(head: bytes) -> Generator[Request, Any, Facts]:

@@ -174,6 +174,12 @@ def parse(region: bytes) -> Descriptor:
             continue
         if len(descriptor.unexpected_lines) < MAX_REPORTED_LINES:
             descriptor.unexpected_lines.append(_decode(line[:120]))
+    _note_disagreements(descriptor, strict_values)
+    return descriptor
+
+
+def _note_disagreements(descriptor: Descriptor, strict_values: dict[str, str]) -> None:
+    """Where qemu's reading of the text differs from its plain lines."""
     if "createType" in strict_values and strict_values["createType"] != descriptor.create_type:
         descriptor.disagreements.append(
             f"qemu reads createType {descriptor.create_type!r}, its line says {strict_values['createType']!r}"
@@ -186,7 +192,6 @@ def parse(region: bytes) -> Descriptor:
             descriptor.disagreements.append("the CID line is not a hex number")
     if descriptor.parent_hint is not None and strict_values.get("parentFileNameHint") != descriptor.parent_hint:
         descriptor.disagreements.append("qemu reads a parentFileNameHint that no line states plainly")
-    return descriptor
 
 
 def probe_text(buffer: bytes) -> bool:

@@ -143,15 +143,7 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
         raise FormatError(NAME, "error reading dynamic VHD header", offset=header_offset)
     header = DYNAMIC_HEADER.parse(raw_header)
     block_size = header["block_size"]
-    if block_size < 512 or block_size & (block_size - 1):
-        raise FormatError(NAME, f"invalid block size {block_size}", field="block_size", offset=header_offset + 32)
-    if virtual_size // block_size > 0xFFFFFFFF:
-        raise FormatError(NAME, "too many blocks", offset=header_offset + 32)
-    max_entries = header["max_table_entries"]
-    if max_entries * block_size < virtual_size:
-        raise FormatError(NAME, "page table too small", field="max_table_entries", offset=header_offset + 28)
-    if max_entries > 0x7FFFFFFF // 4:
-        raise FormatError(NAME, f"max table entries too large ({max_entries})", offset=header_offset + 28)
+    _check_dynamic_header(header, virtual_size, header_offset)
     anomalies: list[dict[str, str]] = []
     details: dict[str, Any] = {
         "disk-type": DISK_TYPE_NAMES.get(disk_type, str(disk_type)),
@@ -190,6 +182,20 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
         details=details,
         allocated_size=allocated,
     )
+
+
+def _check_dynamic_header(header: dict[str, Any], virtual_size: int, header_offset: int) -> None:
+    """qemu's refusals of a dynamic disk header."""
+    block_size = header["block_size"]
+    if block_size < 512 or block_size & (block_size - 1):
+        raise FormatError(NAME, f"invalid block size {block_size}", field="block_size", offset=header_offset + 32)
+    if virtual_size // block_size > 0xFFFFFFFF:
+        raise FormatError(NAME, "too many blocks", offset=header_offset + 32)
+    max_entries = header["max_table_entries"]
+    if max_entries * block_size < virtual_size:
+        raise FormatError(NAME, "page table too small", field="max_table_entries", offset=header_offset + 28)
+    if max_entries > 0x7FFFFFFF // 4:
+        raise FormatError(NAME, f"max table entries too large ({max_entries})", offset=header_offset + 28)
 
 
 def _parent_locators(raw_header: bytes) -> list[dict[str, Any]]:

@@ -31,10 +31,6 @@ return 0
 """
 
 
-class LeaseLost(RuntimeError):
-    """Another worker holds the image's lease now."""
-
-
 class Lease:
     PREFIX = "diskpipe:lease:"
 

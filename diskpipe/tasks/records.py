@@ -20,12 +20,6 @@ from typing import Any, Protocol
 
 from diskpipe.tasks.states import NEW, QUEUED, IllegalTransition, check_transition
 
-# Glance's image fields, then diskpipe's own.
-GLANCE_FIELDS = (
-    "id", "name", "status", "disk_format", "container_format", "size", "virtual_size", "checksum",
-    "os_hash_algo", "os_hash_value", "locations", "protected", "created_at", "updated_at",
-)  # fmt: skip
-
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

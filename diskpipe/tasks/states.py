@@ -13,7 +13,6 @@ atomic compare-and-set), so no code path can skip a state.
 from __future__ import annotations
 
 QUEUED, SAVING, ACTIVE, KILLED, DELETED = "queued", "saving", "active", "killed", "deleted"
-STATES = (QUEUED, SAVING, ACTIVE, KILLED, DELETED)
 NEW = ""  # no record yet
 
 LEGAL: dict[str, frozenset[str]] = {
