@@ -161,9 +161,7 @@ def verify(store: Store, result: ConvertResult) -> None:
     finally:
         image.close()
     if size != result.checksums.size:
-        raise ConversionFailed(
-            f"stored image does not verify: {size} bytes stored, {result.checksums.size} hashed"
-        )
+        raise ConversionFailed(f"stored image does not verify: {size} bytes stored, {result.checksums.size} hashed")
 
 
 def _sealed_fields(checksums: Checksums) -> dict[str, Any]:
@@ -368,9 +366,7 @@ def _adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any]) -> d
             raise ConversionFailed("stored image is not raw")
         sums = _recorded_checksums(record, size, job)
         if sums is None:
-            sums = hash_image(
-                size, list(image.extents()), image.read_at, full=job.full_hashes, sparse=job.sparse_hash
-            )
+            sums = hash_image(size, list(image.extents()), image.read_at, full=job.full_hashes, sparse=job.sparse_hash)
     finally:
         image.close()
     location = env.store.location(job.image_id)
