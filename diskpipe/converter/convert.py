@@ -260,7 +260,7 @@ def convert_image(
     progress: Progress | None = None,
     cancel: CancelToken | None = None,
     inspected: ImageInfo | None = None,
-    on_sealed: Callable[[Checksums], None] | None = None,
+    on_sealed: Callable[[Checksums], object] | None = None,
 ) -> ConvertResult:
     """Run the whole conversion of `request.source` into `store`.
 
@@ -292,7 +292,7 @@ def _convert_open(
     progress: Progress | None,
     cancel: CancelToken,
     inspected: ImageInfo | None,
-    on_sealed: Callable[[Checksums], None] | None = None,
+    on_sealed: Callable[[Checksums], object] | None = None,
 ) -> ConvertResult:
     timings: dict[str, float] = {}
     started = time.monotonic()
