@@ -213,34 +213,39 @@ def _timed(function: Callable[..., object], *args: object) -> float:
 
 def _seal_and_reinspect(
     store: Store, target: Any, stored_format: str, virtual_size: int, timings: dict[str, float]
-) -> None:
+) -> int:
     """Seal the written image (file: fsync; RBD: snapshot + protect) and,
     meanwhile, re-inspect it.
 
     Sealing is mostly waiting (on RBD for a monitor round, up to a second),
     and the re-inspection is a few small reads, so they overlap. qemu-img has
     exited and nothing else writes a temporary image, so the head it reads is
-    the data the snapshot freezes.
+    the data the snapshot freezes. Returns the stored size.
     """
     step = time.monotonic()
     with ThreadPoolExecutor(1, thread_name_prefix="seal") as pool:
         sealing = pool.submit(_timed, store.seal, target)
         try:
+            stored_size = int(target.stored_size())
             _reinspect(target, stored_format, virtual_size)
             timings["reinspect"] = time.monotonic() - step
         finally:
             # Waits for the seal even when the re-inspection failed, so the
             # caller's abort never races a snapshot being created.
             timings["seal"] = sealing.result()
+    return stored_size
 
 
-def _read_back(request: ConvertRequest, target: Any, report: Progress, cancel: CancelToken) -> Checksums:
+def _read_back(
+    request: ConvertRequest, target: Any, unsealed_size: int, report: Progress, cancel: CancelToken
+) -> Checksums:
     """Hash the sealed image: one pass over its allocated data (from the
     protected snapshot on RBD), every digest asked for fed from each read.
-    Without hashes nothing is read and only the size is known."""
-    stored_size = target.stored_size()
+    Without hashes nothing is read (not even the snapshot opened) and only
+    the size the re-inspection saw is known."""
     if not (request.full_hashes or request.sparse_hash):
-        return Checksums(size=stored_size)
+        return Checksums(size=unsealed_size)
+    stored_size = target.stored_size()
     report("checksum", 0.0)
     return hash_image(
         stored_size,
@@ -338,10 +343,10 @@ def _convert_open(
         timings["convert"] = time.monotonic() - step
         cancel.raise_if_cancelled()
 
-        _seal_and_reinspect(store, target, request.to_format, virtual_size, timings)
+        stored_size = _seal_and_reinspect(store, target, request.to_format, virtual_size, timings)
         cancel.raise_if_cancelled()
         step = time.monotonic()
-        checksums = _read_back(request, target, report, cancel)
+        checksums = _read_back(request, target, stored_size, report, cancel)
         timings["checksum"] = time.monotonic() - step
         cancel.raise_if_cancelled()
         if on_sealed is not None:

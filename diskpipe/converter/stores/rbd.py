@@ -269,7 +269,7 @@ class RbdStore:
             self.seal(target)
         target.close()
         self._call(rbd.RBD().rename, ioctx, target.name, target.image_id)
-        return self.location(target.image_id)
+        return self._location(target.image_id)  # renamed just now: no need to open it again
 
     def abort(self, target: RbdTarget) -> None:
         """Remove the temporary image; when Ceph cannot be reached now, leave
@@ -294,6 +294,9 @@ class RbdStore:
     def location(self, image_id: str) -> Location:
         if not self.exists(image_id):
             raise ImageNotFound(f"image {image_id} not found in pool {self.config.pool}")
+        return self._location(image_id)
+
+    def _location(self, image_id: str) -> Location:
         url = f"rbd://{self.fsid()}/{self.config.pool}/{image_id}/{SNAPSHOT}"
         return Location(
             url=url, store=self.name, metadata={"pool": self.config.pool, "image": image_id, "snapshot": SNAPSHOT}
