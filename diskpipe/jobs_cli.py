@@ -380,7 +380,9 @@ def add_commands(commands: Any) -> None:
     convert.add_argument("--claimed-format", metavar="FMT")
     convert.add_argument("--policy", metavar="FILE")
     convert.add_argument("--key-file", metavar="FILE", help="passphrase file for LUKS or encrypted qcow2")
-    convert.add_argument("--no-hashes", action="store_true", help="skip Glance's md5/sha512 (not for Glance!)")
+    convert.add_argument(
+        "--no-hashes", action="store_true", help="no digest at all: the stored bytes are not hashed (not for Glance!)"
+    )
     convert.add_argument("--sparse-hash", action="store_true", help="also publish diskpipe's sparse digest")
     convert.add_argument("--quiet", action="store_true")
     common(convert, broker=False)

@@ -1,5 +1,6 @@
 """Convert one image into a store: inspect -> validate -> cross-check ->
-convert -> re-inspect -> checksum -> finalize.
+convert -> seal + re-inspect -> checksum (one read of the sealed data) ->
+finalize.
 
 Nothing reaches qemu-img before the policy accepts the image; qemu-img
 always gets the format the inspector found; a failure at any step removes
@@ -62,8 +63,9 @@ class ConvertRequest:
     claimed: str | None = None
     policy: Policy = field(default_factory=Policy)
     full_hashes: bool = True  # Glance's md5 and sha512
-    # diskpipe's sparse digest is always computed (verification compares it,
-    # at the cost of the allocated data only); this publishes it.
+    # diskpipe's sparse digest (reads the allocated data once, beside the
+    # full hashes when those are asked too). With neither, nothing is read
+    # back but the re-inspection's few blocks.
     sparse_hash: bool = False
     key_file: str | None = None  # LUKS passphrase file
     options: ConvertOptions = field(default_factory=ConvertOptions)
@@ -209,6 +211,53 @@ def _timed(function: Callable[..., object], *args: object) -> float:
     return time.monotonic() - started
 
 
+def _seal_and_reinspect(
+    store: Store, target: Any, stored_format: str, virtual_size: int, timings: dict[str, float]
+) -> int:
+    """Seal the written image (file: fsync; RBD: snapshot + protect) and,
+    meanwhile, re-inspect it.
+
+    Sealing is mostly waiting (on RBD for a monitor round, up to a second),
+    and the re-inspection is a few small reads, so they overlap. qemu-img has
+    exited and nothing else writes a temporary image, so the head it reads is
+    the data the snapshot freezes. Returns the stored size.
+    """
+    step = time.monotonic()
+    with ThreadPoolExecutor(1, thread_name_prefix="seal") as pool:
+        sealing = pool.submit(_timed, store.seal, target)
+        try:
+            stored_size = int(target.stored_size())
+            _reinspect(target, stored_format, virtual_size)
+            timings["reinspect"] = time.monotonic() - step
+        finally:
+            # Waits for the seal even when the re-inspection failed, so the
+            # caller's abort never races a snapshot being created.
+            timings["seal"] = sealing.result()
+    return stored_size
+
+
+def _read_back(
+    request: ConvertRequest, target: Any, unsealed_size: int, report: Progress, cancel: CancelToken
+) -> Checksums:
+    """Hash the sealed image: one pass over its allocated data (from the
+    protected snapshot on RBD), every digest asked for fed from each read.
+    Without hashes nothing is read (not even the snapshot opened) and only
+    the size the re-inspection saw is known."""
+    if not (request.full_hashes or request.sparse_hash):
+        return Checksums(size=unsealed_size)
+    stored_size = target.stored_size()
+    report("checksum", 0.0)
+    return hash_image(
+        stored_size,
+        list(target.extents()),
+        target.read_at,
+        full=request.full_hashes,
+        sparse=request.sparse_hash,
+        progress=lambda done: report("checksum", 100.0 * done / max(1, stored_size)),
+        cancelled=lambda: cancel.cancelled,
+    )
+
+
 def convert_image(
     request: ConvertRequest,
     store: Store,
@@ -216,11 +265,15 @@ def convert_image(
     progress: Progress | None = None,
     cancel: CancelToken | None = None,
     inspected: ImageInfo | None = None,
+    on_sealed: Callable[[Checksums], object] | None = None,
 ) -> ConvertResult:
     """Run the whole conversion of `request.source` into `store`.
 
     `inspected` (facts the caller already has) is taken only with
-    `request.source_fd`, the descriptor they were read from.
+    `request.source_fd`, the descriptor they were read from. `on_sealed`
+    gets the checksums of the sealed image before it takes the real name
+    (the pipeline records them there, so a delivery that dies right after
+    the rename leaves them behind for the next one).
     """
     if request.to_format not in TARGET_FORMATS:
         raise ValueError(f"cannot convert to {request.to_format}")
@@ -233,7 +286,7 @@ def convert_image(
         if fd is None:
             fd = open_source(request.source)
             opened.callback(os.close, fd)
-        return _convert_open(request, fd, opened, store, progress, cancel or CancelToken(), inspected)
+        return _convert_open(request, fd, opened, store, progress, cancel or CancelToken(), inspected, on_sealed)
 
 
 def _convert_open(
@@ -244,6 +297,7 @@ def _convert_open(
     progress: Progress | None,
     cancel: CancelToken,
     inspected: ImageInfo | None,
+    on_sealed: Callable[[Checksums], object] | None = None,
 ) -> ConvertResult:
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -289,27 +343,14 @@ def _convert_open(
         timings["convert"] = time.monotonic() - step
         cancel.raise_if_cancelled()
 
-        step = time.monotonic()
-        _reinspect(target, request.to_format, virtual_size)
-        report("checksum", 0.0)
-        stored_size = target.stored_size()
-        extents = list(target.extents())
-        # Sealing only reads the image, and on RBD it is mostly waiting for
-        # a monitor: it runs beside the hashing instead of after it.
-        with ThreadPoolExecutor(1, thread_name_prefix="seal") as pool:
-            sealing = pool.submit(_timed, store.seal, target)
-            checksums = hash_image(
-                stored_size,
-                extents,
-                target.read_at,
-                full=request.full_hashes,
-                sparse=True,
-                progress=lambda done: report("checksum", 100.0 * done / max(1, stored_size)),
-                cancelled=lambda: cancel.cancelled,
-            )
-            timings["checksum"] = time.monotonic() - step
-            timings["seal"] = sealing.result()
+        stored_size = _seal_and_reinspect(store, target, request.to_format, virtual_size, timings)
         cancel.raise_if_cancelled()
+        step = time.monotonic()
+        checksums = _read_back(request, target, stored_size, report, cancel)
+        timings["checksum"] = time.monotonic() - step
+        cancel.raise_if_cancelled()
+        if on_sealed is not None:
+            on_sealed(checksums)
         location = store.finalize(target)
     except BaseException:
         store.abort(target)

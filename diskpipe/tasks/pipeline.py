@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from diskpipe.converter.checksums import hash_image
+from diskpipe.converter.checksums import Checksums, hash_image
 from diskpipe.converter.convert import ConversionFailed, ConvertRequest, ConvertResult, Refused, convert_image
 from diskpipe.converter.qemu_img import Cancelled, CancelToken
 from diskpipe.converter.stores.base import (
@@ -150,6 +150,7 @@ def ensure_record(
                     source=job.source,
                     claimed_format=job.claimed_format,
                     reason=None,
+                    sealed_checksums=None,  # a killed attempt's values describe no stored image
                 )
             except IllegalTransition:
                 continue
@@ -176,26 +177,28 @@ def _record_fields(result: ConvertResult) -> dict[str, Any]:
     fields = result.to_json()
     fields.pop("status", None)
     fields.pop("id", None)
+    fields["sealed_checksums"] = None  # recorded now under Glance's keys
     return fields
 
 
 def verify(store: Store, result: ConvertResult) -> None:
-    """Re-inspect the stored image and compare its size and sparse digest
-    with what the conversion computed (reads only the allocated data)."""
+    """The stored image must be the one the conversion sealed and hashed:
+    it exists at its location (on RBD: the protected snapshot) with the size
+    that was hashed. No data is read again: the checksums were computed from
+    the sealed image after sealing (on RBD from the snapshot itself, which no
+    client can change), and the re-inspection checked its format and size."""
     image = store.open_image(result.image_id)
     try:
         size = image.stored_size()
-        stored = inspect_reader(image.read_at, size)
-        if result.stored_format == "raw" and (stored.format != "raw" or stored.matches or size != result.virtual_size):
-            raise ConversionFailed(
-                f"stored image does not verify: {stored.format} {list(stored.matches)} of {size} bytes, "
-                f"expected raw of {result.virtual_size}"
-            )
-        sums = hash_image(size, list(image.extents()), image.read_at, full=False, sparse=True)
-        if sums.size != result.checksums.size or sums.sparse != result.checksums.sparse:
-            raise ConversionFailed("stored image does not verify: its data differs from what was converted")
     finally:
         image.close()
+    if size != result.checksums.size:
+        raise ConversionFailed(f"stored image does not verify: {size} bytes stored, {result.checksums.size} hashed")
+
+
+def _sealed_fields(checksums: Checksums) -> dict[str, Any]:
+    """What a delivery records before renaming the sealed image (see _adopt_stored)."""
+    return {"size": checksums.size, "md5": checksums.md5, "sha512": checksums.sha512, "sparse": checksums.sparse}
 
 
 def _kill(records: RecordStore, image_id: str, reason: str, expected: str = SAVING) -> dict[str, Any]:
@@ -362,7 +365,14 @@ def _run_with_lease(
             full_hashes=job.full_hashes,
             sparse_hash=job.sparse_hash,
         )
-        result = convert_image(request, store, progress=progress, cancel=cancel, inspected=info)
+        result = convert_image(
+            request,
+            store,
+            progress=progress,
+            cancel=cancel,
+            inspected=info,
+            on_sealed=lambda sums: records.update(job.image_id, sealed_checksums=_sealed_fields(sums)),
+        )
         step.name, step.stored = "verify", True
         progress("verify", 0.0)
         try:
@@ -433,14 +443,23 @@ def _purge_temporaries(store: Store, image_id: str) -> None:
 
 
 def _adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any]) -> dict[str, Any]:
-    """Record an image a dead delivery finalized: verify it by hashing it anew."""
+    """Record an image a dead delivery finalized.
+
+    Before renaming, that delivery recorded the checksums it read from the
+    sealed image (`sealed_checksums`); the lease kept any other delivery from
+    storing under this id since, and a killed attempt's values are cleared
+    when a new one starts. So the stored image is the one those values were
+    read from: its format and size are checked (a few small reads) and its
+    data is hashed again only when a value the job asks for is missing."""
     image = env.store.open_image(job.image_id)
     try:
         size = image.stored_size()
         stored = inspect_reader(image.read_at, size)
         if stored.format != "raw" and job.to_format == "raw":
             raise ConversionFailed("stored image is not raw")
-        sums = hash_image(size, list(image.extents()), image.read_at, full=job.full_hashes, sparse=True)
+        sums = _recorded_checksums(record, size, job)
+        if sums is None:
+            sums = hash_image(size, list(image.extents()), image.read_at, full=job.full_hashes, sparse=job.sparse_hash)
     finally:
         image.close()
     location = env.store.location(job.image_id)
@@ -449,9 +468,24 @@ def _adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any]) -> d
         "container_format": "bare",
         "virtual_size": stored.virtual_size,
         "locations": [{"url": location.url, "metadata": location.metadata}],
+        "sealed_checksums": None,
         **sums.glance_properties(include_sparse=job.sparse_hash),
     }
     return env.records.transition(job.image_id, SAVING, ACTIVE, **fields)
+
+
+def _recorded_checksums(record: dict[str, Any], size: int, job: ImportJob) -> Checksums | None:
+    """The sealed image's checksums as its delivery recorded them, if they
+    are complete for `job` and of an image of `size` bytes."""
+    sealed = record.get("sealed_checksums")
+    if not isinstance(sealed, dict) or sealed.get("size") != size:
+        return None
+    sums = Checksums(size=size, md5=sealed.get("md5"), sha512=sealed.get("sha512"), sparse=sealed.get("sparse"))
+    if job.full_hashes and (sums.md5 is None or sums.sha512 is None):
+        return None
+    if job.sparse_hash and sums.sparse is None:
+        return None
+    return sums
 
 
 def _delete_quietly(store: Store, image_id: str) -> None:

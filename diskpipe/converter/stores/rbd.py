@@ -117,20 +117,32 @@ def _bindings() -> tuple[Any, Any]:
 
 
 class RbdTarget:
-    def __init__(self, store: RbdStore, image_id: str, name: str, size: int) -> None:
+    """An image being written, or (from `open_image`) a stored one.
+
+    Once sealed, reads come from the protected snapshot, opened read-only:
+    the bytes clones and downloads are served from, which no client can
+    change any more, so what is hashed after sealing is what is stored.
+    """
+
+    def __init__(self, store: RbdStore, image_id: str, name: str, size: int, *, sealed: bool = False) -> None:
         self.store = store
         self.image_id = image_id
         self.name = name
         self.size = size
-        self.sealed = False
+        self.sealed = sealed
         self._image: Any = None
+        self._image_is_snapshot = False
 
     def qemu_target(self) -> TargetSpec:
         return TargetSpec.rbd(qemu_rbd_target(self.store.config, self.name))
 
     def _open(self) -> Any:
+        if self._image is not None and self._image_is_snapshot != self.sealed:
+            self.close()  # sealed since it was opened: read the snapshot from now on
         if self._image is None:
-            self._image = self.store.open_raw(self.name)
+            snapshot = SNAPSHOT if self.sealed else None
+            self._image = self.store.open_raw(self.name, snapshot=snapshot)
+            self._image_is_snapshot = self.sealed
         return self._image
 
     def extents(self) -> Iterator[Extent]:
@@ -215,9 +227,12 @@ class RbdStore:
         except (rbd.Timeout, rados.TimedOut, rados.ConnectionShutdown) as error:
             raise StoreUnavailable(f"Ceph did not answer: {error}") from error
 
-    def open_raw(self, name: str) -> Any:
+    def open_raw(self, name: str, *, snapshot: str | None = None) -> Any:
+        """An image handle; with `snapshot`, that snapshot, read-only."""
         _, rbd = _bindings()
-        return self._call(rbd.Image, self._connect(), name)
+        if snapshot is None:
+            return self._call(rbd.Image, self._connect(), name)
+        return self._call(rbd.Image, self._connect(), name, snapshot=snapshot, read_only=True)
 
     # -- the Store interface --------------------------------------------------
     def begin(self, image_id: str, size: int, *, image_format: str = "raw") -> RbdTarget:
@@ -241,10 +256,11 @@ class RbdStore:
         return RbdTarget(self, image_id, name, size)
 
     def seal(self, target: RbdTarget) -> None:
-        # Its own handle: the target's may be reading (hashing) meanwhile.
-        # Creating a snapshot waits for a monitor round (a new pool snap id:
-        # up to paxos_propose_interval, 1 s by default), the reason to
-        # overlap it with hashing.
+        # Its own handle: the target's may be reading (the re-inspection)
+        # meanwhile. Creating a snapshot waits for a monitor round (a new
+        # pool snap id: up to paxos_propose_interval, 1 s by default), the
+        # reason to overlap it with the re-inspection. The target reads the
+        # snapshot afterwards.
         image = self.open_raw(target.name)
         try:
             self._call(image.create_snap, SNAPSHOT)
@@ -260,7 +276,7 @@ class RbdStore:
             self.seal(target)
         target.close()
         self._call(rbd.RBD().rename, ioctx, target.name, target.image_id)
-        return self.location(target.image_id)
+        return self._location(target.image_id)  # renamed just now: no need to open it again
 
     def abort(self, target: RbdTarget) -> None:
         """Remove the temporary image; when Ceph cannot be reached now, leave
@@ -285,18 +301,25 @@ class RbdStore:
     def location(self, image_id: str) -> Location:
         if not self.exists(image_id):
             raise ImageNotFound(f"image {image_id} not found in pool {self.config.pool}")
+        return self._location(image_id)
+
+    def _location(self, image_id: str) -> Location:
         url = f"rbd://{self.fsid()}/{self.config.pool}/{image_id}/{SNAPSHOT}"
         return Location(
             url=url, store=self.name, metadata={"pool": self.config.pool, "image": image_id, "snapshot": SNAPSHOT}
         )
 
     def open_image(self, image_id: str) -> RbdTarget:
-        image = self.open_raw(image_id)
+        """The stored image's protected snapshot (what its location names),
+        read-only; ImageNotFound when the image or its snapshot is missing."""
+        image = self.open_raw(image_id, snapshot=SNAPSHOT)
         try:
-            size = image.size()
-        finally:
+            target = RbdTarget(self, image_id, image_id, image.size(), sealed=True)
+        except BaseException:
             image.close()
-        return RbdTarget(self, image_id, image_id, size)
+            raise
+        target._image, target._image_is_snapshot = image, True  # one open, not two
+        return target
 
     def children(self, image_id: str) -> list[str]:
         """Clones of the image's snapshots (Nova/Cinder volumes and disks)."""
