@@ -36,12 +36,14 @@ die() {
     exit 1
 }
 log() { echo "rgw-start: $*" >&2; }
+trap 'echo "rgw-start: ERROR: line $LINENO: $BASH_COMMAND failed (see $dir/log/rgw-setup.log)" >&2' ERR
 
 [[ "$port" =~ ^[0-9]+$ ]] || die "DISKPIPE_RGW_PORT must be a number, got '$port'"
 command -v radosgw >/dev/null || die "radosgw not found (apt-get install radosgw)"
 dir="$(cd "$dir" && pwd -P)"
 conf="$dir/ceph.conf"
 [[ -e "$dir/.diskpipe-ceph" && -f "$conf" ]] || die "$dir is not a cluster made by ceph-start.sh"
+mkdir -p "$dir/log" "$dir/run"
 setup_log="$dir/log/rgw-setup.log"
 pidfile="$dir/run/$name.pid"
 endpoint="http://127.0.0.1:$port"
@@ -60,8 +62,16 @@ if ((running == 0)); then
     fi
     if ! grep -qF "[$name]" "$conf"; then
         # Before the gateway's first start: its pools take this default.
-        ceph -c "$conf" --connect-timeout 10 config set global osd_pool_default_pg_num 8 >>"$setup_log" 2>&1
-        ceph -c "$conf" --connect-timeout 10 config set global osd_pool_default_pgp_num 8 >>"$setup_log" 2>&1
+        # Retried until the deadline: on a busy machine (or a cluster just
+        # rebuilt) a command can reach the mon before its monmap is there and
+        # be refused (EPERM); both settings are idempotent.
+        for option in osd_pool_default_pg_num osd_pool_default_pgp_num; do
+            config_deadline=$((SECONDS + timeout_s))
+            until ceph -c "$conf" --connect-timeout 10 config set global "$option" 8 >>"$setup_log" 2>&1; do
+                ((SECONDS < config_deadline)) || die "ceph config set $option failed, see $setup_log"
+                sleep 1
+            done
+        done
         mkdir -p "$dir/rgw"
         cat >>"$conf" <<EOF
 

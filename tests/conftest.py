@@ -403,6 +403,18 @@ def rgw(ceph: Ceph) -> Iterator[Rgw]:
         ["bash", str(SCRIPTS / "rgw-start.sh"), str(ceph.state)], env=env, capture_output=True, text=True, check=False
     )
     if started.returncode != 0:
+        # Once more from scratch: a busy machine can make the first start fail.
+        subprocess.run(
+            ["bash", str(SCRIPTS / "rgw-stop.sh"), str(ceph.state)], env=env, capture_output=True, check=False
+        )
+        started = subprocess.run(
+            ["bash", str(SCRIPTS / "rgw-start.sh"), str(ceph.state)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if started.returncode != 0:
         pytest.fail(f"radosgw did not start: {started.stderr[-3000:]}")
     gateway = Rgw(ceph, env, _parse_env(started.stdout))
     yield gateway
