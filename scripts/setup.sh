@@ -25,6 +25,7 @@ APT_PACKAGES=(
     cryptsetup-bin gdisk fdisk e2fsprogs xfsprogs btrfs-progs squashfs-tools dosfstools
     cpio gzip xz-utils zstd lz4 bzip2 debootstrap
     python3-venv
+    curl openssl util-linux  # rgw-start.sh waits with curl; the TLS download tests make a certificate; setpriv and prlimit
 )
 
 if [ "$with_apt" = 1 ]; then
