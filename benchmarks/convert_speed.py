@@ -58,7 +58,7 @@ from benchmarks.guest import build
 from diskpipe.converter.convert import ConvertRequest, convert_image
 from diskpipe.converter.stores.rbd import RbdConfig, RbdStore, qemu_rbd_target
 from diskpipe.converter.stores.s3 import S3Config, S3Store
-from diskpipe.tasks.pipeline import verify
+from diskpipe.jobs.pipeline import verify
 
 GiB = 1 << 30
 GLANCE_CHUNK = 8 << 20

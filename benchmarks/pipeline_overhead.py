@@ -40,9 +40,9 @@ from benchmarks.common import (
 )
 from diskpipe.converter.convert import ConvertRequest, convert_image
 from diskpipe.converter.stores.rbd import RbdConfig, RbdStore
-from diskpipe.tasks.pipeline import verify
-from diskpipe.tasks.records import RedisRecords
-from diskpipe.tasks.settings import redis_client
+from diskpipe.jobs.connection import redis_client
+from diskpipe.jobs.pipeline import verify
+from diskpipe.jobs.records import RedisRecords
 
 REDIS_PORT = 6398
 WORKER_COMMAND = [sys.executable, "-m", "celery", "-A", "diskpipe.tasks", "worker", "-l", "warning", "-c", "1",

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "validate": "diskpipe.validation",
     "ValidatingReader": "diskpipe.validation",
-    "UnsafeImage": "diskpipe.validation",
+    "UnsafeImage": "diskpipe.refusal",
     "FormatError": "diskpipe.formats.errors",
     "inspect": "diskpipe.formats.api",
     "StreamInspector": "diskpipe.formats.api",

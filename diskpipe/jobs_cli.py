@@ -22,34 +22,35 @@ WAIT_POLL = 0.5
 
 
 def _broker(args: argparse.Namespace) -> str | None:
-    from diskpipe.tasks.settings import load_celery_config
+    from diskpipe.config import load
+    from diskpipe.tasks.settings import CeleryConfig, broker_url
 
-    broker = getattr(args, "broker", None)
-    return broker or load_celery_config().broker_url
+    return broker_url(load(CeleryConfig), getattr(args, "broker", None))
 
 
 def _store_config(args: argparse.Namespace) -> tuple[Any, str | None]:
-    from diskpipe.tasks.settings import load_store_config, parse_store_option
+    from diskpipe.config import load
+    from diskpipe.converter.stores.registry import StoreConfig, parse_store_option
 
-    base = load_store_config()
+    base = load(StoreConfig)
     store = getattr(args, "store", None)
     return parse_store_option(store, base) if store else (base, None)
 
 
 def _make_store(args: argparse.Namespace) -> Any:
-    from diskpipe.tasks.settings import make_store
+    from diskpipe.converter.stores.registry import make_store
 
     config, argument = _store_config(args)
     return make_store(config, argument)
 
 
 def _records(args: argparse.Namespace) -> Any:
-    from diskpipe.tasks.records import RedisRecords, SqliteRecords
-    from diskpipe.tasks.settings import redis_client
+    from diskpipe.jobs.connection import redis_client
+    from diskpipe.jobs.records import RedisRecords, SqliteRecords
 
     broker = _broker(args)
     if broker:
-        return RedisRecords(redis_client(broker))
+        return RedisRecords(redis_client(broker, ride_out_restarts=False))
     config, _ = _store_config(args)
     return SqliteRecords(config.records)
 
@@ -57,10 +58,9 @@ def _records(args: argparse.Namespace) -> Any:
 def _exit_for(record: dict[str, Any]) -> int:
     if record["status"] == "active":
         return EXIT_OK
-    reason = record.get("reason") or ""
-    if record["status"] == "killed" and reason.startswith(("refused", "conversion failed")):
-        return EXIT_REFUSED
-    return EXIT_USAGE if record["status"] == "killed" else EXIT_OK
+    if record["status"] != "killed":
+        return EXIT_OK
+    return EXIT_REFUSED if record.get("outcome") == "refused" else EXIT_USAGE
 
 
 def _print_record(record: dict[str, Any], progress: dict[str, Any] | None, output: str) -> None:
@@ -99,10 +99,11 @@ def _print_record(record: dict[str, Any], progress: dict[str, Any] | None, outpu
 def cmd_convert(args: argparse.Namespace) -> int:
     import uuid
 
-    from diskpipe.converter.convert import ConversionFailed, ConvertRequest, Refused, convert_image
+    from diskpipe.converter.convert import ConversionFailed, ConvertRequest, convert_image
     from diskpipe.converter.stores.base import InvalidImageId, StoreError, StoreUnavailable
     from diskpipe.formats.policy import load_policy
     from diskpipe.progress import ProgressDisplay
+    from diskpipe.refusal import UnsafeImage
 
     store = _make_store(args)
     image_id = args.id or str(uuid.uuid4())
@@ -123,7 +124,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     display = ProgressDisplay(enabled=not args.quiet)
     try:
         result = convert_image(request, store, progress=display.update)
-    except Refused as refusal:
+    except UnsafeImage as refusal:
         display.close()
         for issue in refusal.issues:
             print(f"diskpipe: {args.source}: {issue.check}: {issue.message}", file=sys.stderr)
@@ -189,11 +190,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     import os
     import uuid
 
+    from diskpipe.config import load
     from diskpipe.converter.stores.base import InvalidImageId
     from diskpipe.formats.policy import load_policy
+    from diskpipe.jobs.pipeline import Environment, ImportJob, ensure_record, is_url, run_import
+    from diskpipe.jobs.sources import ImportConfig
     from diskpipe.progress import ProgressDisplay
-    from diskpipe.tasks.pipeline import Environment, ImportJob, ensure_record, is_url, run_import
-    from diskpipe.tasks.sources import load_import_config
 
     image_id = args.id or str(uuid.uuid4())
     source = args.source if is_url(args.source) else os.path.abspath(args.source)
@@ -218,8 +220,9 @@ def cmd_import(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         from celery import Celery
 
-        from diskpipe.tasks.lease import Lease
-        from diskpipe.tasks.settings import load_celery_config
+        from diskpipe.config import load
+        from diskpipe.jobs.lease import Lease
+        from diskpipe.tasks.settings import CeleryConfig
 
         attempt = f"{image_id}.{uuid.uuid4().hex[:8]}"
         # A record left `saving` with no lease (its worker died) is taken over.
@@ -227,7 +230,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         record = ensure_record(records, job, attempt, lease_gone=lambda: not lease.held_by_anyone())
         if record.get("task_id") == attempt:
             Celery(broker=broker).send_task(
-                "diskpipe.import_image", kwargs=job.to_json(), task_id=attempt, queue=load_celery_config().queue
+                "diskpipe.import_image", kwargs=job.to_json(), task_id=attempt, queue=load(CeleryConfig).queue
             )
         if args.no_wait:
             print(image_id)
@@ -238,7 +241,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             records=_ShowingRecords(records, display),
             store=_make_store(args),
             policy=load_policy(args.policy),
-            import_config=load_import_config(),
+            import_config=load(ImportConfig),
             trust_local_paths=True,
         )
         try:
@@ -285,8 +288,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from diskpipe.jobs.pipeline import cancel_image
     from diskpipe.progress import ProgressDisplay
-    from diskpipe.tasks.pipeline import cancel_image
 
     records = _records(args)
     try:
@@ -304,7 +307,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from diskpipe.tasks.pipeline import Environment, JobRefused, Transient, delete_image
+    from diskpipe.jobs.pipeline import Environment, JobRefused, Transient, delete_image
 
     broker = _broker(args)
     records = _records(args)
@@ -314,10 +317,11 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if broker:
         from celery import Celery
 
-        from diskpipe.tasks.settings import load_celery_config
+        from diskpipe.config import load
+        from diskpipe.tasks.settings import CeleryConfig
 
-        client = Celery(broker=broker, backend=load_celery_config().result_backend or broker)
-        outcome = client.send_task("diskpipe.delete_image", args=[args.id], queue=load_celery_config().queue).get(
+        client = Celery(broker=broker, backend=load(CeleryConfig).result_backend or broker)
+        outcome = client.send_task("diskpipe.delete_image", args=[args.id], queue=load(CeleryConfig).queue).get(
             timeout=args.timeout
         )
         if "error" in outcome:
@@ -338,7 +342,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
-    from diskpipe.tasks.pipeline import set_protected
+    from diskpipe.jobs.pipeline import set_protected
 
     try:
         record = set_protected(args.id, _records(args), args.command == "protect")
@@ -350,9 +354,10 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from diskpipe.tasks.sources import cleanup_staging, load_import_config
+    from diskpipe.config import load
+    from diskpipe.jobs.sources import ImportConfig, cleanup_staging
 
-    removed = {"store": _make_store(args).cleanup(), "staging": cleanup_staging(load_import_config())}
+    removed = {"store": _make_store(args).cleanup(), "staging": cleanup_staging(load(ImportConfig))}
     print(
         json.dumps(removed, indent=2)
         if args.output == "json"

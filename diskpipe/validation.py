@@ -10,31 +10,12 @@ from typing import Any, BinaryIO
 
 from diskpipe.formats import FormatError, ImageInfo, StreamInspector, claim_prefix, inspect
 from diskpipe.formats.detect import glance_disk_format
-from diskpipe.formats.policy import Issue, Policy, Verdict, check, load_policy
+from diskpipe.formats.policy import Policy, Verdict, check, load_policy
+from diskpipe.refusal import StreamUndecided, UnsafeImage, require_safe
 
 __all__ = ["FormatError", "StreamUndecided", "UnsafeImage", "ValidatingReader", "validate"]
 
 READ_CHUNK = 1024 * 1024
-
-
-class UnsafeImage(Exception):
-    """The image is refused; `.issues` say why (check name and message)."""
-
-    def __init__(self, issues: tuple[Issue, ...] | list[Issue], verdict: Verdict | None = None) -> None:
-        self.issues = tuple(issues)
-        self.verdict = verdict
-        super().__init__("; ".join(f"{issue.check}: {issue.message}" for issue in self.issues))
-
-
-class StreamUndecided(UnsafeImage):
-    """The stream could not decide (an honest image may keep its tables in an
-    order a stream cannot follow): no refusal, but no safe verdict either.
-    `.verdict.decided` is False; validate the complete file before use.
-    An `UnsafeImage`, so a caller that only catches that stays safe."""
-
-    def __init__(self, verdict: Verdict) -> None:
-        super().__init__((), verdict)
-        self.args = ("; ".join(verdict.notes),)
 
 
 def validate(
@@ -126,8 +107,7 @@ class HeadCheck:
         if complete:
             self._prefix = None
         if issue is not None:
-            early = Verdict(safe=False, issues=(issue,))
-            raise UnsafeImage(early.issues, early)
+            require_safe(Verdict(safe=False, issues=(issue,)))
 
     def feed(self, chunk: bytes) -> None:
         """Feed `chunk` to the inspector and judge what is then known. The
@@ -145,7 +125,7 @@ class HeadCheck:
             return
         early = check(provisional, self._policy, self._claimed, final=False)
         if not early.safe:
-            raise UnsafeImage(early.issues, early)
+            require_safe(early)
 
 
 class ValidatingReader:
@@ -205,10 +185,7 @@ class ValidatingReader:
         if self.verdict is None:
             info = self._inspector.finish()
             self.verdict = check(info, self._policy, self._claimed)
-            if not self.verdict.decided:
-                raise StreamUndecided(self.verdict)
-            if not self.verdict.safe:
-                raise UnsafeImage(self.verdict.issues, self.verdict)
+            require_safe(self.verdict)
         return self.verdict
 
     def __iter__(self) -> Iterator[bytes]:

@@ -12,9 +12,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from diskpipe.tasks import pipeline, sources
-from diskpipe.tasks.celery import app
-from diskpipe.tasks.records import RedisRecords
+from diskpipe.jobs import pipeline, sources
+from diskpipe.jobs.records import RedisRecords
+from diskpipe.tasks import app
 
 __all__ = ["app"]
 

@@ -48,9 +48,9 @@ def run_case(case: dict[str, Any], settings: dict[str, Any]) -> str:
     from diskpipe.converter.stores.file import FileStore
     from diskpipe.formats import FormatError, StreamInspector, inspect
     from diskpipe.formats.policy import Policy, check
-    from diskpipe.tasks import sources
-    from diskpipe.tasks.pipeline import Environment, ImportJob, run_import
-    from diskpipe.tasks.records import SqliteRecords
+    from diskpipe.jobs import sources
+    from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
+    from diskpipe.jobs.records import SqliteRecords
     from diskpipe.validation import UnsafeImage, ValidatingReader
 
     action, path = case["action"], case["path"]
@@ -120,7 +120,7 @@ def main() -> int:
     import zstandard  # noqa: F401
 
     import diskpipe.converter.convert
-    import diskpipe.tasks.pipeline
+    import diskpipe.jobs.pipeline
     import diskpipe.validation  # noqa: F401
 
     print(json.dumps({"baseline": peak_rss()}), flush=True)

@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 
 from diskpipe.converter import qemu_img
-from diskpipe.converter.convert import ConversionFailed, ConvertRequest, Refused, convert_image
+from diskpipe.converter.convert import ConversionFailed, ConvertRequest, convert_image
 from diskpipe.converter.qemu_img import Cancelled, CancelToken
 from diskpipe.converter.stores.base import StoreUnavailable
 from diskpipe.converter.stores.file import FileStore
 from diskpipe.converter.stores.rbd import RbdConfig, RbdStore, qemu_rbd_target
+from diskpipe.refusal import UnsafeImage
 from tests.conftest import FAULT_TEST_TIMEOUT, RECOVERY_TIMEOUT, process_alive, wait_until
 
 CONVERTIBLE = {"raw", "qcow2", "vpc", "vhdx", "vmdk", "vdi", "qed", "parallels"}
@@ -166,7 +167,7 @@ def test_a_refused_image_never_reaches_qemu_img(
     ]
     assert hostile
     for sample in hostile:
-        with pytest.raises(Refused):
+        with pytest.raises(UnsafeImage):
             convert_image(ConvertRequest(str(samples_dir / sample.file), f"h-{sample.name}"), store)
     assert calls == []
     assert not list((tmp_path / "store").glob("*")) if (tmp_path / "store").exists() else True

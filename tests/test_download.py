@@ -23,12 +23,12 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 
-from diskpipe.config import ConfigError
+from diskpipe.config import ConfigError, load
 from diskpipe.converter.stores.file import FileStore
 from diskpipe.formats.policy import Policy
-from diskpipe.tasks import addresses, sources, transfer
-from diskpipe.tasks.pipeline import Environment, ImportJob, Transient, run_import
-from diskpipe.tasks.records import SqliteRecords
+from diskpipe.jobs import addresses, sources, transfer
+from diskpipe.jobs.pipeline import Environment, ImportJob, Transient, run_import
+from diskpipe.jobs.records import SqliteRecords
 
 # The address-table server binds 127.0.0.2 and only 127.0.0.2/32 is allowed,
 # so every spelling of 127.0.0.1 must be refused in both places.
@@ -377,7 +377,7 @@ def test_a_download_above_the_minimum_rate_completes(serve: Callable[[Behaviour]
 def test_the_new_keys_are_read_from_the_configuration(tmp_path: Path) -> None:
     path = tmp_path / "diskpipe.toml"
     path.write_text('[import]\nmin_rate = "32K"\nmin_rate_window = 10\n')
-    config = sources.load_import_config(str(path))
+    config = load(sources.ImportConfig, str(path))
     assert (config.min_rate, config.min_rate_window) == (32 * 1024, 10.0)
     with pytest.raises(ConfigError, match="min_rate_window"):
         sources.transfer_limits(sources.ImportConfig(min_rate_window=0))
@@ -450,9 +450,13 @@ def test_a_slow_server_is_a_transient_failure_not_a_bad_image(
     job = ImportJob("slow", f"http://127.0.0.1:{server.port}/disk.raw")
     with pytest.raises(Transient, match="download_timeout 2 s reached"):
         run_import(job, env, "a1", final_attempt=False)
-    record = run_import(job, env, "a2", final_attempt=True)
+    record = run_import(job, env, "a2", final_attempt=True, retries_done=1)
     assert record["status"] == "killed"
-    assert record["reason"].startswith("gave up after retries") and "download_timeout 2 s reached" in record["reason"]
+    assert (
+        record["outcome"] == "failed"
+        and record["reason"].startswith("gave up after 1 retry:")
+        and "download_timeout 2 s reached" in record["reason"]
+    )
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from diskpipe.formats import FormatError
-from diskpipe.tasks import sources
+from diskpipe.jobs import sources
 from tests.adversarial import ovf_naming, tar_of
 from tests.memprobe import peak_rss, reset_peak
 from tests.test_fuzz import watchdog
@@ -292,7 +292,7 @@ def test_a_corrupt_upload_is_a_refused_record_not_a_setup_error(
     code, stdout, stderr, _ = embedded_import(upload, tmp_path, "corrupt")
     assert code == 1, (code, stderr)
     record = json.loads(stdout)
-    assert record["status"] == "killed" and record["reason"].startswith("refused"), record
+    assert record["status"] == "killed" and record["outcome"] == "refused", record
 
 
 # Each example runs the CLI and qemu-img (seconds): few examples, no shrinking.
@@ -318,7 +318,7 @@ def test_mutated_containers_through_the_embedded_import(
         record = json.loads(stdout)
         assert record["status"] in ("active", "killed"), record
         if record["status"] == "killed":
-            assert record["reason"].startswith(("refused", "conversion failed")), record
+            assert record["outcome"] == "refused", record
         staging = home / "staging"
         assert not staging.exists() or os.listdir(staging) == []
         images = home / "data" / "diskpipe" / "images"  # made by the first store

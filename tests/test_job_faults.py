@@ -28,9 +28,9 @@ import pytest
 
 from diskpipe.converter import convert
 from diskpipe.converter.stores.file import FileStore
-from diskpipe.tasks import pipeline, sources, unpacking
-from diskpipe.tasks.pipeline import Environment, ImportJob, ensure_record, run_import
-from diskpipe.tasks.records import SqliteRecords
+from diskpipe.jobs import pipeline, sources, unpacking
+from diskpipe.jobs.pipeline import Environment, ImportJob, ensure_record, run_import
+from diskpipe.jobs.records import SqliteRecords
 from tests.conftest import ROOT
 
 
@@ -202,9 +202,9 @@ def test_a_bug_that_even_the_kill_cannot_record_escapes_and_the_next_submission_
 def test_a_saving_record_whose_lease_is_gone_is_taken_over_by_a_resubmission(
     redis_url: str, images: Path, web: str, tmp_path: Path
 ) -> None:
-    from diskpipe.tasks.lease import Lease
-    from diskpipe.tasks.records import RedisRecords, new_record
-    from diskpipe.tasks.settings import redis_client
+    from diskpipe.jobs.connection import redis_client
+    from diskpipe.jobs.lease import Lease
+    from diskpipe.jobs.records import RedisRecords, new_record
 
     client = redis_client(redis_url)
     records = RedisRecords(client)
@@ -335,9 +335,9 @@ def test_a_record_left_saving_by_a_failed_worker_is_taken_over_by_resubmitting(
 ) -> None:
     from celery import Celery
 
-    from diskpipe.tasks.lease import Lease
-    from diskpipe.tasks.records import RedisRecords
-    from diskpipe.tasks.settings import redis_client
+    from diskpipe.jobs.connection import redis_client
+    from diskpipe.jobs.lease import Lease
+    from diskpipe.jobs.records import RedisRecords
 
     env, fault_file, base = fault_worker
     client = redis_client(redis_url)
@@ -368,9 +368,9 @@ def test_a_time_limit_while_waiting_for_a_live_lease_kills_no_record(
 ) -> None:
     from celery import Celery
 
-    from diskpipe.tasks.lease import Lease
-    from diskpipe.tasks.records import RedisRecords, new_record
-    from diskpipe.tasks.settings import redis_client
+    from diskpipe.jobs.connection import redis_client
+    from diskpipe.jobs.lease import Lease
+    from diskpipe.jobs.records import RedisRecords, new_record
 
     _, fault_file, _ = fault_worker
     fault_file.write_text("")

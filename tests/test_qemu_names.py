@@ -286,9 +286,9 @@ class SwappingStore(FileStore):
 
 
 def test_an_import_converts_the_descriptor_it_inspected(tmp_path: Path, work: Path) -> None:
-    from diskpipe.tasks.pipeline import Environment, ImportJob, run_import
-    from diskpipe.tasks.records import SqliteRecords
-    from diskpipe.tasks.sources import ImportConfig
+    from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
+    from diskpipe.jobs.records import SqliteRecords
+    from diskpipe.jobs.sources import ImportConfig
 
     source = make_source(work, "upload.img", "raw")
     decoy = work / "decoy.img"
@@ -369,8 +369,10 @@ def test_import_cli_refuses_an_image_id_that_is_not_a_plain_name(image_id: str, 
 
 def test_the_python_api_and_the_task_refuse_bad_image_ids(tmp_path: Path) -> None:
     from diskpipe.converter.stores.base import InvalidImageId, check_image_id
-    from diskpipe.tasks.celery import import_image
-    from diskpipe.tasks.pipeline import ImportJob
+    from diskpipe.jobs.pipeline import ImportJob
+    from diskpipe.tasks.app import create_app
+
+    import_image = create_app(broker="redis://127.0.0.1:1/0").tasks["diskpipe.import_image"]
 
     # The task refuses before it touches a record, a store or the source.
     with pytest.raises(InvalidImageId, match="image id"):

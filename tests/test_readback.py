@@ -20,9 +20,9 @@ import pytest
 from diskpipe.converter.checksums import SPARSE_BLOCK, data_ranges
 from diskpipe.converter.stores.file import FileStore, FileTarget
 from diskpipe.converter.stores.rbd import RbdConfig, RbdStore, RbdTarget
-from diskpipe.tasks import sources
-from diskpipe.tasks.pipeline import Environment, ImportJob, run_import
-from diskpipe.tasks.records import SqliteRecords
+from diskpipe.jobs import sources
+from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
+from diskpipe.jobs.records import SqliteRecords
 
 MiB = 1 << 20
 # Where the source holds data: (offset, length), scattered over 64 MiB.

@@ -24,11 +24,12 @@ from typing import Any
 import pytest
 import zstandard
 
+from diskpipe.config import load
 from diskpipe.converter.stores.file import FileStore
 from diskpipe.formats.policy import Policy
-from diskpipe.tasks import sources
-from diskpipe.tasks.pipeline import Environment, ImportJob, run_import
-from diskpipe.tasks.records import SqliteRecords
+from diskpipe.jobs import sources
+from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
+from diskpipe.jobs.records import SqliteRecords
 from diskpipe.validation import UnsafeImage
 from tests.conftest import ROOT
 
@@ -204,7 +205,7 @@ def test_downloads_are_capped(web: tuple[str, Path], tmp_path: Path) -> None:
 KILLED_DOWNLOAD = """
 import sys
 from diskpipe.formats.policy import Policy
-from diskpipe.tasks import sources
+from diskpipe.jobs import sources
 config = sources.ImportConfig(staging_dir=sys.argv[2], allowed_ports=(int(sys.argv[3]),),
                               allowed_networks=("127.0.0.1/32",), max_download=1 << 40)
 def progress(done, total):
@@ -398,11 +399,11 @@ def test_a_hard_link_into_an_import_directory_is_refused(tmp_path: Path, qcow2_b
 def test_allow_hard_links_comes_from_the_import_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "diskpipe.toml"
     config.write_text("[import]\nallow_hard_links = true\n")
-    assert sources.load_import_config(str(config)).allow_hard_links
+    assert load(sources.ImportConfig, str(config)).allow_hard_links
     config.write_text("[import]\n")
-    assert not sources.load_import_config(str(config)).allow_hard_links
+    assert not load(sources.ImportConfig, str(config)).allow_hard_links
     monkeypatch.setenv("DISKPIPE_IMPORT_ALLOW_HARD_LINKS", "yes")
-    assert sources.load_import_config(str(config)).allow_hard_links
+    assert load(sources.ImportConfig, str(config)).allow_hard_links
 
 
 def test_a_url_cannot_forge_lines_in_messages_and_logs(tmp_path: Path) -> None:

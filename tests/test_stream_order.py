@@ -33,9 +33,9 @@ from diskpipe.formats.detect import inspection
 from diskpipe.formats.errors import Unavailable
 from diskpipe.formats.policy import Policy, check
 from diskpipe.formats.reads import Read, ReadTail, run_on_reader
-from diskpipe.tasks import sources
-from diskpipe.tasks.pipeline import Environment, ImportJob, run_import
-from diskpipe.tasks.records import SqliteRecords
+from diskpipe.jobs import sources
+from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
+from diskpipe.jobs.records import SqliteRecords
 from tests.conftest import ROOT
 
 MiB = 1 << 20

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from diskpipe.tasks.records import RedisRecords
-from diskpipe.tasks.settings import redis_client
+from diskpipe.jobs.connection import redis_client
+from diskpipe.jobs.records import RedisRecords
 from tests.conftest import FAULT_TEST_TIMEOUT, RECOVERY_TIMEOUT, ROOT, Ceph, process_alive, wait_until
 
 # Every test here waits for jobs with RECOVERY_TIMEOUT deadlines, some for
@@ -440,8 +440,10 @@ def test_a_paused_ceph_ends_the_job_killed_with_a_clear_reason_and_nothing_left(
     # the "nothing left" check below prove nothing, so it is not done here).
     ceph.wait_healthy()
     assert record["status"] == "killed"
-    assert "gave up after retries" in record["reason"] and (
-        "Ceph" in record["reason"] or "rbd" in record["reason"].lower()
+    assert (
+        record["outcome"] == "failed"
+        and "gave up after" in record["reason"]
+        and ("Ceph" in record["reason"] or "rbd" in record["reason"].lower())
     )
     assert record["attempts"] == 3  # the first try and two retries
     removed = (

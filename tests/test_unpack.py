@@ -30,9 +30,9 @@ import zstandard
 from diskpipe.converter.stores.file import FileStore
 from diskpipe.formats.errors import FormatError
 from diskpipe.formats.policy import Policy
-from diskpipe.tasks import sources, unpacking
-from diskpipe.tasks.pipeline import Environment, ImportJob, run_import
-from diskpipe.tasks.records import SqliteRecords
+from diskpipe.jobs import sources, unpacking
+from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
+from diskpipe.jobs.records import SqliteRecords
 
 MiB = 1 << 20
 REPOSITORY = Path(__file__).resolve().parents[1]  # the child processes import this checkout's diskpipe
@@ -182,7 +182,9 @@ def test_the_policy_max_virtual_size_caps_unpacking_too(tmp_path: Path, zero_bom
     )
     record = run_import(ImportJob("zero-bomb", path), env, "a1")
     # A cap is about the upload: refused (exit 1), not an infrastructure failure.
-    assert record["status"] == "killed" and record["reason"].startswith("refused: "), record
+    assert (
+        record["status"] == "killed" and record["outcome"] == "refused" and record["reason"].startswith("refused: ")
+    ), record
     assert "max_virtual_size" in record["reason"]
     assert staging(config) == []
 
@@ -255,7 +257,9 @@ def test_a_refusal_by_a_cap_kills_the_record_as_refused(tmp_path: Path, repetiti
         import_config=config,
     )
     record = run_import(ImportJob("ratio-bomb", path), env, "a1")
-    assert record["status"] == "killed" and record["reason"].startswith("refused: "), record
+    assert (
+        record["status"] == "killed" and record["outcome"] == "refused" and record["reason"].startswith("refused: ")
+    ), record
     assert "max_expansion_ratio" in record["reason"]
     assert staging(config) == []
 
@@ -487,7 +491,7 @@ def test_a_full_disk_while_writing_is_an_infrastructure_failure_and_leaves_nothi
     script = textwrap.dedent(
         f"""
         import resource, signal
-        from diskpipe.tasks import sources
+        from diskpipe.jobs import sources
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
         config = sources.ImportConfig(allowed_dirs=({str(tmp_path)!r},), staging_dir={str(staging_dir)!r})
@@ -543,7 +547,7 @@ def test_a_killed_worker_leaves_no_data_behind(tmp_path: Path) -> None:
     staging_dir = tmp_path / "staging"
     script = textwrap.dedent(
         f"""
-        from diskpipe.tasks import sources
+        from diskpipe.jobs import sources
         config = sources.ImportConfig(allowed_dirs=({str(tmp_path)!r},), staging_dir={str(staging_dir)!r})
         sources.unpack(sources.open_local({path!r}, config), config, "job")
         """

@@ -26,7 +26,8 @@ from diskpipe.converter.qemu_img import CancelToken, ConvertOptions, ImageSpec, 
 from diskpipe.converter.stores.base import Location, Store, StoreUnavailable, check_image_id
 from diskpipe.formats import FormatError, ImageInfo
 from diskpipe.formats.api import inspect_fd, inspect_reader
-from diskpipe.formats.policy import Issue, Policy, Verdict, check
+from diskpipe.formats.policy import Policy, Verdict, check
+from diskpipe.refusal import refuse, require_safe
 
 Progress = Callable[[str, float], None]  # (stage, percent of that stage)
 TARGET_FORMATS = ("raw", "qcow2")
@@ -39,16 +40,6 @@ _INFRASTRUCTURE_ERRORS = (
     "rados",
     "Disk quota",
 )
-
-
-class Refused(Exception):
-    """The image was refused (unsafe, malformed, or qemu disagrees with the
-    inspector); nothing was stored."""
-
-    def __init__(self, issues: list[Issue] | tuple[Issue, ...], verdict: Verdict | None = None) -> None:
-        self.issues = tuple(issues)
-        self.verdict = verdict
-        super().__init__("; ".join(f"{issue.check}: {issue.message}" for issue in self.issues))
 
 
 class ConversionFailed(RuntimeError):
@@ -165,8 +156,8 @@ def cross_check(info: ImageInfo, spec: ImageSpec, expected_size: int) -> dict[st
     try:
         report = qemu_img.info(spec)
     except QemuImgError as error:
-        raise Refused(
-            [Issue("cross_check", f"qemu-img cannot open the image as {info.format}: {error.stderr.strip()}")]
+        raise refuse(
+            "cross_check", f"qemu-img cannot open the image as {info.format}: {error.stderr.strip()}"
         ) from error
     problems = []
     if report.get("format") != info.format:
@@ -179,7 +170,7 @@ def cross_check(info: ImageInfo, spec: ImageSpec, expected_size: int) -> dict[st
     if data_file != (info.data_file or None):
         problems.append(f"data file {data_file!r} vs {info.data_file!r}")
     if problems:
-        raise Refused([Issue("cross_check", f"qemu-img reads the image differently: {'; '.join(problems)}")])
+        raise refuse("cross_check", f"qemu-img reads the image differently: {'; '.join(problems)}")
     return report
 
 
@@ -306,12 +297,10 @@ def _convert_open(
     try:
         info = inspected or inspect_fd(fd, filename=request.source, allocation=True)
     except FormatError as error:
-        raise Refused([Issue("malformed", str(error))]) from error
-    verdict = check(info, request.policy, request.claimed)
-    if not verdict.safe:
-        raise Refused(verdict.issues, verdict)
+        raise refuse("malformed", str(error)) from error
+    verdict = require_safe(check(info, request.policy, request.claimed))
     if info.encrypted and request.key_file is None:
-        raise Refused([Issue("encrypted", f"encrypted {info.format} image: converting it needs the key")], verdict)
+        raise refuse("encrypted", f"encrypted {info.format} image: converting it needs the key", verdict)
     timings["inspect"] = time.monotonic() - started
 
     key_fd = None

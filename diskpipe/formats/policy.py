@@ -14,6 +14,7 @@ manifest records them. The same function serves `diskpipe info`,
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+from diskpipe.config import section
 from diskpipe.formats.info import ImageInfo
 
 TiB = 1 << 40
@@ -59,6 +60,7 @@ RAW_FAMILY_CLAIMS = frozenset({"raw", "iso", "ami", "aki", "ari"})
 NON_DISK_KINDS = frozenset({"compressed", "archive", "text", "other"})
 
 
+@section("policy")
 class Policy(NamedTuple):
     """The `[policy]` section of the configuration file."""
 
@@ -405,6 +407,6 @@ def check(info: ImageInfo, policy: Policy | None = None, claimed: str | None = N
 
 def load_policy(path: str | None = None, **overrides: Any) -> Policy:
     """The `[policy]` section of the configuration file (or of `path`)."""
-    from diskpipe.config import load_file, load_section  # keeps tomllib off the info path
+    from diskpipe.config import load
 
-    return load_section(Policy, "policy", load_file(path).get("policy", {}), **overrides)
+    return load(Policy, path, **overrides)

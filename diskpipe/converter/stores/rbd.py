@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from diskpipe.config import section
 from diskpipe.converter.checksums import Extent
 from diskpipe.converter.qemu_img import TargetSpec
 from diskpipe.converter.stores.base import (
@@ -55,6 +56,7 @@ CREATED_KEY = "diskpipe.created"
 PROTECTED_KEY = "diskpipe.protected"
 
 
+@section("rbd")
 @dataclass(frozen=True, slots=True)
 class RbdConfig:
     """The `[rbd]` section of the configuration file."""
@@ -79,12 +81,6 @@ class RbdConfig:
         if self.keyring:
             options["keyring"] = self.keyring
         return options
-
-
-def load_rbd_config(path: str | None = None, **overrides: Any) -> RbdConfig:
-    from diskpipe.config import load_file, load_section
-
-    return load_section(RbdConfig, "rbd", load_file(path).get("rbd", {}), **overrides)
 
 
 def _escape(value: str) -> str:

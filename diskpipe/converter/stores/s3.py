@@ -43,6 +43,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from diskpipe.config import section
 from diskpipe.converter.checksums import Extent
 from diskpipe.converter.qemu_img import TargetSpec
 from diskpipe.converter.stores.base import (
@@ -78,6 +79,7 @@ _CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDeni
 _TRANSIENT_ERRORS = {"ServiceUnavailable", "SlowDown", "InternalError", "RequestTimeout", "ServerBusy"}
 
 
+@section("s3")
 @dataclass(frozen=True, slots=True)
 class S3Config:
     """The `[s3]` section of the configuration file."""
@@ -114,12 +116,6 @@ class S3Config:
         if (self.access_key is None) != (self.secret_key is None):
             raise StoreError("[s3] needs both access_key and secret_key, or neither (boto3's credential chain)")
         return self
-
-
-def load_s3_config(path: str | None = None, **overrides: Any) -> S3Config:
-    from diskpipe.config import load_file, load_section
-
-    return load_section(S3Config, "s3", load_file(path).get("s3", {}), **overrides)
 
 
 def _boto() -> tuple[Any, Any, Any]:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
 from diskpipe.formats import ImageInfo, inspect
-from diskpipe.tasks.sources import ImportConfig, SourceRefused, SourceUnavailable, Staged
+from diskpipe.jobs.sources import ImportConfig, SourceRefused, SourceUnavailable, Staged
 
 INPUT_CHUNK = 64 * 1024  # packed bytes handed to a decoder at a time
 OUTPUT_CHUNK = 1024 * 1024  # most a decoder may return from one call

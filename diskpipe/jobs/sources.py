@@ -25,12 +25,12 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+from diskpipe.config import section
 from diskpipe.formats import ImageInfo, StreamInspector
 from diskpipe.formats.policy import Policy
-from diskpipe.tasks import addresses, transfer
+from diskpipe.jobs import addresses, transfer
 from diskpipe.validation import HeadCheck
 
 GiB = 1 << 30
@@ -55,6 +55,7 @@ class SourceUnavailable(Exception):
     """The source could not be fetched right now (network): retried."""
 
 
+@section("import")
 @dataclass(frozen=True, slots=True)
 class ImportConfig:
     """The `[import]` section of the configuration file."""
@@ -63,7 +64,7 @@ class ImportConfig:
     staging_dir: str = "/var/tmp/diskpipe-staging"
     staging_cap: int = 256 * GiB  # all staged files together
     max_download: int = 64 * GiB
-    # Unpacking compressed uploads and OVAs (see diskpipe.tasks.unpacking).
+    # Unpacking compressed uploads and OVAs (see diskpipe.jobs.unpacking).
     max_decompressed: int = 2048 * GiB  # zeros included; never above [policy] max_virtual_size
     max_expansion_ratio: int = 200  # non-zero bytes unpacked per packed byte
     max_unpack_layers: int = 1  # containers unpacked one inside another (an OVA in gzip is 2)
@@ -86,12 +87,6 @@ class ImportConfig:
     denied_networks: tuple[str, ...] = DENIED_NETWORKS
     allowed_networks: tuple[str, ...] = ()  # explicit exceptions to denied_networks
     allow_hard_links: bool = False  # a local file with other names (links) elsewhere
-
-
-def load_import_config(path: str | None = None, **overrides: Any) -> ImportConfig:
-    from diskpipe.config import load_file, load_section
-
-    return load_section(ImportConfig, "import", load_file(path).get("import", {}), **overrides)
 
 
 @dataclass
@@ -177,10 +172,10 @@ def open_beneath(base: str, relative: str) -> int:
 
 
 def open_download_file(config: ImportConfig, label: str, description: str) -> Staged:
-    """An anonymous staged file for a download (see diskpipe.tasks.unpacking:
+    """An anonymous staged file for a download (see diskpipe.jobs.unpacking:
     its data goes with its last descriptor, whatever kills the job; a locked
     claim file announces its size to `staging_cap`)."""
-    from diskpipe.tasks.unpacking import open_layer, staged_bytes
+    from diskpipe.jobs.unpacking import open_layer, staged_bytes
 
     try:
         os.makedirs(config.staging_dir, mode=0o700, exist_ok=True)
@@ -404,8 +399,8 @@ def unpack(
     staged: Staged, config: ImportConfig, label: str, *, max_virtual_size: int | None = None
 ) -> tuple[Staged, ImageInfo]:
     """Inspect staged data; unpack compressed data and OVAs under the caps
-    of `diskpipe.tasks.unpacking`. Returns the data to convert and its facts."""
-    from diskpipe.tasks import unpacking
+    of `diskpipe.jobs.unpacking`. Returns the data to convert and its facts."""
+    from diskpipe.jobs import unpacking
 
     return unpacking.unpack(staged, config, label, max_virtual_size=max_virtual_size)
 
@@ -420,6 +415,6 @@ def cleanup_staging(config: ImportConfig, older_than: float = 24 * 3600) -> list
         if entry.name.endswith(".staged") and entry.stat(follow_symlinks=False).st_mtime < limit:
             os.unlink(entry.path)
             removed.append(entry.name)
-    from diskpipe.tasks.unpacking import remove_void_claims
+    from diskpipe.jobs.unpacking import remove_void_claims
 
     return removed + remove_void_claims(config.staging_dir)

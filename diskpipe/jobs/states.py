@@ -6,6 +6,11 @@ active  - stored and verified
 killed  - refused or failed (the record says why); may be submitted again
 deleted - removed from the store
 
+A record that ends carries a machine-readable `outcome`, so nothing parses
+the human `reason`: active | refused (the image or its source: unsafe,
+malformed, not allowed) | failed (the infrastructure: store, Ceph, Redis,
+network, or a bug) | cancelled.
+
 Every record store checks moves against `LEGAL` (and does the move as an
 atomic compare-and-set), so no code path can skip a state.
 """
@@ -25,6 +30,9 @@ LEGAL: dict[str, frozenset[str]] = {
     DELETED: frozenset(),
 }
 FINAL = frozenset({ACTIVE, KILLED, DELETED})
+
+OUTCOME_ACTIVE, REFUSED, FAILED, CANCELLED = "active", "refused", "failed", "cancelled"
+OUTCOMES = frozenset({OUTCOME_ACTIVE, REFUSED, FAILED, CANCELLED})
 
 
 class IllegalTransition(ValueError):

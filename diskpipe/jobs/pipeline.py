@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from diskpipe.converter.checksums import Checksums, hash_image
-from diskpipe.converter.convert import ConversionFailed, ConvertRequest, ConvertResult, Refused, convert_image
+from diskpipe.converter.convert import ConversionFailed, ConvertRequest, ConvertResult, convert_image
 from diskpipe.converter.qemu_img import Cancelled, CancelToken
 from diskpipe.converter.stores.base import (
     ImageInUse,
@@ -32,10 +32,22 @@ from diskpipe.converter.stores.base import (
 from diskpipe.formats import FormatError
 from diskpipe.formats.api import inspect_reader
 from diskpipe.formats.policy import Policy
-from diskpipe.tasks import sources
-from diskpipe.tasks.records import RecordStore, new_record
-from diskpipe.tasks.states import ACTIVE, DELETED, FINAL, KILLED, QUEUED, SAVING, IllegalTransition
-from diskpipe.validation import UnsafeImage
+from diskpipe.jobs import sources
+from diskpipe.jobs.records import RecordStore, new_record
+from diskpipe.jobs.states import (
+    ACTIVE,
+    CANCELLED,
+    DELETED,
+    FAILED,
+    FINAL,
+    KILLED,
+    OUTCOME_ACTIVE,
+    QUEUED,
+    REFUSED,
+    SAVING,
+    IllegalTransition,
+)
+from diskpipe.refusal import UnsafeImage, describe
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 0.5  # seconds between progress writes
@@ -150,6 +162,8 @@ def ensure_record(
                     source=job.source,
                     claimed_format=job.claimed_format,
                     reason=None,
+                    outcome=None,
+                    retry=None,
                     sealed_checksums=None,  # a killed attempt's values describe no stored image
                 )
             except IllegalTransition:
@@ -201,16 +215,19 @@ def _sealed_fields(checksums: Checksums) -> dict[str, Any]:
     return {"size": checksums.size, "md5": checksums.md5, "sha512": checksums.sha512, "sparse": checksums.sparse}
 
 
-def _kill(records: RecordStore, image_id: str, reason: str, expected: str = SAVING) -> dict[str, Any]:
+def _kill(records: RecordStore, image_id: str, outcome: str, reason: str, expected: str = SAVING) -> dict[str, Any]:
+    """End the record `killed` with its outcome (refused, failed, cancelled)."""
     try:
-        return records.transition(image_id, expected, KILLED, reason=reason)
+        return records.transition(image_id, expected, KILLED, outcome=outcome, reason=reason, retry=None)
     except IllegalTransition:
         record = records.get(image_id)
         assert record is not None
         return record
 
 
-def run_import(job: ImportJob, env: Environment, attempt: str, *, final_attempt: bool = True) -> dict[str, Any]:
+def run_import(
+    job: ImportJob, env: Environment, attempt: str, *, final_attempt: bool = True, retries_done: int = 0
+) -> dict[str, Any]:
     """Run one delivery of an import job; returns the record at the end.
 
     Raises Transient when a retry may succeed and this is not the final
@@ -247,7 +264,7 @@ def run_import(job: ImportJob, env: Environment, attempt: str, *, final_attempt:
         # No lease held: end the record only if this attempt made it.
         return _end_after_error(env, job.image_id, step, error, attempt=attempt)
     try:
-        return _run_with_lease(job, env, attempt, lease, final_attempt, step)
+        return _run_with_lease(job, env, attempt, lease, (final_attempt, retries_done), step)
     except Exception as error:
         if isinstance(error, (Transient, *env.retry_errors)):
             raise
@@ -282,7 +299,7 @@ def _end_after_error(
             raise error
         if step.stored:
             _delete_quietly(env.store, image_id)
-        return env.records.transition(image_id, record["status"], KILLED, reason=reason)
+        return env.records.transition(image_id, record["status"], KILLED, outcome=FAILED, reason=reason)
     except Exception as failure:  # noqa: BLE001 - the original error is raised again
         if failure is not error:
             log.error("image %s: could not record the failure: %s", image_id, failure)
@@ -290,7 +307,12 @@ def _end_after_error(
 
 
 def _run_with_lease(
-    job: ImportJob, env: Environment, attempt: str, lease: LeaseLike | None, final_attempt: bool, step: JobStep
+    job: ImportJob,
+    env: Environment,
+    attempt: str,
+    lease: LeaseLike | None,
+    retrying: tuple[bool, int],
+    step: JobStep,
 ) -> dict[str, Any]:
     records, store = env.records, env.store
     step.name = "record"
@@ -300,7 +322,7 @@ def _run_with_lease(
         return record
     if records.cancel_requested(job.image_id):
         records.request_cancel(job.image_id, False)
-        return _kill(records, job.image_id, "cancelled before it started", expected=record["status"])
+        return _kill(records, job.image_id, CANCELLED, "cancelled before it started", expected=record["status"])
     record = records.transition(
         job.image_id,
         record["status"],
@@ -389,27 +411,35 @@ def _run_with_lease(
         if staged.stream_notes:
             fields["notes"] = [*staged.stream_notes, *fields.get("notes", [])]
         progress("done", 100.0)
-        return records.transition(job.image_id, SAVING, ACTIVE, **fields)
-    except (Refused, UnsafeImage) as refusal:
-        reason = "; ".join(f"{issue.check}: {issue.message}" for issue in refusal.issues)
-        return _kill(records, job.image_id, f"refused: {reason}")
+        return records.transition(
+            job.image_id, SAVING, ACTIVE, outcome=OUTCOME_ACTIVE, reason=None, retry=None, **fields
+        )
+    except UnsafeImage as refusal:
+        return _kill(records, job.image_id, REFUSED, f"refused: {describe(refusal.issues)}")
     except FormatError as error:
-        return _kill(records, job.image_id, f"refused: malformed: {error}")
+        return _kill(records, job.image_id, REFUSED, f"refused: malformed: {error}")
     except sources.SourceRefused as error:
-        return _kill(records, job.image_id, f"refused: {error}")
+        return _kill(records, job.image_id, REFUSED, f"refused: {error}")
     except (Cancelled, InterruptedError):
         records.request_cancel(job.image_id, False)
-        return _kill(records, job.image_id, "cancelled")
+        return _kill(records, job.image_id, CANCELLED, "cancelled")
     except ConversionFailed as error:
-        return _kill(records, job.image_id, f"conversion failed: {error}")
+        # qemu-img could not convert an image the inspector accepted: the image's fault.
+        return _kill(records, job.image_id, REFUSED, f"conversion failed: {error}")
     except retryable as error:
+        final_attempt, retries_done = retrying
         if final_attempt:
-            return _kill(records, job.image_id, f"gave up after retries: {error}")
+            given_up = (
+                f"gave up after {retries_done} {'retry' if retries_done == 1 else 'retries'}"
+                if retries_done
+                else "unavailable"
+            )
+            return _kill(records, job.image_id, FAILED, f"{given_up}: {error}")
         raise Transient(str(error)) from error
     except StoreError as error:
-        return _kill(records, job.image_id, f"store refused: {error}")
+        return _kill(records, job.image_id, FAILED, f"store refused: {error}")
     except (KeyboardInterrupt, SystemExit):
-        _kill(records, job.image_id, "interrupted")
+        _kill(records, job.image_id, CANCELLED, "interrupted")
         raise
     finally:
         for item in (unpacked, staged):
@@ -539,7 +569,7 @@ def cancel_image(image_id: str, records: RecordStore) -> dict[str, Any]:
     records.request_cancel(image_id)
     if record["status"] == QUEUED:
         try:
-            killed = records.transition(image_id, QUEUED, KILLED, reason="cancelled")
+            killed = records.transition(image_id, QUEUED, KILLED, outcome=CANCELLED, reason="cancelled")
             records.request_cancel(image_id, False)
             return killed
         except IllegalTransition:

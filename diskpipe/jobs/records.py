@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from diskpipe.tasks.states import NEW, QUEUED, IllegalTransition, check_transition
+from diskpipe.jobs.states import NEW, QUEUED, IllegalTransition, check_transition
 
 
 def now() -> str:
