@@ -193,7 +193,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     from diskpipe.config import load
     from diskpipe.converter.stores.base import InvalidImageId
     from diskpipe.formats.policy import load_policy
-    from diskpipe.jobs.pipeline import Environment, ImportJob, ensure_record, is_url, run_import
+    from diskpipe.jobs.admission import ensure_record
+    from diskpipe.jobs.pipeline import Environment, ImportJob, is_url, run_import
     from diskpipe.jobs.sources import ImportConfig
     from diskpipe.progress import ProgressDisplay
 
@@ -288,7 +289,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from diskpipe.jobs.pipeline import cancel_image
+    from diskpipe.jobs.management import cancel_image
     from diskpipe.progress import ProgressDisplay
 
     records = _records(args)
@@ -307,7 +308,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from diskpipe.jobs.pipeline import Environment, JobRefused, Transient, delete_image
+    from diskpipe.jobs.errors import JobRefused, Transient
+    from diskpipe.jobs.management import delete_image
+    from diskpipe.jobs.pipeline import Environment
 
     broker = _broker(args)
     records = _records(args)
@@ -342,13 +345,32 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
-    from diskpipe.jobs.pipeline import set_protected
+    from diskpipe.jobs.errors import Transient
+    from diskpipe.jobs.management import set_protected
+    from diskpipe.jobs.pipeline import Environment
 
-    try:
-        record = set_protected(args.id, _records(args), args.command == "protect")
-    except KeyError:
-        print(f"diskpipe: no image {args.id}", file=sys.stderr)
-        return EXIT_USAGE
+    protected = args.command == "protect"
+    broker = _broker(args)
+    if broker:
+        # The workers' store holds the image: they protect it there.
+        from diskpipe.tasks.app import client_app
+
+        outcome = (
+            client_app(broker).send_task("diskpipe.protect_image", args=[args.id, protected]).get(timeout=args.timeout)
+        )
+        if "error" in outcome:
+            print(f"diskpipe: {outcome['error']}", file=sys.stderr)
+            return EXIT_USAGE
+        record = outcome["record"]
+    else:
+        try:
+            record = set_protected(args.id, Environment(records=_records(args), store=_make_store(args)), protected)
+        except KeyError:
+            print(f"diskpipe: no image {args.id}", file=sys.stderr)
+            return EXIT_USAGE
+        except Transient as error:
+            print(f"diskpipe: {error}", file=sys.stderr)
+            return EXIT_USAGE
     _print_record(record, None, args.output)
     return EXIT_OK
 
@@ -430,6 +452,7 @@ def add_commands(commands: Any) -> None:
     for name, text in (("protect", "refuse deletes of an image"), ("unprotect", "allow deletes again")):
         parser = commands.add_parser(name, help=text)
         parser.add_argument("id")
+        parser.add_argument("--timeout", type=float, default=120.0)
         common(parser)
         parser.set_defaults(handler=cmd_protect)
 

@@ -27,7 +27,8 @@ from diskpipe.config import ConfigError, load
 from diskpipe.converter.stores.file import FileStore
 from diskpipe.formats.policy import Policy
 from diskpipe.jobs import addresses, sources, transfer
-from diskpipe.jobs.pipeline import Environment, ImportJob, Transient, run_import
+from diskpipe.jobs.errors import Transient
+from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
 from diskpipe.jobs.records import SqliteRecords
 
 # The address-table server binds 127.0.0.2 and only 127.0.0.2/32 is allowed,

@@ -29,7 +29,8 @@ import pytest
 from diskpipe.converter import convert
 from diskpipe.converter.stores.file import FileStore
 from diskpipe.jobs import pipeline, sources, unpacking
-from diskpipe.jobs.pipeline import Environment, ImportJob, ensure_record, run_import
+from diskpipe.jobs.admission import ensure_record
+from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
 from diskpipe.jobs.records import SqliteRecords
 from tests.conftest import ROOT
 

@@ -18,47 +18,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from diskpipe.converter.checksums import Checksums, hash_image
 from diskpipe.converter.convert import ConversionFailed, ConvertRequest, ConvertResult, convert_image
-from diskpipe.converter.qemu_img import Cancelled, CancelToken
-from diskpipe.converter.stores.base import (
-    ImageInUse,
-    ImageNotFound,
-    Store,
-    StoreError,
-    StoreUnavailable,
-    check_image_id,
-)
-from diskpipe.formats import FormatError
-from diskpipe.formats.api import inspect_reader
+from diskpipe.converter.qemu_img import CancelToken
+from diskpipe.converter.stores.base import Store, check_image_id
 from diskpipe.formats.policy import Policy
 from diskpipe.jobs import sources
-from diskpipe.jobs.records import RecordStore, new_record
-from diskpipe.jobs.states import (
-    ACTIVE,
-    CANCELLED,
-    DELETED,
-    FAILED,
-    FINAL,
-    KILLED,
-    OUTCOME_ACTIVE,
-    QUEUED,
-    REFUSED,
-    SAVING,
-    IllegalTransition,
-)
-from diskpipe.refusal import UnsafeImage, describe
+from diskpipe.jobs.admission import ensure_record
+from diskpipe.jobs.endings import delete_quietly, end_after_error, given_up, kill, outcome_of, transient_errors
+from diskpipe.jobs.errors import Transient
+from diskpipe.jobs.records import RecordStore
+from diskpipe.jobs.reporting import ProgressWriter
+from diskpipe.jobs.sealed import adopt_stored, record_fields, sealed_fields
+from diskpipe.jobs.states import ACTIVE, CANCELLED, FAILED, FINAL, OUTCOME_ACTIVE, SAVING
 
 log = logging.getLogger(__name__)
-PROGRESS_EVERY = 0.5  # seconds between progress writes
-
-
-class Transient(Exception):
-    """Worth retrying later (Ceph, Redis or the network were unavailable)."""
-
-
-class JobRefused(Exception):
-    """A refusal by a management command (protected, in use...)."""
 
 
 class LeaseLike(Protocol):
@@ -132,69 +105,6 @@ def is_url(source: str) -> bool:
     return _URL.match(source) is not None
 
 
-def ensure_record(
-    records: RecordStore, job: ImportJob, attempt: str, lease_gone: Callable[[], bool] | None = None
-) -> dict[str, Any]:
-    """Create the queued record, or start a new attempt of a killed one.
-
-    A redelivery of the attempt that killed the record (same `attempt` id)
-    does not start another; active and queued records are left as they are
-    (idempotent by image id), and so is a saving record, unless `lease_gone()`
-    says no delivery holds its lease: its worker died or failed, and this
-    attempt takes it over (the record's `task_id` becomes `attempt`).
-    """
-    for _ in range(5):
-        record = records.get(job.image_id)
-        if record is None:
-            fresh = new_record(
-                job.image_id, name=job.name, source=job.source, claimed_format=job.claimed_format, task_id=attempt
-            )
-            if records.create(fresh):
-                return fresh
-            continue
-        if record["status"] == KILLED and record.get("task_id") != attempt:
-            try:
-                restarted = records.transition(
-                    job.image_id,
-                    KILLED,
-                    QUEUED,
-                    task_id=attempt,
-                    source=job.source,
-                    claimed_format=job.claimed_format,
-                    reason=None,
-                    outcome=None,
-                    retry=None,
-                    sealed_checksums=None,  # a killed attempt's values describe no stored image
-                )
-            except IllegalTransition:
-                continue
-            records.request_cancel(job.image_id, False)  # an old cancel must not stop the new attempt
-            return restarted
-        if record["status"] == SAVING and record.get("task_id") != attempt and lease_gone is not None and lease_gone():
-            try:
-                return records.transition(
-                    job.image_id,
-                    SAVING,
-                    SAVING,
-                    task_id=attempt,
-                    source=job.source,
-                    claimed_format=job.claimed_format,
-                    reason=f"taken over from {record.get('task_id')}, whose lease was gone",
-                )
-            except IllegalTransition:
-                continue
-        return record
-    raise Transient(f"image {job.image_id}: record keeps changing")
-
-
-def _record_fields(result: ConvertResult) -> dict[str, Any]:
-    fields = result.to_json()
-    fields.pop("status", None)
-    fields.pop("id", None)
-    fields["sealed_checksums"] = None  # recorded now under Glance's keys
-    return fields
-
-
 def verify(store: Store, result: ConvertResult) -> None:
     """The stored image must be the one the conversion sealed and hashed:
     it exists at its location (on RBD: the protected snapshot) with the size
@@ -210,21 +120,6 @@ def verify(store: Store, result: ConvertResult) -> None:
         raise ConversionFailed(f"stored image does not verify: {size} bytes stored, {result.checksums.size} hashed")
 
 
-def _sealed_fields(checksums: Checksums) -> dict[str, Any]:
-    """What a delivery records before renaming the sealed image (see _adopt_stored)."""
-    return {"size": checksums.size, "md5": checksums.md5, "sha512": checksums.sha512, "sparse": checksums.sparse}
-
-
-def _kill(records: RecordStore, image_id: str, outcome: str, reason: str, expected: str = SAVING) -> dict[str, Any]:
-    """End the record `killed` with its outcome (refused, failed, cancelled)."""
-    try:
-        return records.transition(image_id, expected, KILLED, outcome=outcome, reason=reason, retry=None)
-    except IllegalTransition:
-        record = records.get(image_id)
-        assert record is not None
-        return record
-
-
 def run_import(
     job: ImportJob, env: Environment, attempt: str, *, final_attempt: bool = True, retries_done: int = 0
 ) -> dict[str, Any]:
@@ -237,84 +132,70 @@ def run_import(
     does the error escape (no lease then keeps the record: resubmitting the
     id takes it over).
     """
-    records = env.records
     step = JobStep()
     lease = env.lease(job.image_id) if env.lease is not None else None
     try:
-        lease_gone = (lambda: not lease.held_by_anyone()) if lease is not None else None
-        record = ensure_record(records, job, attempt, lease_gone)
-        if record["status"] in FINAL:
+        record = _admit(job, env, attempt, lease, step)
+        if record is not None:
             return record
-        if lease is not None:
-            step.name = "lease"
-
-            def finished() -> bool:
-                current = records.get(job.image_id)
-                return current is None or current["status"] in FINAL
-
-            waited = time.monotonic()
-            if not lease.acquire(give_up=finished, timeout=env.lease_wait):
-                current = records.get(job.image_id)
-                assert current is not None
-                return current
-            log.info("image %s: lease taken after %.1f s", job.image_id, time.monotonic() - waited)
     except Exception as error:
         if isinstance(error, (Transient, *env.retry_errors)):
             raise
         # No lease held: end the record only if this attempt made it.
-        return _end_after_error(env, job.image_id, step, error, attempt=attempt)
+        return end_after_error(env, job.image_id, step, error, attempt=attempt)
     try:
-        return _run_with_lease(job, env, attempt, lease, (final_attempt, retries_done), step)
+        return _run_with_lease(job, env, Delivery(attempt, lease, final_attempt, retries_done), step)
     except Exception as error:
         if isinstance(error, (Transient, *env.retry_errors)):
             raise
-        return _end_after_error(env, job.image_id, step, error)  # still under the lease
+        return end_after_error(env, job.image_id, step, error)  # still under the lease
     finally:
         if lease is not None:
             lease.release()
 
 
-def _end_after_error(
-    env: Environment, image_id: str, step: JobStep, error: Exception, attempt: str | None = None
-) -> dict[str, Any]:
-    """Kill the record after an error no step handled (a bug, a time limit).
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """This delivery of a job: its attempt id, its lease, where it stands in
+    the caller's retries."""
 
-    With `attempt` (no lease held: another delivery may own the record), only
-    a queued record of that attempt is ended; a saving one stays for the
-    delivery that holds its lease, or for a resubmission to take over. An
-    image already stored is removed: a killed record keeps no data.
-    """
-    if isinstance(error, env.time_limit_errors):
-        reason = f"time limit exceeded during {step.name}"
-    else:
-        log.error("image %s: unexpected error during %s", image_id, step.name, exc_info=error)
-        reason = f"internal error during {step.name}: {type(error).__name__}: {error}"
-    try:
-        record = env.records.get(image_id)
-        if record is None or record["status"] in FINAL:
-            if record is None:
-                raise error
-            return record
-        if attempt is not None and (record["status"] != QUEUED or record.get("task_id") != attempt):
-            raise error
-        if step.stored:
-            _delete_quietly(env.store, image_id)
-        return env.records.transition(image_id, record["status"], KILLED, outcome=FAILED, reason=reason)
-    except Exception as failure:  # noqa: BLE001 - the original error is raised again
-        if failure is not error:
-            log.error("image %s: could not record the failure: %s", image_id, failure)
-        raise error from None
+    attempt: str
+    lease: LeaseLike | None
+    final_attempt: bool
+    retries_done: int
 
 
-def _run_with_lease(
-    job: ImportJob,
-    env: Environment,
-    attempt: str,
-    lease: LeaseLike | None,
-    retrying: tuple[bool, int],
-    step: JobStep,
-) -> dict[str, Any]:
-    records, store = env.records, env.store
+def _admit(
+    job: ImportJob, env: Environment, attempt: str, lease: LeaseLike | None, step: JobStep
+) -> dict[str, Any] | None:
+    """Make the record and take the lease; a record to return at once when
+    this delivery has nothing to do (the job ended, or another delivery ran it)."""
+    records = env.records
+    lease_gone = (lambda: not lease.held_by_anyone()) if lease is not None else None
+    record = ensure_record(records, job, attempt, lease_gone)
+    if record["status"] in FINAL:
+        return record
+    if lease is None:
+        return None
+    step.name = "lease"
+
+    def finished() -> bool:
+        current = records.get(job.image_id)
+        return current is None or current["status"] in FINAL
+
+    waited = time.monotonic()
+    if not lease.acquire(give_up=finished, timeout=env.lease_wait):
+        current = records.get(job.image_id)
+        assert current is not None
+        return current
+    log.info("image %s: lease taken after %.1f s", job.image_id, time.monotonic() - waited)
+    return None
+
+
+def _start_saving(job: ImportJob, env: Environment, attempt: str, step: JobStep) -> dict[str, Any]:
+    """The record goes `saving` for this attempt (or ends: final already, or
+    cancelled before it started)."""
+    records = env.records
     step.name = "record"
     record = records.get(job.image_id)
     assert record is not None
@@ -322,8 +203,8 @@ def _run_with_lease(
         return record
     if records.cancel_requested(job.image_id):
         records.request_cancel(job.image_id, False)
-        return _kill(records, job.image_id, CANCELLED, "cancelled before it started", expected=record["status"])
-    record = records.transition(
+        return kill(records, job.image_id, CANCELLED, "cancelled before it started", expected=record["status"])
+    return records.transition(
         job.image_id,
         record["status"],
         SAVING,
@@ -332,122 +213,108 @@ def _run_with_lease(
         owner=env.owner,
         reason=None,
     )
+
+
+def _run_with_lease(job: ImportJob, env: Environment, delivery: Delivery, step: JobStep) -> dict[str, Any]:
+    record = _start_saving(job, env, delivery.attempt, step)
+    if record["status"] != SAVING:
+        return record
     cancel = CancelToken()
-    last_write = [0.0]
-
-    def check_cancel() -> None:
-        if records.cancel_requested(job.image_id):
-            cancel.cancel()
-
-    def progress(stage: str, percent: float, done: int | None = None) -> None:
-        now = time.monotonic()
-        if now - last_write[0] < PROGRESS_EVERY and percent < 100:
-            return
-        last_write[0] = now
-        try:
-            records.set_progress(
-                job.image_id, {"stage": stage, "percent": round(percent, 2), "bytes": done, "at": time.time()}
-            )
-            if lease is None:
-                check_cancel()  # no heartbeat thread: look for a cancel here
-        except Exception as error:  # noqa: BLE001 - progress is best effort (Redis may be restarting)
-            log.warning("progress of %s not recorded: %s", job.image_id, error)
-
-    if lease is not None:
-        lease.start_heartbeat(on_tick=check_cancel)
-
-    retryable: tuple[type[Exception], ...] = (StoreUnavailable, sources.SourceUnavailable, Transient, *env.retry_errors)
-    staged: sources.Staged | None = None
-    unpacked: sources.Staged | None = None
+    progress = ProgressWriter(env.records, job.image_id, cancel, checks_cancel=delivery.lease is None)
+    if delivery.lease is not None:
+        delivery.lease.start_heartbeat(on_tick=progress.check_cancel)
+    held: list[sources.Staged] = []
     try:
-        started = time.monotonic()
-        step.name = "purge"
-        _purge_temporaries(store, job.image_id)
-        log.info("image %s: leftovers purged in %.1f s", job.image_id, time.monotonic() - started)
-        if store.exists(job.image_id):
-            # A previous delivery stored the image but died before recording it.
-            step.name = "adopt"
-            return _adopt_stored(job, env, record)
-        step.name = "fetch"
-        staged = _fetch(job, env, progress, cancel)
-        cancel.raise_if_cancelled()
-        step.name = "unpack"
-        unpacked, info = sources.unpack(
-            staged, env.import_config, label=job.image_id, max_virtual_size=env.policy.max_virtual_size
-        )
-        step.name = "convert"
-        # The descriptor that was inspected is the one converted: nothing reopens the path.
-        request = ConvertRequest(
-            source=unpacked.description,
-            source_fd=unpacked.fd,
-            image_id=job.image_id,
-            to_format=job.to_format,
-            claimed=job.claimed_format,
-            policy=env.policy,
-            full_hashes=job.full_hashes,
-            sparse_hash=job.sparse_hash,
-        )
-        result = convert_image(
-            request,
-            store,
-            progress=progress,
-            cancel=cancel,
-            inspected=info,
-            on_sealed=lambda sums: records.update(job.image_id, sealed_checksums=_sealed_fields(sums)),
-        )
-        step.name, step.stored = "verify", True
-        progress("verify", 0.0)
-        try:
-            verify(store, result)
-        except ConversionFailed:
-            _delete_quietly(store, job.image_id)
-            raise
-        if lease is not None and lease.lost.is_set():
-            raise Transient("lost the lease while working")
-        step.name = "record"
-        fields = _record_fields(result)
-        if unpacked.unpacked:
-            fields["unpacked"] = unpacked.unpacked
-        if staged.stream_notes:
-            fields["notes"] = [*staged.stream_notes, *fields.get("notes", [])]
-        progress("done", 100.0)
-        return records.transition(
-            job.image_id, SAVING, ACTIVE, outcome=OUTCOME_ACTIVE, reason=None, retry=None, **fields
-        )
-    except UnsafeImage as refusal:
-        return _kill(records, job.image_id, REFUSED, f"refused: {describe(refusal.issues)}")
-    except FormatError as error:
-        return _kill(records, job.image_id, REFUSED, f"refused: malformed: {error}")
-    except sources.SourceRefused as error:
-        return _kill(records, job.image_id, REFUSED, f"refused: {error}")
-    except (Cancelled, InterruptedError):
-        records.request_cancel(job.image_id, False)
-        return _kill(records, job.image_id, CANCELLED, "cancelled")
-    except ConversionFailed as error:
-        # qemu-img could not convert an image the inspector accepted: the image's fault.
-        return _kill(records, job.image_id, REFUSED, f"conversion failed: {error}")
-    except retryable as error:
-        final_attempt, retries_done = retrying
-        if final_attempt:
-            given_up = (
-                f"gave up after {retries_done} {'retry' if retries_done == 1 else 'retries'}"
-                if retries_done
-                else "unavailable"
-            )
-            return _kill(records, job.image_id, FAILED, f"{given_up}: {error}")
+        return _steps(job, env, record, delivery, step, progress, cancel, held)
+    except transient_errors(env) as error:
+        if delivery.final_attempt:
+            return kill(env.records, job.image_id, FAILED, given_up(error, delivery.retries_done))
         raise Transient(str(error)) from error
-    except StoreError as error:
-        return _kill(records, job.image_id, FAILED, f"store refused: {error}")
-    except (KeyboardInterrupt, SystemExit):
-        _kill(records, job.image_id, CANCELLED, "interrupted")
-        raise
+    except (Exception, KeyboardInterrupt, SystemExit) as error:
+        ending = outcome_of(error)
+        if ending is None:
+            raise
+        if ending[0] == CANCELLED:
+            env.records.request_cancel(job.image_id, False)
+        ended = kill(env.records, job.image_id, *ending)
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        return ended
     finally:
-        for item in (unpacked, staged):
-            if item is not None:
-                item.close()
+        for item in reversed(held):
+            item.close()
 
 
-def _fetch(job: ImportJob, env: Environment, progress: Callable[..., None], cancel: CancelToken) -> sources.Staged:
+def _steps(
+    job: ImportJob,
+    env: Environment,
+    record: dict[str, Any],
+    delivery: Delivery,
+    step: JobStep,
+    progress: ProgressWriter,
+    cancel: CancelToken,
+    held: list[sources.Staged],
+) -> dict[str, Any]:
+    """purge -> (adopt) -> fetch -> unpack -> convert -> verify -> record."""
+    store, records = env.store, env.records
+    started = time.monotonic()
+    step.name = "purge"
+    # With the lease held, every temporary of the image is a dead delivery's leftover.
+    store.purge_temporaries(job.image_id)
+    log.info("image %s: leftovers purged in %.1f s", job.image_id, time.monotonic() - started)
+    if store.exists(job.image_id):
+        # A previous delivery stored the image but died before recording it.
+        step.name = "adopt"
+        return adopt_stored(job, env, record)
+    step.name = "fetch"
+    staged = _fetch(job, env, progress, cancel)
+    held.append(staged)
+    cancel.raise_if_cancelled()
+    step.name = "unpack"
+    unpacked, info = sources.unpack(
+        staged, env.import_config, label=job.image_id, max_virtual_size=env.policy.max_virtual_size
+    )
+    held.append(unpacked)
+    step.name = "convert"
+    # The descriptor that was inspected is the one converted: nothing reopens the path.
+    request = ConvertRequest(
+        source=unpacked.description,
+        source_fd=unpacked.fd,
+        image_id=job.image_id,
+        to_format=job.to_format,
+        claimed=job.claimed_format,
+        policy=env.policy,
+        full_hashes=job.full_hashes,
+        sparse_hash=job.sparse_hash,
+    )
+    result = convert_image(
+        request,
+        store,
+        progress=progress,
+        cancel=cancel,
+        inspected=info,
+        on_sealed=lambda sums: records.update(job.image_id, sealed_checksums=sealed_fields(sums)),
+    )
+    step.name, step.stored = "verify", True
+    progress("verify", 0.0)
+    try:
+        verify(store, result)
+    except ConversionFailed:
+        delete_quietly(store, job.image_id)
+        raise
+    if delivery.lease is not None and delivery.lease.lost.is_set():
+        raise Transient("lost the lease while working")
+    step.name = "record"
+    fields = record_fields(result)
+    if unpacked.unpacked:
+        fields["unpacked"] = unpacked.unpacked
+    if staged.stream_notes:
+        fields["notes"] = [*staged.stream_notes, *fields.get("notes", [])]
+    progress("done", 100.0)
+    return records.transition(job.image_id, SAVING, ACTIVE, outcome=OUTCOME_ACTIVE, reason=None, retry=None, **fields)
+
+
+def _fetch(job: ImportJob, env: Environment, progress: ProgressWriter, cancel: CancelToken) -> sources.Staged:
     progress("fetch", 0.0)
     if is_url(job.source):
         return sources.download(
@@ -464,116 +331,3 @@ def _fetch(job: ImportJob, env: Environment, progress: Callable[..., None], canc
         config = replace(env.import_config, allowed_dirs=("/",), allow_hard_links=True)
         return sources.open_local(os.path.abspath(job.source), config)
     return sources.open_local(job.source, env.import_config)
-
-
-def _purge_temporaries(store: Store, image_id: str) -> None:
-    """With the lease held, every temporary of the image (`<id>.tmp.*`, an
-    unfinished upload) is a dead delivery's leftover."""
-    store.purge_temporaries(image_id)
-
-
-def _adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any]) -> dict[str, Any]:
-    """Record an image a dead delivery finalized.
-
-    Before renaming, that delivery recorded the checksums it read from the
-    sealed image (`sealed_checksums`); the lease kept any other delivery from
-    storing under this id since, and a killed attempt's values are cleared
-    when a new one starts. So the stored image is the one those values were
-    read from: its format and size are checked (a few small reads) and its
-    data is hashed again only when a value the job asks for is missing."""
-    image = env.store.open_image(job.image_id)
-    try:
-        size = image.stored_size()
-        stored = inspect_reader(image.read_at, size)
-        if stored.format != "raw" and job.to_format == "raw":
-            raise ConversionFailed("stored image is not raw")
-        sums = _recorded_checksums(record, size, job)
-        if sums is None:
-            sums = hash_image(size, list(image.extents()), image.read_at, full=job.full_hashes, sparse=job.sparse_hash)
-    finally:
-        image.close()
-    location = env.store.location(job.image_id)
-    fields: dict[str, Any] = {
-        "disk_format": job.to_format,
-        "container_format": "bare",
-        "virtual_size": stored.virtual_size,
-        "locations": [{"url": location.url, "metadata": location.metadata}],
-        "sealed_checksums": None,
-        **sums.glance_properties(include_sparse=job.sparse_hash),
-    }
-    return env.records.transition(job.image_id, SAVING, ACTIVE, **fields)
-
-
-def _recorded_checksums(record: dict[str, Any], size: int, job: ImportJob) -> Checksums | None:
-    """The sealed image's checksums as its delivery recorded them, if they
-    are complete for `job` and of an image of `size` bytes."""
-    sealed = record.get("sealed_checksums")
-    if not isinstance(sealed, dict) or sealed.get("size") != size:
-        return None
-    sums = Checksums(size=size, md5=sealed.get("md5"), sha512=sealed.get("sha512"), sparse=sealed.get("sparse"))
-    if job.full_hashes and (sums.md5 is None or sums.sha512 is None):
-        return None
-    if job.sparse_hash and sums.sparse is None:
-        return None
-    return sums
-
-
-def _delete_quietly(store: Store, image_id: str) -> None:
-    try:
-        store.delete(image_id)
-    except StoreError as error:
-        log.warning("could not remove unverified image %s: %s", image_id, error)
-
-
-# -- management ---------------------------------------------------------------
-
-
-def delete_image(image_id: str, env: Environment) -> dict[str, Any]:
-    """Delete a stored image: refused while protected or while it has clones."""
-    records = env.records
-    record = records.get(image_id)
-    if record is None:
-        raise KeyError(image_id)
-    if record.get("protected"):
-        raise JobRefused(f"image {image_id} is protected; unprotect it first")
-    if record["status"] == SAVING:
-        raise JobRefused(f"image {image_id} is being saved; cancel it first")
-    if record["status"] == DELETED:
-        return record
-    try:
-        env.store.delete(image_id)
-    except ImageNotFound:
-        pass
-    except ImageInUse as error:
-        raise JobRefused(str(error)) from error
-    except StoreUnavailable as error:
-        raise Transient(str(error)) from error
-    return records.transition(image_id, record["status"], DELETED, locations=[])
-
-
-def set_protected(image_id: str, records: RecordStore, protected: bool) -> dict[str, Any]:
-    if records.get(image_id) is None:
-        raise KeyError(image_id)
-    return records.update(image_id, protected=protected)
-
-
-def cancel_image(image_id: str, records: RecordStore) -> dict[str, Any]:
-    """Ask the job to stop. A queued job is killed at once; a saving one stops
-    at its next heartbeat (its worker kills qemu-img and removes the
-    temporary image)."""
-    record = records.get(image_id)
-    if record is None:
-        raise KeyError(image_id)
-    if record["status"] in FINAL:
-        return record
-    records.request_cancel(image_id)
-    if record["status"] == QUEUED:
-        try:
-            killed = records.transition(image_id, QUEUED, KILLED, outcome=CANCELLED, reason="cancelled")
-            records.request_cancel(image_id, False)
-            return killed
-        except IllegalTransition:
-            pass
-    current = records.get(image_id)
-    assert current is not None
-    return current

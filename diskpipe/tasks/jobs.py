@@ -75,8 +75,8 @@ def import_image(
 
 def delete_image(self: Any, image_id: str) -> dict[str, Any]:
     """Delete an image: {"record": …} or {"error": …, "code": "protected|in-use|not-found"}."""
-    from diskpipe.jobs.pipeline import JobRefused
-    from diskpipe.jobs.pipeline import delete_image as delete
+    from diskpipe.jobs.errors import JobRefused
+    from diskpipe.jobs.management import delete_image as delete
 
     try:
         return {"record": delete(image_id, worker.environment(self.app))}
@@ -86,9 +86,20 @@ def delete_image(self: Any, image_id: str) -> dict[str, Any]:
         return {"error": str(error), "code": "refused"}
 
 
+def protect_image(self: Any, image_id: str, protected: bool = True) -> dict[str, Any]:
+    """Protect an image (or lift it) in its record and the workers' store:
+    {"record": …} or {"error": …, "code": "not-found"}."""
+    from diskpipe.jobs.management import set_protected
+
+    try:
+        return {"record": set_protected(image_id, worker.environment(self.app), protected)}
+    except KeyError:
+        return {"error": f"no image {image_id}", "code": "not-found"}
+
+
 def cancel_image(self: Any, image_id: str) -> dict[str, Any]:
     """Ask a job to stop; returns the record as it is now."""
-    from diskpipe.jobs.pipeline import cancel_image as cancel
+    from diskpipe.jobs.management import cancel_image as cancel
 
     try:
         return cancel(image_id, worker.environment(self.app).records)
@@ -105,7 +116,7 @@ def register(app: Any) -> None:
     """Register the tasks on `app` under their stable names."""
     import redis
 
-    from diskpipe.jobs.pipeline import Transient
+    from diskpipe.jobs.errors import Transient
 
     settings = app.settings
     retrying = {
@@ -118,5 +129,6 @@ def register(app: Any) -> None:
     }
     app.task(name="diskpipe.import_image", bind=True, shared=False, **retrying)(import_image)
     app.task(name="diskpipe.delete_image", bind=True, shared=False, **retrying)(delete_image)
+    app.task(name="diskpipe.protect_image", bind=True, shared=False, **retrying)(protect_image)
     app.task(name="diskpipe.cancel_image", bind=True, shared=False)(cancel_image)
     app.task(name="diskpipe.cleanup", bind=True, shared=False)(cleanup)
