@@ -353,7 +353,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
     broker = _broker(args)
     if broker:
         # The workers' store holds the image: they protect it there.
-        from diskpipe.tasks.app import client_app
+        from diskpipe.tasks.factory import client_app
 
         outcome = (
             client_app(broker).send_task("diskpipe.protect_image", args=[args.id, protected]).get(timeout=args.timeout)

@@ -1,0 +1,218 @@
+"""The job pipeline's fast layer: the whole import on the file store and
+SQLite, no Ceph, no Redis, no Celery. Each step happens once (the store is
+asked for each thing once, the stored image is read back at most once), and
+every way a job ends maps to one outcome.
+
+Real images and real qemu-img throughout; an exception is injected only for
+the infrastructure faults that cannot be caused here for real (a store
+that is unavailable, a bug at a step).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diskpipe.converter.stores.base import ImageProtected, StoreError, StoreUnavailable
+from diskpipe.converter.stores.file import FileStore
+from diskpipe.formats.policy import Policy
+from diskpipe.jobs import pipeline
+from diskpipe.jobs.errors import JobRefused, Transient
+from diskpipe.jobs.management import cancel_image, delete_image, set_protected
+from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
+from diskpipe.jobs.records import SqliteRecords, new_record
+from diskpipe.jobs.states import OUTCOMES
+
+MiB = 1 << 20
+
+
+class CountingTarget:
+    """A store target that counts the bytes read from it."""
+
+    def __init__(self, target: Any, reads: Counter[str]) -> None:
+        self._target = target
+        self._reads = reads
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        data: bytes = self._target.read_at(offset, length)
+        self._reads["bytes"] += len(data)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+class CountingStore:
+    """The real file store, with every call and every byte read back counted."""
+
+    def __init__(self, store: FileStore) -> None:
+        self.store = store
+        self.calls: list[str] = []
+        self.reads: Counter[str] = Counter()
+        self.name = store.name
+        self.capabilities = store.capabilities
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            result = method(*args, **kwargs)
+            if name in ("begin", "open_image"):
+                return CountingTarget(result, self.reads)
+            return result
+
+        return counted
+
+    # Targets come back wrapped: unwrap them for the store's own methods.
+    def seal(self, target: Any) -> None:
+        self.calls.append("seal")
+        self.store.seal(getattr(target, "_target", target))
+
+    def finalize(self, target: Any) -> Any:
+        self.calls.append("finalize")
+        return self.store.finalize(getattr(target, "_target", target))
+
+    def abort(self, target: Any) -> None:
+        self.calls.append("abort")
+        self.store.abort(getattr(target, "_target", target))
+
+
+def _qcow2_with_data(path: Path, data_mib: int = 4, virtual: str = "64M") -> Path:
+    raw = path.with_suffix(".raw")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), virtual], check=True)
+    with raw.open("r+b") as handle:
+        for index in range(data_mib):
+            handle.seek(index * 8 * MiB)
+            handle.write(bytes([index + 1]) * MiB)
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True)
+    raw.unlink()
+    return path
+
+
+def _environment(tmp_path: Path, store: Any = None) -> Environment:
+    return Environment(
+        records=SqliteRecords(str(tmp_path / "records.sqlite")),
+        store=store if store is not None else FileStore(tmp_path / "store"),
+        policy=Policy(),
+        trust_local_paths=True,
+    )
+
+
+def test_an_import_asks_the_store_for_each_step_once_and_reads_the_image_back_once(tmp_path: Path) -> None:
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    store = CountingStore(FileStore(tmp_path / "store"))
+    env = _environment(tmp_path, store)
+    record = run_import(ImportJob("walk", str(source)), env, "a1")
+    assert record["status"] == "active" and record["outcome"] == "active", record
+    repeated = {name: count for name, count in Counter(store.calls).items() if count > 1}
+    assert not repeated, f"store steps done more than once: {store.calls}"
+    assert store.calls.index("begin") < store.calls.index("seal") < store.calls.index("finalize"), store.calls
+    # Glance's hashes read the 4 MiB of data once; the holes are not read.
+    assert 4 * MiB <= store.reads["bytes"] <= 5 * MiB, store.reads
+    assert record["size"] == 64 * MiB and record["virtual_size"] == 64 * MiB
+
+
+def test_without_hashes_nothing_but_a_few_blocks_is_read_back(tmp_path: Path) -> None:
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    store = CountingStore(FileStore(tmp_path / "store"))
+    record = run_import(ImportJob("bare", str(source), full_hashes=False), _environment(tmp_path, store), "a1")
+    assert record["status"] == "active", record
+    assert store.reads["bytes"] < MiB, store.reads  # the re-inspection's header reads only
+
+
+def test_a_dead_deliverys_stored_image_is_adopted_without_hashing_again(tmp_path: Path) -> None:
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    env = _environment(tmp_path)
+    first = run_import(ImportJob("adopt", str(source)), env, "a1")
+    assert first["status"] == "active"
+    # The first delivery "died" after the rename, before recording: its
+    # sealed checksums are in the record, the record still says saving.
+    sealed = {"size": first["size"], "md5": first["checksum"], "sha512": first["os_hash_value"], "sparse": None}
+    counting = CountingStore(env.store)  # type: ignore[arg-type]
+    records = SqliteRecords(str(tmp_path / "records2.sqlite"))
+    records.create(new_record("adopt", source=str(source), task_id="dead"))
+    records.transition("adopt", "queued", "saving", sealed_checksums=sealed, attempts=1)
+    adopted = run_import(ImportJob("adopt", str(source)), Environment(records=records, store=counting), "a2")
+    assert adopted["status"] == "active" and adopted["checksum"] == first["checksum"], adopted
+    assert "begin" not in counting.calls, counting.calls  # nothing converted again
+    assert counting.reads["bytes"] < MiB, counting.reads  # format and size checked, data not hashed again
+
+
+def test_refused_malformed_and_cancelled_images_end_with_their_outcome(tmp_path: Path) -> None:
+    env = _environment(tmp_path)
+    backing = tmp_path / "with-backing.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/hostname", str(backing), "16M"],
+        check=True,
+    )
+    refused = run_import(ImportJob("refused", str(backing)), env, "a1")
+    assert (refused["status"], refused["outcome"]) == ("killed", "refused"), refused
+    assert "backing" in refused["reason"]
+
+    truncated = tmp_path / "truncated.qcow2"
+    truncated.write_bytes(_qcow2_with_data(tmp_path / "whole.qcow2").read_bytes()[:300])
+    malformed = run_import(ImportJob("malformed", str(truncated)), env, "a1")
+    assert (malformed["status"], malformed["outcome"]) == ("killed", "refused"), malformed
+
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    env.records.create(new_record("cancelled", source=str(source), task_id="a1"))
+    cancelled = cancel_image("cancelled", env.records)
+    assert (cancelled["status"], cancelled["outcome"]) == ("killed", "cancelled"), cancelled
+    assert {refused["outcome"], malformed["outcome"], cancelled["outcome"]} <= OUTCOMES
+    assert not list((tmp_path / "store").glob("*")), "a refused image left data behind"
+
+
+@pytest.mark.parametrize(
+    ("fault", "final", "outcome", "reason"),
+    [
+        (StoreUnavailable("Ceph did not answer"), False, None, None),
+        (StoreUnavailable("Ceph did not answer"), True, "failed", "unavailable: Ceph did not answer"),
+        (StoreError("pool is read-only"), True, "failed", "store refused: pool is read-only"),
+        (RuntimeError("a bug"), True, "failed", "internal error during convert: RuntimeError: a bug"),
+    ],
+)
+def test_infrastructure_faults_fail_or_retry_but_never_refuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: Exception, final: bool, outcome: str | None, reason: str
+) -> None:
+    """Ceph away or a bug at a step cannot be caused here for real: the
+    conversion step raises it."""
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise fault
+
+    monkeypatch.setattr(pipeline, "convert_image", failing)
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    env = _environment(tmp_path)
+    job = ImportJob("fault", str(source))
+    if outcome is None:
+        with pytest.raises(Transient):
+            run_import(job, env, "a1", final_attempt=final)
+        record = env.records.get("fault")
+        assert record is not None and record["status"] == "saving" and not record.get("outcome")
+        return
+    record = run_import(job, env, "a1", final_attempt=final)
+    assert (record["status"], record["outcome"], record["reason"]) == ("killed", outcome, reason)
+    retried = run_import(job, env, "a2", final_attempt=True, retries_done=3)
+    assert retried["reason"] == reason.replace("unavailable:", "gave up after 3 retries:"), retried
+
+
+def test_protect_reaches_the_store_so_a_delete_around_the_records_is_refused(tmp_path: Path) -> None:
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    env = _environment(tmp_path)
+    assert run_import(ImportJob("kept", str(source)), env, "a1")["status"] == "active"
+    record = set_protected("kept", env, True)
+    assert record["protected"] is True
+    assert env.store.is_protected("kept")
+    with pytest.raises(ImageProtected):
+        env.store.delete("kept")
+    with pytest.raises(JobRefused, match="protected"):
+        delete_image("kept", env)
+    set_protected("kept", env, False)
+    assert not env.store.is_protected("kept")
+    assert delete_image("kept", env)["status"] == "deleted"
+    assert not env.store.exists("kept")
