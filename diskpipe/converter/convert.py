@@ -280,6 +280,43 @@ def convert_image(
         return _convert_open(request, fd, opened, store, progress, cancel or CancelToken(), inspected, on_sealed)
 
 
+@dataclass(frozen=True, slots=True)
+class _Judged:
+    """An image the policy and qemu-img's cross-check let through."""
+
+    info: ImageInfo
+    verdict: Verdict
+    spec: ImageSpec
+    virtual_size: int
+
+
+def _judge(
+    request: ConvertRequest,
+    fd: int,
+    opened: contextlib.ExitStack,
+    inspected: ImageInfo | None,
+    timings: dict[str, float],
+) -> _Judged:
+    """inspect -> policy -> (key) -> qemu-img's reading must match ours."""
+    started = time.monotonic()
+    try:
+        info = inspected or inspect_fd(fd, filename=request.source, allocation=True)
+    except FormatError as error:
+        raise refuse("malformed", str(error)) from error
+    verdict = require_safe(check(info, request.policy, request.claimed))
+    if info.encrypted and request.key_file is None:
+        raise refuse("encrypted", f"encrypted {info.format} image: converting it needs the key", verdict)
+    key_fd = None
+    if info.encrypted and request.key_file is not None:
+        key_fd = open_key_file(request.key_file)
+        opened.callback(os.close, key_fd)
+    timings["inspect"] = time.monotonic() - started
+    spec, virtual_size = source_spec(info, fd, key_fd)
+    cross_check(info, spec, virtual_size)
+    timings["cross_check"] = time.monotonic() - started - timings["inspect"]
+    return _Judged(info, verdict, spec, virtual_size)
+
+
 def _convert_open(
     request: ConvertRequest,
     fd: int,
@@ -294,50 +331,11 @@ def _convert_open(
     started = time.monotonic()
     report = progress or (lambda stage, percent: None)
     report("inspect", 0.0)
-    try:
-        info = inspected or inspect_fd(fd, filename=request.source, allocation=True)
-    except FormatError as error:
-        raise refuse("malformed", str(error)) from error
-    verdict = require_safe(check(info, request.policy, request.claimed))
-    if info.encrypted and request.key_file is None:
-        raise refuse("encrypted", f"encrypted {info.format} image: converting it needs the key", verdict)
-    timings["inspect"] = time.monotonic() - started
-
-    key_fd = None
-    if info.encrypted and request.key_file is not None:
-        key_fd = open_key_file(request.key_file)
-        opened.callback(os.close, key_fd)
-    spec, virtual_size = source_spec(info, fd, key_fd)
-    cross_check(info, spec, virtual_size)
-    timings["cross_check"] = time.monotonic() - started - sum(timings.values())
+    judged = _judge(request, fd, opened, inspected, timings)
     cancel.raise_if_cancelled()
-
-    target = store.begin(request.image_id, virtual_size, image_format=request.to_format)
+    target = store.begin(request.image_id, judged.virtual_size, image_format=request.to_format)
     try:
-        qemu_target = target.qemu_target()
-        report("convert", 0.0)
-        step = time.monotonic()
-        try:
-            qemu_img.convert(
-                spec,
-                qemu_target,
-                request.to_format,
-                convert_limits(virtual_size, to_file=store.capabilities.local_target, timeout=request.timeout),
-                options=request.options,
-                progress=lambda percent: report("convert", percent),
-                cancel=cancel,
-            )
-        except QemuImgError as error:
-            raise _failed(error) from error
-        timings["convert"] = time.monotonic() - step
-        cancel.raise_if_cancelled()
-
-        stored_size = _seal_and_reinspect(store, target, request.to_format, virtual_size, timings)
-        cancel.raise_if_cancelled()
-        step = time.monotonic()
-        checksums = _read_back(request, target, stored_size, report, cancel)
-        timings["checksum"] = time.monotonic() - step
-        cancel.raise_if_cancelled()
+        checksums = _write_and_seal(request, judged, store, target, report, cancel, timings)
         if on_sealed is not None:
             on_sealed(checksums)
         location = store.finalize(target)
@@ -349,12 +347,48 @@ def _convert_open(
     return ConvertResult(
         image_id=request.image_id,
         location=location,
-        source=info,
+        source=judged.info,
         stored_format=request.to_format,
-        virtual_size=virtual_size,
+        virtual_size=judged.virtual_size,
         checksums=checksums,
-        verdict=verdict,
-        qemu_virtual_size=info.virtual_size,
+        verdict=judged.verdict,
+        qemu_virtual_size=judged.info.virtual_size,
         publish_sparse=request.sparse_hash,
         timings=timings,
     )
+
+
+def _write_and_seal(
+    request: ConvertRequest,
+    judged: _Judged,
+    store: Store,
+    target: Any,
+    report: Progress,
+    cancel: CancelToken,
+    timings: dict[str, float],
+) -> Checksums:
+    """qemu-img writes the target; the store seals it; one read of the
+    sealed data re-inspects and hashes it."""
+    report("convert", 0.0)
+    step = time.monotonic()
+    try:
+        qemu_img.convert(
+            judged.spec,
+            target.qemu_target(),
+            request.to_format,
+            convert_limits(judged.virtual_size, to_file=store.capabilities.local_target, timeout=request.timeout),
+            options=request.options,
+            progress=lambda percent: report("convert", percent),
+            cancel=cancel,
+        )
+    except QemuImgError as error:
+        raise _failed(error) from error
+    timings["convert"] = time.monotonic() - step
+    cancel.raise_if_cancelled()
+    stored_size = _seal_and_reinspect(store, target, request.to_format, judged.virtual_size, timings)
+    cancel.raise_if_cancelled()
+    step = time.monotonic()
+    checksums = _read_back(request, target, stored_size, report, cancel)
+    timings["checksum"] = time.monotonic() - step
+    cancel.raise_if_cancelled()
+    return checksums

@@ -346,50 +346,66 @@ def download(
         connection.close()
         raise
     try:
-        length_header = response.getheader("Content-Length")
-        expected = int(length_header) if length_header and length_header.isdigit() else None
-        if expected is not None and expected > config.max_download:
-            raise SourceRefused(f"{url!r} is {expected} bytes, above the cap of {config.max_download}")
-        writer = SparseWriter(staged.fd, config.max_download, f"download of {url!r}", getattr(staged, "claim", None))
-
-        def chunks() -> Iterator[bytes]:
-            while True:
-                if cancelled():
-                    raise InterruptedError("download cancelled")
-                try:
-                    # The pacer bounds each receive inside this read.
-                    chunk = response.read(COPY_CHUNK)
-                except transfer.TransferTooSlow as error:
-                    raise SourceUnavailable(f"download of {url!r} cut off: {error}") from error
-                except (OSError, http.client.HTTPException) as error:
-                    raise SourceUnavailable(f"download of {url!r} failed: {error}") from error
-                if not chunk:
-                    return
-                yield chunk
-
-        # The inspector sees every byte as it arrives, and what the head
-        # decides (a claim that cannot match, a hidden format...) aborts the
-        # download. Compressed data and OVAs are judged after unpacking; the
-        # full verdict is always taken again on the staged file.
-        inspector = StreamInspector()
-        head = HeadCheck(inspector, claimed, policy, unpacked_later=True)
-        for chunk in chunks():
-            head.feed(chunk)
-            writer.write(chunk)
-            if progress is not None:
-                progress(writer.written, expected)
-        if expected is not None and writer.written != expected:
-            raise SourceUnavailable(f"download of {url!r} ended after {writer.written} of {expected} bytes")
-        writer.finish()
-        if inspector.undecided is not None:
-            # Not a refusal: the full verdict on the staged file decides.
-            staged.stream_notes = (f"stream could not decide: {inspector.undecided}; the staged file was judged",)
+        _receive(response, staged, url, config, _Receiving(claimed, policy, cancelled, progress))
     except BaseException:
         staged.close()
         raise
     finally:
         connection.close()
     return staged
+
+
+@dataclass(frozen=True, slots=True)
+class _Receiving:
+    """What a download checks and reports while its bytes arrive."""
+
+    claimed: str | None
+    policy: Policy
+    cancelled: Callable[[], bool]
+    progress: Callable[[int, int | None], None] | None
+
+
+def _response_chunks(response: http.client.HTTPResponse, url: str, cancelled: Callable[[], bool]) -> Iterator[bytes]:
+    while True:
+        if cancelled():
+            raise InterruptedError("download cancelled")
+        try:
+            # The pacer bounds each receive inside this read.
+            chunk = response.read(COPY_CHUNK)
+        except transfer.TransferTooSlow as error:
+            raise SourceUnavailable(f"download of {url!r} cut off: {error}") from error
+        except (OSError, http.client.HTTPException) as error:
+            raise SourceUnavailable(f"download of {url!r} failed: {error}") from error
+        if not chunk:
+            return
+        yield chunk
+
+
+def _receive(
+    response: http.client.HTTPResponse, staged: Staged, url: str, config: ImportConfig, receiving: _Receiving
+) -> None:
+    length_header = response.getheader("Content-Length")
+    expected = int(length_header) if length_header and length_header.isdigit() else None
+    if expected is not None and expected > config.max_download:
+        raise SourceRefused(f"{url!r} is {expected} bytes, above the cap of {config.max_download}")
+    writer = SparseWriter(staged.fd, config.max_download, f"download of {url!r}", getattr(staged, "claim", None))
+    # The inspector sees every byte as it arrives, and what the head
+    # decides (a claim that cannot match, a hidden format...) aborts the
+    # download. Compressed data and OVAs are judged after unpacking; the
+    # full verdict is always taken again on the staged file.
+    inspector = StreamInspector()
+    head = HeadCheck(inspector, receiving.claimed, receiving.policy, unpacked_later=True)
+    for chunk in _response_chunks(response, url, receiving.cancelled):
+        head.feed(chunk)
+        writer.write(chunk)
+        if receiving.progress is not None:
+            receiving.progress(writer.written, expected)
+    if expected is not None and writer.written != expected:
+        raise SourceUnavailable(f"download of {url!r} ended after {writer.written} of {expected} bytes")
+    writer.finish()
+    if inspector.undecided is not None:
+        # Not a refusal: the full verdict on the staged file decides.
+        staged.stream_notes = (f"stream could not decide: {inspector.undecided}; the staged file was judged",)
 
 
 # -- unpacking ---------------------------------------------------------------
