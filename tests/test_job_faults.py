@@ -118,7 +118,7 @@ def failing_transition(error: Exception, wanted: str) -> Callable[..., Any]:
 # (step named in the reason, source, where the bug is injected)
 FAULTS: list[tuple[str, str, Callable[[pytest.MonkeyPatch, Exception], None]]] = [
     ("record", "qcow2", lambda mp, error: mp.setattr(SqliteRecords, "transition", failing_transition(error, "saving"))),
-    ("purge", "qcow2", lambda mp, error: mp.setattr(pipeline, "_purge_temporaries", raising(error))),
+    ("purge", "qcow2", lambda mp, error: mp.setattr(FileStore, "purge_temporaries", raising(error))),
     ("fetch", "qcow2", lambda mp, error: mp.setattr(sources, "open_local", raising(error))),
     # mid-download: the staged file exists already
     ("fetch", "url", lambda mp, error: mp.setattr(sources.SparseWriter, "write", raising(error))),
