@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import bz2
 import contextlib
-import errno
 import fcntl
 import lzma
 import os
@@ -49,6 +48,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
+from diskpipe.converter.stores.localfiles import anonymous_file
 from diskpipe.formats import ImageInfo, inspect
 from diskpipe.jobs.sources import ImportConfig, SourceRefused, SourceUnavailable, Staged
 
@@ -258,18 +258,6 @@ def _live_claim(path: str, *, remove: bool = True) -> int:
         os.close(fd)
 
 
-def _anonymous_file(directory: str) -> int:
-    try:
-        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    except OSError as error:
-        if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-            raise
-    path = os.path.join(directory, f"unpacking.{uuid.uuid4().hex}.staged")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    os.unlink(path)
-    return fd
-
-
 def _new_claim(directory: str, label: str) -> tuple[int, str]:
     """A locked claim file, locked before it gets the name scanners look at."""
     safe_label = "".join(char for char in label if char.isalnum() or char in "-_")[:64] or "job"
@@ -293,7 +281,7 @@ def open_layer(config: ImportConfig, label: str, description: str) -> UnpackedLa
     directory = config.staging_dir
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd = _anonymous_file(directory)
+        fd = anonymous_file(directory)
         try:
             claim_fd, claim_path = _new_claim(directory, label)
         except BaseException:

@@ -10,12 +10,10 @@ overwritten), then drops the temporary name.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from diskpipe.converter.checksums import Extent
 from diskpipe.converter.qemu_img import TargetSpec
 from diskpipe.converter.stores.base import (
     TMP_MARKER,
@@ -30,6 +28,7 @@ from diskpipe.converter.stores.base import (
     owner_tag,
     tmp_name,
 )
+from diskpipe.converter.stores.localfiles import DescriptorTarget
 
 FORMATS = ("raw", "qcow2")
 # A protected image is read-only for everyone: the mark lives with the file,
@@ -38,30 +37,7 @@ IMAGE_MODE = 0o640
 PROTECTED_MODE = 0o440
 
 
-def file_extents(fd: int, size: int) -> Iterator[Extent]:
-    """(offset, length, holds data) from the filesystem's hole map."""
-    position = 0
-    while position < size:
-        try:
-            data_start = os.lseek(fd, position, os.SEEK_DATA)
-        except OSError as error:
-            if error.errno == errno.ENXIO:
-                break
-            # No SEEK_DATA: report everything as data (still correct, just slower).
-            yield position, size - position, True
-            return
-        if data_start >= size:
-            break
-        hole_start = min(os.lseek(fd, data_start, os.SEEK_HOLE), size)
-        if data_start > position:
-            yield position, data_start - position, False
-        yield data_start, hole_start - data_start, True
-        position = hole_start
-    if position < size:
-        yield position, size - position, False
-
-
-class FileTarget:
+class FileTarget(DescriptorTarget):
     def __init__(self, image_id: str, path: Path, final_path: Path, size: int, image_format: str) -> None:
         self.image_id = image_id
         self.path = path
@@ -83,30 +59,12 @@ class FileTarget:
             self._fd = os.open(self.path, flags | os.O_CLOEXEC)
         return self._fd
 
-    def create_empty(self) -> None:
-        """For writes from Python (raw streams): an empty sparse file."""
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        os.ftruncate(self._fd, self.size)
-
-    def extents(self) -> Iterator[Extent]:
-        fd = self._open()
-        yield from file_extents(fd, min(self.size, os.fstat(fd).st_size))
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        return os.pread(self._open(), length, offset)
-
-    def stored_size(self) -> int:
-        return os.fstat(self._open()).st_size
-
-    def write_at(self, offset: int, data: bytes) -> None:
-        if self._fd is None and not self.path.exists():
-            self.create_empty()  # a target written from Python, not by qemu-img
-        fd = self._open(os.O_RDWR)
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view = view[written:]
-            offset += written
+    def _descriptor_for(self, writing: bool) -> int:
+        if writing and self._fd is None and not self.path.exists():
+            # A target written from Python, not by qemu-img: an empty sparse file.
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+            os.ftruncate(self._fd, self.size)
+        return self._open(os.O_RDWR if writing else os.O_RDONLY)
 
     def sync(self) -> None:
         fd = self._open()

@@ -59,7 +59,7 @@ from diskpipe.converter.stores.base import (
     check_image_id,
     owner_tag,
 )
-from diskpipe.converter.stores.file import file_extents
+from diskpipe.converter.stores.localfiles import DescriptorTarget, anonymous_file
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
@@ -194,26 +194,7 @@ class PartBody(io.RawIOBase):
         return digest.digest()
 
 
-def open_staged(directory: str, size: int) -> int:
-    """A nameless sparse file of `size` bytes in `directory`."""
-    flags = os.O_RDWR | os.O_CLOEXEC
-    try:
-        fd = os.open(directory, flags | os.O_TMPFILE, 0o600)
-    except OSError as error:
-        if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-            raise
-        # No O_TMPFILE on this filesystem: a named file, unlinked at once.
-        fd, path = tempfile.mkstemp(prefix=".diskpipe-staged-", dir=directory)
-        os.unlink(path)
-    try:
-        os.ftruncate(fd, size)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-class S3Target:
+class S3Target(DescriptorTarget):
     """A staged raw file and the multipart upload it goes to."""
 
     def __init__(self, store: S3Store, image_id: str, key: str, upload_id: str, fd: int, size: int) -> None:
@@ -235,22 +216,8 @@ class S3Target:
     def qemu_target(self) -> TargetSpec:
         return TargetSpec.descriptor(self._descriptor())
 
-    def extents(self) -> Iterator[Extent]:
-        fd = self._descriptor()
-        yield from file_extents(fd, min(self.size, os.fstat(fd).st_size))
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        return os.pread(self._descriptor(), length, offset)
-
-    def stored_size(self) -> int:
-        return os.fstat(self._descriptor()).st_size
-
-    def write_at(self, offset: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self._descriptor(), view, offset)
-            view = view[written:]
-            offset += written
+    def _descriptor_for(self, writing: bool) -> int:
+        return self._descriptor()
 
     def close(self) -> None:
         if self._fd is not None:
@@ -414,7 +381,7 @@ class S3Store:
             raise ImageExists(f"image {image_id} already exists in {self._where()}")
         staging = self.config.staging_dir or tempfile.gettempdir()
         try:
-            fd = open_staged(staging, size)
+            fd = anonymous_file(staging, size)
         except OSError as error:
             raise StoreUnavailable(f"cannot stage the raw image in {staging}: {error.strerror}") from error
         try:
