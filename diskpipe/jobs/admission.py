@@ -35,35 +35,42 @@ def ensure_record(
                 return fresh
             continue
         if record["status"] == KILLED and record.get("task_id") != attempt:
-            try:
-                restarted = records.transition(
-                    job.image_id,
-                    KILLED,
-                    QUEUED,
-                    task_id=attempt,
-                    source=job.source,
-                    claimed_format=job.claimed_format,
-                    reason=None,
-                    outcome=None,
-                    retry=None,
-                    sealed_checksums=None,  # a killed attempt's values describe no stored image
-                )
-            except IllegalTransition:
+            restarted = _move(
+                records,
+                job,
+                attempt,
+                (KILLED, QUEUED),
+                reason=None,
+                outcome=None,
+                retry=None,
+                sealed_checksums=None,  # a killed attempt's values describe no stored image
+            )
+            if restarted is None:
                 continue
             records.request_cancel(job.image_id, False)  # an old cancel must not stop the new attempt
             return restarted
         if record["status"] == SAVING and record.get("task_id") != attempt and lease_gone is not None and lease_gone():
-            try:
-                return records.transition(
-                    job.image_id,
-                    SAVING,
-                    SAVING,
-                    task_id=attempt,
-                    source=job.source,
-                    claimed_format=job.claimed_format,
-                    reason=f"taken over from {record.get('task_id')}, whose lease was gone",
-                )
-            except IllegalTransition:
+            reason = f"taken over from {record.get('task_id')}, whose lease was gone"
+            taken = _move(records, job, attempt, (SAVING, SAVING), reason=reason)
+            if taken is None:
                 continue
+            return taken
         return record
     raise Transient(f"image {job.image_id}: record keeps changing")
+
+
+def _move(
+    records: RecordStore, job: ImportJob, attempt: str, move: tuple[str, str], **changes: Any
+) -> dict[str, Any] | None:
+    """The record moved to this attempt; None when another delivery moved it first."""
+    try:
+        return records.transition(
+            job.image_id,
+            *move,
+            task_id=attempt,
+            source=job.source,
+            claimed_format=job.claimed_format,
+            **changes,
+        )
+    except IllegalTransition:
+        return None

@@ -596,40 +596,44 @@ class _Job:
     own_staged: Callable[[], int]
 
 
-def decompress(current: Staged, algorithm: str, job: _Job) -> Staged:
-    """Unpack a compressed layer into a new staged file."""
-    if algorithm == "zstd":
-        check_zstd_frames(current.fd, job.clock)
-    source = PackedSource(current.fd, job.clock)
+def _unpack_layer(
+    current: Staged, job: _Job, what: str, fill: Callable[[PackedSource, UnpackedLayer], None], **source_options: Any
+) -> Staged:
+    """A new staged layer that `fill` writes from the packed one; on any
+    failure the new layer is closed (it has no name: nothing is left)."""
+    source = PackedSource(current.fd, job.clock, **source_options)
     try:
-        result = open_layer(job.config, job.label, f"{current.description} ({algorithm})")
+        result = open_layer(job.config, job.label, f"{current.description} ({what})")
         try:
-            writer = _writer(result, job, lambda: source.consumed)
-            for chunk in decoded_chunks(algorithm, source):
-                writer.write(chunk)
-            writer.finish()
+            fill(source, result)
         except BaseException:
             result.close()
             raise
     finally:
         source.close()
     return result
+
+
+def decompress(current: Staged, algorithm: str, job: _Job) -> Staged:
+    """Unpack a compressed layer into a new staged file."""
+    if algorithm == "zstd":
+        check_zstd_frames(current.fd, job.clock)
+
+    def fill(source: PackedSource, result: UnpackedLayer) -> None:
+        writer = _writer(result, job, lambda: source.consumed)
+        for chunk in decoded_chunks(algorithm, source):
+            writer.write(chunk)
+        writer.finish()
+
+    return _unpack_layer(current, job, algorithm, fill)
 
 
 def extract_ova(current: Staged, job: _Job) -> Staged:
     """Copy the disk the OVF names out of an OVA, walking the tar member by
     member: the OVF must come first (DSP0243), the walk stops at the disk."""
-    source = PackedSource(current.fd, job.clock, read_limit=TAR_READ_LIMIT)
-    try:
-        result = open_layer(job.config, job.label, f"{current.description} (ova)")
-        try:
-            _copy_ova_disk(source, result, job)
-        except BaseException:
-            result.close()
-            raise
-    finally:
-        source.close()
-    return result
+    return _unpack_layer(
+        current, job, "ova", lambda source, result: _copy_ova_disk(source, result, job), read_limit=TAR_READ_LIMIT
+    )
 
 
 class _SparseMember(Exception):
