@@ -5,7 +5,7 @@
 #
 #   bash scripts/cluster.sh up [--workers N] [--concurrency C] [--dir DIR] [--no-setup] [--no-import]
 #   bash scripts/cluster.sh status [--dir DIR]   # exit 0 all running, 1 a part is down, 3 no cluster
-#   bash scripts/cluster.sh env [--dir DIR]      # eval-able: DISKPIPE_CONFIG, DISKPIPE_BROKER_URL, CEPH_CONF
+#   bash scripts/cluster.sh env [--dir DIR]      # export lines for eval: DISKPIPE_CONFIG, DISKPIPE_BROKER_URL, CEPH_CONF
 #   bash scripts/cluster.sh down [--dir DIR]     # idempotent; removes the state dir
 #
 # up: installs what is missing (scripts/setup.sh; --no-setup skips it),
@@ -19,7 +19,7 @@
 # `down` cleans up.
 #
 # The state dir holds it all:
-#   diskpipe.toml, env            the workers' configuration; eval-able lines for diskpipe
+#   diskpipe.toml, env            the workers' configuration; its environment (NAME=value lines)
 #   redis/, ceph/                 the two services' own state dirs (conf, logs, keyrings)
 #   workers/wN.pid, workers/wN.log
 #   imports/                      [import] allowed_dirs: the only local paths a job may read
@@ -344,9 +344,14 @@ cmd_status() {
     return "$problems"
 }
 
+# `export` lines: a bare NAME=value from eval would stay a shell variable
+# that diskpipe never sees (and it would quietly run in process).
 cmd_env() {
     [[ -e "$marker" ]] || die "no cluster in $dir"
-    cat "$dir/env"
+    local name value
+    while IFS='=' read -r name value; do
+        printf 'export %s=%q\n' "$name" "$value"
+    done <"$dir/env"
 }
 
 cmd_down() {

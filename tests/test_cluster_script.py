@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +109,29 @@ def test_up_imports_into_rbd_and_down_leaves_nothing(state: Path) -> None:
     assert [snapshot["name"] for snapshot in snapshots] == ["snap"]
     worker_logs = "".join(log.read_text() for log in sorted((state / "workers").glob("w*.log")))
     assert re.search(r"Task diskpipe\.import_image\[[^]]+\] succeeded", worker_logs), worker_logs[-3000:]
+
+    # `env` points diskpipe on this host at the cluster: a second import
+    # goes to the workers and into RBD (not into a local file store).
+    shutil.copy(state / "imports" / "sample.qcow2", state / "imports" / "second.qcow2")
+    admin = subprocess.run(
+        [
+            "bash",
+            "-c",
+            'eval "$(bash "$0" env --dir "$1")" && "$2" import "$1/imports/second.qcow2" --id second --quiet '
+            '&& "$2" list',
+            str(SCRIPT),
+            str(state),
+            str(VENV_BIN / "diskpipe"),
+        ],
+        env=dict(cluster_env(), XDG_DATA_HOME=str(state.parent / "data")),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=RECOVERY_TIMEOUT,
+    )
+    assert admin.returncode == 0, admin.stdout + admin.stderr
+    assert re.search(r"location +rbd://[^ ]+/rbd/second/snap", admin.stdout), admin.stdout
+    assert image_id in admin.stdout
 
     status_run = cluster("status", state)
     assert status_run.returncode == 0, status_run.stdout + status_run.stderr
