@@ -301,7 +301,7 @@ cmd_up() {
 
     ((with_import)) && import_sample
     say "up in $(since "$t0"); state in $dir"
-    say "next: eval \"\$(scripts/cluster.sh env)\"; .venv/bin/diskpipe list; scripts/cluster.sh status; scripts/cluster.sh down"
+    say "next: eval \"\$(bash scripts/cluster.sh env)\"; .venv/bin/diskpipe list; bash scripts/cluster.sh status; bash scripts/cluster.sh down"
 }
 
 # -- status, env, down -----------------------------------------------------
