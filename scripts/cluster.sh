@@ -47,8 +47,9 @@ usage() {
     sed -n '6,9p' "${BASH_SOURCE[0]}" | sed 's/^#   //' >&2
     exit 2
 }
+cleanup_hint=""
 die() {
-    echo "cluster: ERROR: $*" >&2
+    echo "cluster: ERROR: $*$cleanup_hint" >&2
     exit 1
 }
 say() { echo "cluster: $*"; }
@@ -273,6 +274,8 @@ cmd_up() {
 
     mkdir -p -m 700 "$dir"
     touch "$marker"
+    cleanup_hint="
+cluster: what started is left running for a look at the logs in $dir; 'bash scripts/cluster.sh down --dir $dir' stops it"
     mkdir -p "$dir/workers" "$dir/imports" "$dir/staging"
 
     started="$(now)"
