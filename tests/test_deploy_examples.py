@@ -65,6 +65,29 @@ def test_the_worker_example_loads_with_the_config_loader() -> None:
     assert loaded["rbd"].keyring
     assert loaded["import"].allowed_dirs
     assert loaded["celery"].concurrency == 2
+    # Every other value is the real default, as the file's header says.
+    chosen = {
+        (name, key)
+        for name, section in loaded.items()
+        for key in document[name]
+        if getattr(section, key) != getattr(section_class(name)(), key)
+    }
+    assert chosen == WORKER_CHOICES
+
+
+# The keys docs/examples/worker.toml sets away from their defaults, each
+# with a comment there that gives the default.
+WORKER_CHOICES = {
+    ("celery", "broker_url"),
+    ("celery", "concurrency"),
+    ("store", "kind"),
+    ("rbd", "pool"),
+    ("rbd", "user"),
+    ("rbd", "conf"),
+    ("rbd", "keyring"),
+    ("import", "allowed_dirs"),
+    ("import", "staging_dir"),
+}
 
 
 def readme_config_block() -> str:
