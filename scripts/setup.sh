@@ -2,13 +2,16 @@
 # Installs what diskpipe needs on a Debian 12 machine: the Debian packages
 # (qemu-img, libmagic, Redis, a one-node Ceph's daemons and client bindings,
 # the RADOS Gateway the S3 store's tests use, the tools the sample generator uses) and a virtualenv in .venv with
-# diskpipe installed. `--test` adds the test extras, `--bench` the benchmark
-# extras, `--no-apt` skips the Debian packages.
+# diskpipe and its `tasks` extra (Celery, Redis: the job commands and the
+# worker need them) installed. `--test` adds the test extras, `--bench` the
+# benchmark extras, `--no-apt` skips the Debian packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_apt=1
-extras=""
+# The job commands (`diskpipe import --broker`, status, list, cancel...) and
+# `celery -A diskpipe.tasks worker` import Celery and redis: always installed.
+extras="tasks"
 for arg in "$@"; do
     case "$arg" in
         --test) extras="${extras:+$extras,}test" ;;
@@ -42,20 +45,19 @@ if [ "$with_apt" = 1 ]; then
     fi
 fi
 
-# Debian's rados/rbd bindings are built for its Python 3.11: the virtualenv
-# must use a 3.11 interpreter so the same extension modules load.
-python_bin="${DISKPIPE_PYTHON:-}"
-if [ -z "$python_bin" ]; then
-    for candidate in python3.11 python3 /usr/bin/python3; do
-        if command -v "$candidate" >/dev/null 2>&1 &&
-            "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
-            python_bin="$candidate"
-            break
-        fi
-    done
+# Debian's rados/rbd bindings belong to Debian's own interpreter
+# (/usr/bin/python3, 3.11 on Debian 12): the virtualenv is built on it, not
+# on whatever python3.11 comes first on PATH. A pyenv or other build under a
+# home directory would also tie the virtualenv to a path that only its owner
+# can read, and a worker's service user could not start it.
+python_bin="${DISKPIPE_PYTHON:-/usr/bin/python3}"
+"$python_bin" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null ||
+    { echo "setup: $python_bin is not a Python 3.11 (Debian 12's python3; or set DISKPIPE_PYTHON)" >&2; exit 1; }
+base_python() { "$1" -c 'import os, sys; print(os.path.realpath(sys._base_executable))'; }
+if [ -x .venv/bin/python ] && [ "$(base_python .venv/bin/python 2>/dev/null)" != "$(base_python "$python_bin")" ]; then
+    echo "setup: rebuilding .venv on $python_bin (it was made with $(base_python .venv/bin/python 2>/dev/null || echo 'a missing interpreter'))" >&2
+    rm -rf .venv
 fi
-[ -n "$python_bin" ] || { echo "setup: no Python 3.11 found (set DISKPIPE_PYTHON)" >&2; exit 1; }
-
 if [ ! -x .venv/bin/python ]; then
     "$python_bin" -m venv .venv
 fi
@@ -82,4 +84,17 @@ for module in rados rbd; do
         [ -e "$so" ] && ln -sf "$so" "$site_packages/"
     done
 done
-.venv/bin/python -c 'import diskpipe.formats' && echo "setup: ready (.venv)" >&2
+
+# A worker runs as a service user: the virtualenv must be readable by others
+# (whatever the umask was), and every directory above it searchable.
+chmod -R a+rX .venv
+path="$(pwd -P)"
+while [ "$path" != / ]; do
+    if [ "$(stat -c %A "$path" | cut -c10)" != x ] && [ "$(stat -c %A "$path" | cut -c10)" != t ]; then
+        echo "setup: note: $path is not searchable by other users, so only $(stat -c %U "$path") can run .venv;" \
+            "for a service user, put the checkout elsewhere (e.g. /opt/diskpipe), see the README's \"Deploying workers\"" >&2
+        break
+    fi
+    path="$(dirname "$path")"
+done
+.venv/bin/python -c 'import diskpipe.formats, celery, redis' && echo "setup: ready (.venv)" >&2
