@@ -23,9 +23,9 @@ EXAMPLES = ROOT / "docs" / "examples"
 # Every section of diskpipe.toml and the class that reads it (module, name).
 SECTIONS = {
     "policy": ("diskpipe.formats.policy", "Policy"),
-    "store": ("diskpipe.tasks.settings", "StoreConfig"),
+    "store": ("diskpipe.converter.stores.registry", "StoreConfig"),
     "celery": ("diskpipe.tasks.settings", "CeleryConfig"),
-    "import": ("diskpipe.tasks.sources", "ImportConfig"),
+    "import": ("diskpipe.jobs.sources", "ImportConfig"),
     "rbd": ("diskpipe.converter.stores.rbd", "RbdConfig"),
     "s3": ("diskpipe.converter.stores.s3", "S3Config"),
 }
