@@ -355,15 +355,31 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from diskpipe.config import load
-    from diskpipe.jobs.sources import ImportConfig, cleanup_staging
+    from diskpipe.jobs.cleanup import clean, describe
+    from diskpipe.jobs.sources import ImportConfig
 
-    removed = {"store": _make_store(args).cleanup(), "staging": cleanup_staging(load(ImportConfig))}
-    print(
-        json.dumps(removed, indent=2)
-        if args.output == "json"
-        else "\n".join(removed["store"] + removed["staging"]) or "nothing to remove"
-    )
-    return EXIT_OK
+    broker = _broker(args)
+    if broker:
+        # The workers' own pass: their store and staging, leases for liveness.
+        from celery.exceptions import TimeoutError as NoAnswer
+
+        from diskpipe.tasks.app import client_app
+
+        try:
+            report = client_app(broker).send_task("diskpipe.cleanup").get(timeout=args.timeout)
+        except NoAnswer:
+            print(f"diskpipe: no worker ran the cleanup within {args.timeout:.0f} s", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        report = clean(_make_store(args), load(ImportConfig))
+    removed, kept = describe(report)
+    if args.output == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(removed) if removed or kept else "nothing to remove")
+    for line in kept:
+        print(f"diskpipe: {line}", file=sys.stderr)
+    return EXIT_USAGE if kept else EXIT_OK
 
 
 def add_commands(commands: Any) -> None:
@@ -434,5 +450,6 @@ def add_commands(commands: Any) -> None:
         parser.set_defaults(handler=cmd_protect)
 
     cleanup = commands.add_parser("cleanup", help="remove temporaries of dead jobs and old staged files")
-    common(cleanup, broker=False)
+    cleanup.add_argument("--timeout", type=float, default=120.0, help="with a broker: how long to wait for a worker")
+    common(cleanup)
     cleanup.set_defaults(handler=cmd_cleanup)

@@ -26,6 +26,7 @@ from diskpipe.converter.stores.base import (
     ImageNotFound,
     Store,
     StoreError,
+    StoreMisconfigured,
     StoreUnavailable,
     check_image_id,
 )
@@ -436,8 +437,11 @@ def _run_with_lease(
             )
             return _kill(records, job.image_id, FAILED, f"{given_up}: {error}")
         raise Transient(str(error)) from error
+    except StoreMisconfigured as error:
+        return _kill(records, job.image_id, FAILED, f"setup error: {error}")
     except StoreError as error:
-        return _kill(records, job.image_id, FAILED, f"store refused: {error}")
+        # The store's answer (exists, in use...), never the image's fault.
+        return _kill(records, job.image_id, FAILED, f"store error: {error}")
     except (KeyboardInterrupt, SystemExit):
         _kill(records, job.image_id, CANCELLED, "interrupted")
         raise

@@ -23,7 +23,10 @@ from diskpipe.converter.stores.base import (
     ImageExists,
     ImageNotFound,
     ImageProtected,
+    Leftover,
     Location,
+    StoreError,
+    StoreMisconfigured,
     StoreUnavailable,
     check_image_id,
     owner_alive,
@@ -61,6 +64,18 @@ def file_extents(fd: int, size: int) -> Iterator[Extent]:
         yield position, size - position, False
 
 
+# A directory diskpipe may not write: the operator's to fix, not worth a retry.
+_SETUP_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR})
+
+
+def store_error(directory: Path, doing: str, error: OSError) -> StoreError:
+    """An OSError in the store directory as a store error that names it."""
+    message = f"file store {directory}: {doing}: {error.strerror or error}"
+    if error.errno in _SETUP_ERRNOS:
+        return StoreMisconfigured(f"{message} (the store directory must be writable)")
+    return StoreUnavailable(message)
+
+
 class FileTarget:
     def __init__(self, image_id: str, path: Path, final_path: Path, size: int, image_format: str) -> None:
         self.image_id = image_id
@@ -75,8 +90,14 @@ class FileTarget:
         """qemu-img writes through a descriptor on a file created here, so
         the store directory's path never reaches it as a name."""
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+            self._fd = self._create(os.O_NOFOLLOW)
         return TargetSpec.descriptor(self._fd)
+
+    def _create(self, flags: int = 0) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flags, 0o640)
+        except OSError as error:
+            raise store_error(self.path.parent, f"cannot create {self.name}", error) from error
 
     def _open(self, flags: int = os.O_RDONLY) -> int:
         if self._fd is None:
@@ -85,7 +106,7 @@ class FileTarget:
 
     def create_empty(self) -> None:
         """For writes from Python (raw streams): an empty sparse file."""
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        self._fd = self._create()
         os.ftruncate(self._fd, self.size)
 
     def extents(self) -> Iterator[Extent]:
@@ -129,7 +150,7 @@ class FileStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise StoreUnavailable(f"file store {self.directory}: {error.strerror}") from error
+            raise store_error(self.directory, "cannot create the directory", error) from error
 
     def _final(self, image_id: str, image_format: str = "raw") -> Path:
         return self.directory / f"{check_image_id(image_id)}.{image_format}"
@@ -221,11 +242,11 @@ class FileStore:
                 removed.append(entry.name)
         return removed
 
-    def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[str]:
+    def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[Leftover]:
         """Remove temporaries whose writer is gone (see RbdStore.cleanup)."""
-        removed: list[str] = []
+        found: list[Leftover] = []
         if not self.directory.is_dir():
-            return removed
+            return found
         for entry in self.directory.iterdir():
             if not entry.name.startswith(".") or TMP_MARKER not in entry.name:
                 continue
@@ -234,6 +255,10 @@ class FileStore:
             if alive is None:
                 alive = owner_alive(owner)
             if alive is False:
-                entry.unlink(missing_ok=True)
-                removed.append(entry.name)
-        return removed
+                try:
+                    entry.unlink(missing_ok=True)
+                except OSError as error:
+                    found.append(Leftover(entry.name, False, f"{error.strerror or error} in {self.directory}"))
+                    continue
+                found.append(Leftover(entry.name, True))
+        return found
