@@ -249,6 +249,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         finally:
             display.close()
     _print_record(record, None, args.output)
+    if record["status"] == "killed":
+        print(f"diskpipe: {record.get('reason')}", file=sys.stderr)  # stdout may be JSON for a program
     if record["status"] == "deleted":
         print(f"diskpipe: image {image_id} was deleted; ids are not reused", file=sys.stderr)
         return EXIT_USAGE

@@ -174,9 +174,10 @@ def cross_check(info: ImageInfo, spec: ImageSpec, expected_size: int) -> dict[st
     return report
 
 
-def _failed(error: QemuImgError) -> Exception:
+def _failed(error: QemuImgError, store: Store) -> Exception:
     if any(marker in error.stderr for marker in _INFRASTRUCTURE_ERRORS):
-        return StoreUnavailable(str(error))
+        # The store's trouble (full, unreachable), not the image's: say so first.
+        return StoreUnavailable(f"writing into the {store.name} store failed: {error}")
     return ConversionFailed(str(error))
 
 
@@ -328,7 +329,7 @@ def _convert_open(
                 cancel=cancel,
             )
         except QemuImgError as error:
-            raise _failed(error) from error
+            raise _failed(error, store) from error
         timings["convert"] = time.monotonic() - step
         cancel.raise_if_cancelled()
 

@@ -442,8 +442,9 @@ def _run_with_lease(
     except StoreError as error:
         # The store's answer (exists, in use...), never the image's fault.
         return _kill(records, job.image_id, FAILED, f"store error: {error}")
-    except (KeyboardInterrupt, SystemExit):
-        _kill(records, job.image_id, CANCELLED, "interrupted")
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # diskpipe.interrupts names the signal (SIGTERM...); a bare Ctrl-C says nothing.
+        _kill(records, job.image_id, CANCELLED, f"interrupted ({stop})" if str(stop) else "interrupted")
         raise
     finally:
         for item in (unpacked, staged):

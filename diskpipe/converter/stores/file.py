@@ -9,8 +9,8 @@ overwritten), then drops the temporary name.
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +34,7 @@ from diskpipe.converter.stores.base import (
     tmp_name,
 )
 
+log = logging.getLogger(__name__)
 FORMATS = ("raw", "qcow2")
 # A protected image is read-only for everyone: the mark lives with the file,
 # and `chmod` shows it to an operator.
@@ -84,6 +85,7 @@ class FileTarget:
         self.name = path.name
         self.size = size
         self.format = image_format
+        self.created = False  # this target made the file at `path` (abort removes only that)
         self._fd: int | None = None
 
     def qemu_target(self) -> TargetSpec:
@@ -95,9 +97,11 @@ class FileTarget:
 
     def _create(self, flags: int = 0) -> int:
         try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flags, 0o640)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flags, 0o640)
         except OSError as error:
             raise store_error(self.path.parent, f"cannot create {self.name}", error) from error
+        self.created = True
+        return fd
 
     def _open(self, flags: int = os.O_RDONLY) -> int:
         if self._fd is None:
@@ -190,9 +194,17 @@ class FileStore:
         return self.location(target.image_id)
 
     def abort(self, target: FileTarget) -> None:
+        """Remove the temporary; when that fails (the filesystem went
+        read-only), leave it to `cleanup` rather than hide the first error."""
         target.close()
-        with contextlib.suppress(FileNotFoundError):
+        if not target.created:
+            return
+        try:
             target.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.warning("could not remove %s now, cleanup will: %s", target.path, error.strerror or error)
 
     def exists(self, image_id: str) -> bool:
         return self._find(image_id) is not None

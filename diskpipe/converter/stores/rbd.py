@@ -258,7 +258,7 @@ class RbdStore:
         try:
             return rados.Rados(conffile=conf, rados_id=self.config.user, conf=self.config.client_options())
         except (rados.Error, OSError) as error:
-            raise StoreMisconfigured(f"Ceph configuration file {conf} cannot be used: {error}") from error
+            raise StoreMisconfigured(f"Ceph configuration file {conf} cannot be parsed ({error})") from error
 
     def close(self) -> None:
         with self._lock:
@@ -302,7 +302,7 @@ class RbdStore:
             raise ImageExists(f"image {image_id} already exists in pool {self.config.pool}")
         owner = owner_tag()
         name = tmp_name(image_id, owner)
-        self._remove_image(name, missing_ok=True)
+        self._remove_image(name, missing_ok=True, abandoned=True)  # left by a dead process that had our pid
         self._call(rbd.RBD().create, ioctx, name, size, old_format=False, features=FEATURES)
         try:
             image = self.open_raw(name)
@@ -315,7 +315,7 @@ class RbdStore:
             # Interrupted (Ctrl-C, SIGTERM) or failed before the caller holds
             # the target it would abort: remove the image here.
             with contextlib.suppress(StoreError, rbd.Error):
-                self._remove_image(name, missing_ok=True)
+                self._remove_image(name, missing_ok=True, abandoned=True)
             raise
         return RbdTarget(self, image_id, name, size)
 
@@ -345,11 +345,12 @@ class RbdStore:
     def abort(self, target: RbdTarget) -> None:
         """Remove the temporary image; when Ceph cannot be reached now, leave
         it to `cleanup` (it never carries the real name)."""
-        _, rbd = _bindings()
+        rados, rbd = _bindings()
         try:
             target.close()
-            self._remove_image(target.name, missing_ok=True)
-        except (StoreError, rbd.Error) as error:
+            # Our qemu-img has exited (or was killed): nobody writes it any more.
+            self._remove_image(target.name, missing_ok=True, abandoned=True)
+        except (StoreError, rbd.Error, rados.Error) as error:
             log.warning("could not remove %s now, cleanup will: %s", target.name, error)
 
     def exists(self, image_id: str) -> bool:
@@ -425,8 +426,12 @@ class RbdStore:
             raise ImageInUse(f"image {image_id} is in use: its snapshot has clones ({', '.join(clones)})")
         self._remove_image(image_id, missing_ok=False)
 
-    def _remove_image(self, name: str, *, missing_ok: bool) -> None:
-        _, rbd = _bindings()
+    def _remove_image(self, name: str, *, missing_ok: bool, abandoned: bool = False) -> None:
+        """Remove image `name` and its snapshots. `abandoned`: a temporary
+        whose writer is dead (killed by us, or its owner gone): its
+        watchers are fenced off first, because librbd's remove otherwise
+        waits out the dead writer's exclusive lock (the 30 s watch timeout)."""
+        rados, rbd = _bindings()
         ioctx = self._connect()
         try:
             image = self.open_raw(name)
@@ -435,13 +440,12 @@ class RbdStore:
                 return
             raise
         try:
-            for snapshot in list(image.list_snaps()):
-                if image.is_protected_snap(snapshot["name"]):
-                    try:
-                        self._call(image.unprotect_snap, snapshot["name"])
-                    except rbd.ImageBusy as error:
-                        raise ImageInUse(f"image {name} is in use: its snapshot has clones") from error
-                self._call(image.remove_snap, snapshot["name"])
+            if abandoned:
+                try:
+                    self._fence(list(image.watchers_list()))
+                except rados.Error as error:  # no blocklist permission: the remove waits the watch out
+                    log.warning("could not fence the watchers of %s: %s", name, error)
+            self._remove_snapshots(image, name)
         finally:
             image.close()
         for attempt in range(3):
@@ -459,6 +463,16 @@ class RbdStore:
                 if attempt == 2 or not self._fence_watchers(name):
                     raise
 
+    def _remove_snapshots(self, image: Any, name: str) -> None:
+        _, rbd = _bindings()
+        for snapshot in list(image.list_snaps()):
+            if image.is_protected_snap(snapshot["name"]):
+                try:
+                    self._call(image.unprotect_snap, snapshot["name"])
+                except rbd.ImageBusy as error:
+                    raise ImageInUse(f"image {name} is in use: its snapshot has clones") from error
+            self._call(image.remove_snap, snapshot["name"])
+
     def _fence_watchers(self, name: str) -> bool:
         """Blocklist the clients still watching image `name`; True if any."""
         image = self.open_raw(name)
@@ -466,6 +480,10 @@ class RbdStore:
             watchers = list(image.watchers_list())
         finally:
             image.close()
+        return self._fence(watchers)
+
+    def _fence(self, watchers: list[dict[str, Any]]) -> bool:
+        """Blocklist these watchers but this process's own client; True if any."""
         own = f"client.{self._cluster.get_instance_id()}"
         fenced = False
         for watcher in watchers:
@@ -482,7 +500,7 @@ class RbdStore:
         removed = []
         for name in self._call(rbd.RBD().list, self._connect()):
             if name.startswith(image_id + TMP_MARKER):
-                self._remove_image(name, missing_ok=True)
+                self._remove_image(name, missing_ok=True, abandoned=True)
                 removed.append(name)
         return removed
 
@@ -526,7 +544,7 @@ class RbdStore:
     def _remove_leftover(self, name: str) -> Leftover:
         rados, rbd = _bindings()
         try:
-            self._remove_image(name, missing_ok=True)
+            self._remove_image(name, missing_ok=True, abandoned=True)
         except ImageInUse as error:
             return Leftover(name, False, f"{error}; flatten or remove the clones first")
         except rbd.ImageBusy:
