@@ -148,7 +148,7 @@ def _connect_error(config: RbdConfig, error: Exception) -> StoreError:
         return StoreMisconfigured(f"{keyring} holds no key for Ceph user {user} (check [rbd] user and keyring)")
     if code == errno.EACCES:
         return StoreMisconfigured(
-            f"Ceph refused user {user}: the cluster does not know it, or its key in {keyring} is wrong "
+            f"Ceph rejected user {user}: the cluster does not know it, or its key in {keyring} is wrong "
             "(check [rbd] user and keyring)"
         )
     if code == errno.EIO:
