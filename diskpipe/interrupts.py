@@ -81,7 +81,10 @@ def run(handler: Callable[[Any], int], args: Any) -> int:
     try:
         return handler(args)
     except Interrupted as stop:
+        # The handler stays: a signal between here and the exit is "still
+        # stopping", not a kill that would hide the exit status.
         return stop.exit_code
     finally:
-        for signum, action in previous.items():
-            signal.signal(signum, action)
+        if not stopper.received:
+            for signum, action in previous.items():
+                signal.signal(signum, action)
