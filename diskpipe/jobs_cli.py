@@ -364,13 +364,24 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     if broker:
         # The workers' own pass: their store and staging, leases for liveness.
         from celery.exceptions import TimeoutError as NoAnswer
+        from kombu.exceptions import OperationalError
 
         from diskpipe.tasks.app import client_app
 
         try:
-            report = client_app(broker).send_task("diskpipe.cleanup").get(timeout=args.timeout)
+            result = client_app(broker).send_task("diskpipe.cleanup")
+            try:
+                report = result.get(timeout=args.timeout)
+            finally:  # now, not from a destructor at interpreter exit (a traceback then)
+                result.backend.remove_pending_result(result)
         except NoAnswer:
             print(f"diskpipe: no worker ran the cleanup within {args.timeout:.0f} s", file=sys.stderr)
+            return EXIT_USAGE
+        except (OperationalError, OSError, RuntimeError) as error:
+            from kombu.utils.url import maybe_sanitize_url  # no password in the message
+
+            cause = error.__cause__ or error.__context__ or error
+            print(f"diskpipe: the broker {maybe_sanitize_url(broker)} cannot be reached: {cause}", file=sys.stderr)
             return EXIT_USAGE
     else:
         report = clean(_make_store(args), load(ImportConfig))
