@@ -20,13 +20,14 @@ ended.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# By name: `signal` is imported only by a command that installs the handler
+# (the CLI imports this module on every start, `diskpipe info` included).
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 # The commands that write a temporary image; the others keep Python's
 # default handling (a SIGTERM ends `diskpipe info` at once, as it should).
 WRITING_COMMANDS = frozenset({"convert", "import"})
@@ -37,6 +38,8 @@ class Interrupted(KeyboardInterrupt):
     """A stop signal arrived; `signum` says which."""
 
     def __init__(self, signum: int) -> None:
+        import signal
+
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
@@ -57,6 +60,8 @@ class _Stopper:
         os.write(2, f"{fresh}diskpipe: {text}\n".encode())
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
+        import signal
+
         self.received += 1
         name = signal.Signals(signum).name
         if self.received == 1:
@@ -76,8 +81,10 @@ def run(handler: Callable[[Any], int], args: Any) -> int:
     signal makes it clean up and return 128 + the signal's number."""
     if getattr(args, "command", None) not in WRITING_COMMANDS:
         return handler(args)
+    import signal
+
     stopper = _Stopper()
-    previous = {signum: signal.signal(signum, stopper) for signum in STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, stopper) for signum in (signal.Signals[name] for name in STOP_SIGNALS)}
     try:
         return handler(args)
     except Interrupted as stop:
