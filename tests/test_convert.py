@@ -332,5 +332,5 @@ def test_cephx_auth_and_quoted_rbd_options(
     assert result.location.url.endswith("/cephx-img/snap")
     store.delete("cephx-img")
     wrong = RbdStore(RbdConfig(conf=ceph_cephx.conf, user="nobody", keyring=str(keyring), connect_timeout=5))
-    with pytest.raises(StoreMisconfigured, match="client.nobody"):  # a setup mistake, not an outage
+    with pytest.raises(StoreMisconfigured, match=r"client\.nobody"):  # a setup mistake, not an outage
         wrong.begin("never", 1 << 20)
