@@ -55,9 +55,13 @@ class _Stopper:
         self.received = 0
 
     def _say(self, text: str) -> None:
-        # A progress line may be on the terminal: start a fresh line.
-        fresh = "\n" if sys.stderr is not None and sys.stderr.isatty() else ""
-        os.write(2, f"{fresh}diskpipe: {text}\n".encode())
+        # A progress line may be on the terminal: start a fresh line. After
+        # SIGHUP the terminal may be gone (EIO): the cleanup matters more.
+        try:
+            fresh = "\n" if sys.stderr is not None and sys.stderr.isatty() else ""
+            os.write(2, f"{fresh}diskpipe: {text}\n".encode())
+        except (OSError, ValueError):
+            pass
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         import signal
