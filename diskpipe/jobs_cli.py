@@ -388,8 +388,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     removed, kept = describe(report)
     if args.output == "json":
         print(json.dumps(report, indent=2))
-    else:
-        print("\n".join(removed) if removed or kept else "nothing to remove")
+    elif removed or not kept:
+        print("\n".join(removed) or "nothing to remove")
     for line in kept:
         print(f"diskpipe: {line}", file=sys.stderr)
     return EXIT_USAGE if kept else EXIT_OK
