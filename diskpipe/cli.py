@@ -266,7 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(_command_in(words))
     args = parser.parse_args(words)
     try:
-        result: int = args.handler(args)
+        from diskpipe.interrupts import run  # SIGTERM/SIGHUP/Ctrl-C: clean up, exit 128+N
+
+        result: int = run(args.handler, args)
         return result
     except KeyboardInterrupt:
         return 130

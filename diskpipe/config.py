@@ -53,8 +53,10 @@ def section(name: str) -> Any:
 
 
 def parse_size(value: str | int) -> int:
-    """`2T`, `512M`, `4096`, `1.5G`, `64KiB` -> bytes."""
+    """`2T`, `512M`, `4096`, `1.5G`, `64KiB` -> bytes; never negative."""
     if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"not a size: {value!r}")
         return value
     text = value.strip().upper().removesuffix("IB").removesuffix("B")
     number, suffix = (text[:-1], text[-1]) if text and text[-1] in _SIZE_SUFFIXES else (text, "")
@@ -101,7 +103,7 @@ def load_file(path: str | None = None) -> dict[str, Any]:
 
 _EXAMPLES = {
     bool: "true or false",
-    int: "a whole number, sizes with a suffix: 4096, 512M, 2T",
+    int: "a whole number, not negative: 30, 4096 (sizes also 512M, 2T)",
     float: "a number of seconds or a rate: 30, 1.5",
     str: 'a string in quotes: "text"',
 }
@@ -137,7 +139,10 @@ def _to_int(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError(value)
     if isinstance(value, str):
-        return parse_size(value)
+        try:
+            return parse_size(value)
+        except ConfigError as error:  # said again by _convert, with the key and its origin
+            raise ValueError(value) from error
     if isinstance(value, float) and not value.is_integer():
         raise ValueError(value)
     if not isinstance(value, (int, float)):
@@ -213,12 +218,12 @@ def load_section(
     if file_values is None:
         file_values = load_file().get(name, {})
     if not isinstance(file_values, Mapping):
-        raise ConfigError(f"{source}: [{name}] must be a table")
+        raise ConfigError(f"{source}: [{name}] must be a table: a line [{name}], then key = value lines")
     hints = typing.get_type_hints(cls)
     fields = _field_names(cls)
     unknown = set(file_values) - fields
     if unknown:
-        raise ConfigError(f"{source}: [{name}] has unknown keys {sorted(unknown)} (known: {', '.join(sorted(fields))})")
+        raise ConfigError(f"{source}: [{name}] {_unknown_keys(sorted(unknown), fields)}")
     _warn_unknown_variables(name, fields)
     values: dict[str, Any] = {}
     for field_name in fields:
@@ -233,6 +238,18 @@ def load_section(
         if raw is not _MISSING:
             values[field_name] = _convert(where, raw, hints[field_name])
     return cls(**values)
+
+
+def _unknown_keys(unknown: list[str], fields: set[str]) -> str:
+    """Which keys are unknown, the known key each one most likely meant, and
+    the known keys."""
+    import difflib  # only on this error: off the `info` path
+
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, fields, n=1)
+        named.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    return f"has unknown key{'s' if len(unknown) > 1 else ''} {', '.join(named)}; known: {', '.join(sorted(fields))}"
 
 
 _MISSING = object()

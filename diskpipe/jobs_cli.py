@@ -250,6 +250,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         finally:
             display.close()
     _print_record(record, None, args.output)
+    if record["status"] == "killed":
+        print(f"diskpipe: {record.get('reason')}", file=sys.stderr)  # stdout may be JSON for a program
     if record["status"] == "deleted":
         print(f"diskpipe: image {image_id} was deleted; ids are not reused", file=sys.stderr)
         return EXIT_USAGE
@@ -377,15 +379,42 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from diskpipe.config import load
-    from diskpipe.jobs.sources import ImportConfig, cleanup_staging
+    from diskpipe.jobs.cleanup import clean, describe
+    from diskpipe.jobs.sources import ImportConfig
 
-    removed = {"store": _make_store(args).cleanup(), "staging": cleanup_staging(load(ImportConfig))}
-    print(
-        json.dumps(removed, indent=2)
-        if args.output == "json"
-        else "\n".join(removed["store"] + removed["staging"]) or "nothing to remove"
-    )
-    return EXIT_OK
+    broker = _broker(args)
+    if broker:
+        # The workers' own pass: their store and staging, leases for liveness.
+        from celery.exceptions import TimeoutError as NoAnswer
+        from kombu.exceptions import OperationalError
+
+        from diskpipe.tasks.factory import client_app
+
+        try:
+            result = client_app(broker).send_task("diskpipe.cleanup")
+            try:
+                report = result.get(timeout=args.timeout)
+            finally:  # now, not from a destructor at interpreter exit (a traceback then)
+                result.backend.remove_pending_result(result)
+        except NoAnswer:
+            print(f"diskpipe: no worker ran the cleanup within {args.timeout:.0f} s", file=sys.stderr)
+            return EXIT_USAGE
+        except (OperationalError, OSError, RuntimeError) as error:
+            from kombu.utils.url import maybe_sanitize_url  # no password in the message
+
+            cause = error.__cause__ or error.__context__ or error
+            print(f"diskpipe: the broker {maybe_sanitize_url(broker)} cannot be reached: {cause}", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        report = clean(_make_store(args), load(ImportConfig))
+    removed, kept = describe(report)
+    if args.output == "json":
+        print(json.dumps(report, indent=2))
+    elif removed or not kept:
+        print("\n".join(removed) or "nothing to remove")
+    for line in kept:
+        print(f"diskpipe: {line}", file=sys.stderr)
+    return EXIT_USAGE if kept else EXIT_OK
 
 
 def add_commands(commands: Any) -> None:
@@ -457,5 +486,6 @@ def add_commands(commands: Any) -> None:
         parser.set_defaults(handler=cmd_protect)
 
     cleanup = commands.add_parser("cleanup", help="remove temporaries of dead jobs and old staged files")
-    common(cleanup, broker=False)
+    cleanup.add_argument("--timeout", type=float, default=120.0, help="with a broker: how long to wait for a worker")
+    common(cleanup)
     cleanup.set_defaults(handler=cmd_cleanup)

@@ -20,7 +20,7 @@ import pytest
 from diskpipe.converter import qemu_img
 from diskpipe.converter.convert import ConversionFailed, ConvertRequest, convert_image
 from diskpipe.converter.qemu_img import Cancelled, CancelToken
-from diskpipe.converter.stores.base import StoreUnavailable
+from diskpipe.converter.stores.base import StoreMisconfigured, StoreUnavailable
 from diskpipe.converter.stores.file import FileStore
 from diskpipe.converter.stores.rbd import RbdConfig, RbdStore, qemu_rbd_target
 from diskpipe.refusal import UnsafeImage
@@ -271,7 +271,7 @@ def test_a_conversion_killed_midway_leaves_no_image_and_the_next_run_succeeds(
     assert image_id not in names  # never a half image under the real name
     # The next run cleans the dead owner's temporary and succeeds.
     removed = rbd_store.cleanup()
-    assert all(name.startswith(image_id + ".tmp.") for name in removed)
+    assert all(entry.removed and entry.name.startswith(image_id + ".tmp.") for entry in removed)
     assert not [name for name in ceph.rbd("ls").split() if name.startswith(image_id)]
     result = convert_image(ConvertRequest(str(source), image_id), rbd_store)
     assert result.location.url.endswith(f"/{image_id}/snap")
@@ -332,5 +332,5 @@ def test_cephx_auth_and_quoted_rbd_options(
     assert result.location.url.endswith("/cephx-img/snap")
     store.delete("cephx-img")
     wrong = RbdStore(RbdConfig(conf=ceph_cephx.conf, user="nobody", keyring=str(keyring), connect_timeout=5))
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreMisconfigured, match=r"client\.nobody"):  # a setup mistake, not an outage
         wrong.begin("never", 1 << 20)

@@ -172,7 +172,7 @@ def test_refused_malformed_and_cancelled_images_end_with_their_outcome(tmp_path:
     [
         (StoreUnavailable("Ceph did not answer"), False, None, None),
         (StoreUnavailable("Ceph did not answer"), True, "failed", "unavailable: Ceph did not answer"),
-        (StoreError("pool is read-only"), True, "failed", "store refused: pool is read-only"),
+        (StoreError("pool is read-only"), True, "failed", "store error: pool is read-only"),
         (RuntimeError("a bug"), True, "failed", "internal error during convert: RuntimeError: a bug"),
     ],
 )

@@ -238,10 +238,10 @@ def test_cleanup_asks_is_live_first(store: Store) -> None:
     target.write_at(0, b"abandoned")
     target.close()
     kept = store.cleanup(lambda image, owner: True if image == name else None)
-    assert not any(name in entry for entry in kept)
+    assert not any(name in entry.name for entry in kept)
     assert len(temporaries(store, name)) == 1, "a live writer's temporary was removed"
     removed = store.cleanup(lambda image, owner: False if image == name else None)
-    assert any(name in entry for entry in removed)
+    assert any(name in entry.name and entry.removed for entry in removed)
     assert temporaries(store, name) == []
 
 
@@ -317,7 +317,8 @@ def test_s3_gateway_stopped_mid_upload(rgw: Any, staging: Path, tmp_path: Path) 
     assert len(temporaries(store, name)) == 1
     assert store.cleanup() == [], "a fresh upload is not stale yet"
     stale = S3Store(s3_config(rgw, bucket, staging, stale_after=0))
-    assert len(stale.cleanup()) == 1
+    (aborted,) = stale.cleanup()
+    assert aborted.removed and name in aborted.name
     assert temporaries(store, name) == []
 
 

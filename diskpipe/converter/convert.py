@@ -174,9 +174,10 @@ def cross_check(info: ImageInfo, spec: ImageSpec, expected_size: int) -> dict[st
     return report
 
 
-def _failed(error: QemuImgError) -> Exception:
+def _failed(error: QemuImgError, store: Store) -> Exception:
     if any(marker in error.stderr for marker in _INFRASTRUCTURE_ERRORS):
-        return StoreUnavailable(str(error))
+        # The store's trouble (full, unreachable), not the image's: say so first.
+        return StoreUnavailable(f"writing into the {store.name} store failed: {error}")
     return ConversionFailed(str(error))
 
 
@@ -382,7 +383,7 @@ def _write_and_seal(
             cancel=cancel,
         )
     except QemuImgError as error:
-        raise _failed(error) from error
+        raise _failed(error, store) from error
     timings["convert"] = time.monotonic() - step
     cancel.raise_if_cancelled()
     stored_size = _seal_and_reinspect(store, target, request.to_format, judged.virtual_size, timings)

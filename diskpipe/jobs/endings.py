@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from diskpipe.converter.convert import ConversionFailed
 from diskpipe.converter.qemu_img import Cancelled
-from diskpipe.converter.stores.base import Store, StoreError, StoreUnavailable
+from diskpipe.converter.stores.base import Store, StoreError, StoreMisconfigured, StoreUnavailable
 from diskpipe.formats import FormatError
 from diskpipe.jobs import sources
 from diskpipe.jobs.errors import Transient
@@ -40,7 +40,9 @@ _ENDINGS: tuple[
     ((Cancelled, InterruptedError), CANCELLED, lambda error: "cancelled"),
     # qemu-img could not convert an image the inspector accepted: the image's fault.
     (ConversionFailed, REFUSED, lambda error: f"conversion failed: {error}"),
-    ((KeyboardInterrupt, SystemExit), CANCELLED, lambda error: "interrupted"),
+    # diskpipe.interrupts names the signal (SIGTERM...); a bare Ctrl-C says nothing.
+    ((KeyboardInterrupt, SystemExit), CANCELLED, lambda stop: f"interrupted ({stop})" if str(stop) else "interrupted"),
+    (StoreMisconfigured, FAILED, lambda error: f"setup error: {error}"),
 )
 
 
@@ -51,7 +53,8 @@ def outcome_of(error: BaseException) -> tuple[str, str] | None:
         if isinstance(error, types):
             return outcome, reason(error)
     if isinstance(error, StoreError) and not isinstance(error, StoreUnavailable):
-        return FAILED, f"store refused: {error}"
+        # The store's answer (exists, in use...), never the image's fault.
+        return FAILED, f"store error: {error}"
     return None
 
 

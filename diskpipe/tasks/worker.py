@@ -65,9 +65,10 @@ def _build_environment(app: Any) -> Any:
 
 
 def cleanup(app: Any) -> dict[str, Any]:
-    """Remove the store's temporaries whose owner is gone, and old staged files."""
+    """Remove the store's temporaries whose owner is gone, and old staged
+    files; each named, with why when it could not be removed."""
+    from diskpipe.jobs.cleanup import clean
     from diskpipe.jobs.lease import Lease
-    from diskpipe.jobs.sources import cleanup_staging
 
     env = environment(app)
     client = redis(app)
@@ -76,7 +77,7 @@ def cleanup(app: Any) -> dict[str, Any]:
         # A temporary is live exactly while some delivery holds the image's lease.
         return bool(client.exists(Lease.PREFIX + image_id))
 
-    return {"store": env.store.cleanup(is_live), "staging": cleanup_staging(env.import_config)}
+    return clean(env.store, env.import_config, is_live)
 
 
 class _OneLineReconnects(logging.Filter):

@@ -53,6 +53,12 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached (Ceph down, directory missing): transient."""
 
 
+class StoreMisconfigured(StoreError):
+    """The store is set up wrongly (a missing ceph.conf or keyring, a user
+    Ceph does not know, a directory diskpipe may not write): an operator must
+    fix it; retrying will not help."""
+
+
 class ImageInUse(StoreError):
     """The image has clones (RBD children) and cannot be deleted."""
 
@@ -115,6 +121,21 @@ def owner_alive(tag: str) -> bool | None:
 
 def tmp_name(image_id: str, owner: str) -> str:
     return f"{image_id}{TMP_MARKER}{owner}"
+
+
+@dataclass(frozen=True, slots=True)
+class Leftover:
+    """A temporary a cleanup pass found abandoned: removed, or kept and why."""
+
+    name: str
+    removed: bool
+    why: str = ""  # why it could not be removed (and when to try again)
+
+    def __str__(self) -> str:
+        return f"removed {self.name}" if self.removed else f"could not remove {self.name}: {self.why}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "removed": self.removed, **({"why": self.why} if self.why else {})}
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +221,8 @@ class Store(Protocol):
         holds the image's lease, so none of them is live); return their names."""
         ...
 
-    def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[str]:
-        """Remove temporary images whose writer is gone; return their names.
+    def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[Leftover]:
+        """Remove temporary images whose writer is gone; name each one, and
+        say why one could not be removed (the others are removed anyway).
         `is_live(image_id, owner)` may decide (True/False) or defer (None)."""
         ...

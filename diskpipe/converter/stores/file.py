@@ -9,7 +9,8 @@ overwritten), then drops the temporary name.
 
 from __future__ import annotations
 
-import contextlib
+import errno
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,10 @@ from diskpipe.converter.stores.base import (
     ImageExists,
     ImageNotFound,
     ImageProtected,
+    Leftover,
     Location,
+    StoreError,
+    StoreMisconfigured,
     StoreUnavailable,
     check_image_id,
     owner_alive,
@@ -30,11 +34,24 @@ from diskpipe.converter.stores.base import (
 )
 from diskpipe.converter.stores.localfiles import DescriptorTarget
 
+log = logging.getLogger(__name__)
 FORMATS = ("raw", "qcow2")
 # A protected image is read-only for everyone: the mark lives with the file,
 # and `chmod` shows it to an operator.
 IMAGE_MODE = 0o640
 PROTECTED_MODE = 0o440
+
+
+# A directory diskpipe may not write: the operator's to fix, not worth a retry.
+_SETUP_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR})
+
+
+def store_error(directory: Path, doing: str, error: OSError) -> StoreError:
+    """An OSError in the store directory as a store error that names it."""
+    message = f"file store {directory}: {doing}: {error.strerror or error}"
+    if error.errno in _SETUP_ERRNOS:
+        return StoreMisconfigured(f"{message} (the store directory must be writable)")
+    return StoreUnavailable(message)
 
 
 class FileTarget(DescriptorTarget):
@@ -45,14 +62,23 @@ class FileTarget(DescriptorTarget):
         self.name = path.name
         self.size = size
         self.format = image_format
+        self.created = False  # this target made the file at `path` (abort removes only that)
         self._fd: int | None = None
 
     def qemu_target(self) -> TargetSpec:
         """qemu-img writes through a descriptor on a file created here, so
         the store directory's path never reaches it as a name."""
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+            self._fd = self._create(os.O_NOFOLLOW)
         return TargetSpec.descriptor(self._fd)
+
+    def _create(self, flags: int = 0) -> int:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flags, 0o640)
+        except OSError as error:
+            raise store_error(self.path.parent, f"cannot create {self.name}", error) from error
+        self.created = True
+        return fd
 
     def _open(self, flags: int = os.O_RDONLY) -> int:
         if self._fd is None:
@@ -62,7 +88,7 @@ class FileTarget(DescriptorTarget):
     def _descriptor_for(self, writing: bool) -> int:
         if writing and self._fd is None and not self.path.exists():
             # A target written from Python, not by qemu-img: an empty sparse file.
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+            self._fd = self._create(os.O_NOFOLLOW)
             os.ftruncate(self._fd, self.size)
         return self._open(os.O_RDWR if writing else os.O_RDONLY)
 
@@ -87,7 +113,7 @@ class FileStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise StoreUnavailable(f"file store {self.directory}: {error.strerror}") from error
+            raise store_error(self.directory, "cannot create the directory", error) from error
 
     def _final(self, image_id: str, image_format: str = "raw") -> Path:
         return self.directory / f"{check_image_id(image_id)}.{image_format}"
@@ -127,9 +153,17 @@ class FileStore:
         return self.location(target.image_id)
 
     def abort(self, target: FileTarget) -> None:
+        """Remove the temporary; when that fails (the filesystem went
+        read-only), leave it to `cleanup` rather than hide the first error."""
         target.close()
-        with contextlib.suppress(FileNotFoundError):
+        if not target.created:
+            return
+        try:
             target.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.warning("could not remove %s now, cleanup will: %s", target.path, error.strerror or error)
 
     def exists(self, image_id: str) -> bool:
         return self._find(image_id) is not None
@@ -179,11 +213,11 @@ class FileStore:
                 removed.append(entry.name)
         return removed
 
-    def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[str]:
+    def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[Leftover]:
         """Remove temporaries whose writer is gone (see RbdStore.cleanup)."""
-        removed: list[str] = []
+        found: list[Leftover] = []
         if not self.directory.is_dir():
-            return removed
+            return found
         for entry in self.directory.iterdir():
             if not entry.name.startswith(".") or TMP_MARKER not in entry.name:
                 continue
@@ -192,6 +226,10 @@ class FileStore:
             if alive is None:
                 alive = owner_alive(owner)
             if alive is False:
-                entry.unlink(missing_ok=True)
-                removed.append(entry.name)
-        return removed
+                try:
+                    entry.unlink(missing_ok=True)
+                except OSError as error:
+                    found.append(Leftover(entry.name, False, f"{error.strerror or error} in {self.directory}"))
+                    continue
+                found.append(Leftover(entry.name, True))
+        return found

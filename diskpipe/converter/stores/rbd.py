@@ -18,8 +18,10 @@ seconds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,8 +38,10 @@ from diskpipe.converter.stores.base import (
     ImageInUse,
     ImageNotFound,
     ImageProtected,
+    Leftover,
     Location,
     StoreError,
+    StoreMisconfigured,
     StoreUnavailable,
     check_image_id,
     owner_alive,
@@ -112,6 +116,46 @@ def _bindings() -> tuple[Any, Any]:
     return rados, rbd
 
 
+def _check_setup_file(path: str, what: str, remedy: str) -> None:
+    """A file librados must read, readable and regular, or a message naming it."""
+    if "," in path:
+        return  # librados's list of candidate files: it picks the first that exists
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError as error:
+        raise StoreMisconfigured(f"{what} {path} does not exist ({remedy})") from error
+    except OSError as error:
+        raise StoreMisconfigured(f"{what} {path} cannot be read: {error.strerror} ({remedy})") from error
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreMisconfigured(f"{what} {path} is not a regular file ({remedy})")
+    finally:
+        os.close(fd)
+
+
+def _connect_error(config: RbdConfig, error: Exception) -> StoreError:
+    """What a failed connect means, by librados's errno. With cephx, the
+    monitor's answers tell a keyring that was not found (ENOENT), one that
+    holds no key for the user (EPERM), a user or key the cluster rejects
+    (EACCES) and a keyring that cannot be parsed (EIO) apart; anything else
+    (a timeout above all) is a cluster that cannot be reached."""
+    user = f"client.{config.user}"
+    keyring = config.keyring or f"the keyring named in {config.conf_path()} or Ceph's default keyring paths"
+    code = getattr(error, "errno", None)
+    if code == errno.ENOENT:
+        return StoreMisconfigured(f"no keyring found for {user}: looked in {keyring} (set [rbd] keyring)")
+    if code == errno.EPERM:
+        return StoreMisconfigured(f"{keyring} holds no key for Ceph user {user} (check [rbd] user and keyring)")
+    if code == errno.EACCES:
+        return StoreMisconfigured(
+            f"Ceph rejected user {user}: the cluster does not know it, or its key in {keyring} is wrong "
+            "(check [rbd] user and keyring)"
+        )
+    if code == errno.EIO:
+        return StoreMisconfigured(f"the key for Ceph user {user} in {keyring} cannot be used (a malformed keyring?)")
+    return StoreUnavailable(f"Ceph is unreachable ({config.conf_path()}, user {user}): {error}")
+
+
 class RbdTarget:
     """An image being written, or (from `open_image`) a stored one.
 
@@ -184,20 +228,37 @@ class RbdStore:
                 return self._ioctx
             rados, _ = _bindings()
             self._pid = os.getpid()
+            cluster = self._cluster_handle(rados)
             try:
-                cluster = rados.Rados(
-                    conffile=self.config.conf_path(), rados_id=self.config.user, conf=self.config.client_options()
-                )
                 cluster.connect(timeout=self.config.connect_timeout)
+            except (rados.Error, OSError) as error:
+                cluster.shutdown()
+                raise _connect_error(self.config, error) from error
+            try:
                 ioctx = cluster.open_ioctx(self.config.pool)
             except rados.ObjectNotFound as error:
-                raise StoreError(f"RBD pool {self.config.pool!r} does not exist") from error
-            except (rados.Error, OSError) as error:
-                raise StoreUnavailable(
-                    f"Ceph is unreachable ({self.config.conf_path()}, user {self.config.user}): {error}"
+                cluster.shutdown()
+                raise StoreMisconfigured(
+                    f"RBD pool {self.config.pool!r} does not exist (cluster of {self.config.conf_path()})"
                 ) from error
+            except (rados.Error, OSError) as error:
+                cluster.shutdown()
+                raise StoreUnavailable(f"Ceph did not open pool {self.config.pool!r}: {error}") from error
             self._cluster, self._ioctx = cluster, ioctx
             return ioctx
+
+    def _cluster_handle(self, rados: Any) -> Any:
+        """A cluster handle with the configuration read. librados reports a
+        missing file as "object not found", like a missing pool, so the
+        files are checked here first and each gets its own message."""
+        conf = self.config.conf_path()
+        _check_setup_file(conf, "Ceph configuration file", "set [rbd] conf or CEPH_CONF")
+        if self.config.keyring:
+            _check_setup_file(self.config.keyring, "Ceph keyring", "set [rbd] keyring")
+        try:
+            return rados.Rados(conffile=conf, rados_id=self.config.user, conf=self.config.client_options())
+        except (rados.Error, OSError) as error:
+            raise StoreMisconfigured(f"Ceph configuration file {conf} cannot be parsed ({error})") from error
 
     def close(self) -> None:
         with self._lock:
@@ -241,14 +302,21 @@ class RbdStore:
             raise ImageExists(f"image {image_id} already exists in pool {self.config.pool}")
         owner = owner_tag()
         name = tmp_name(image_id, owner)
-        self._remove_image(name, missing_ok=True)
+        self._remove_image(name, missing_ok=True, abandoned=True)  # left by a dead process that had our pid
         self._call(rbd.RBD().create, ioctx, name, size, old_format=False, features=FEATURES)
-        image = self.open_raw(name)
         try:
-            image.metadata_set(OWNER_KEY, owner)
-            image.metadata_set(CREATED_KEY, str(int(time.time())))
-        finally:
-            image.close()
+            image = self.open_raw(name)
+            try:
+                image.metadata_set(OWNER_KEY, owner)
+                image.metadata_set(CREATED_KEY, str(int(time.time())))
+            finally:
+                image.close()
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM) or failed before the caller holds
+            # the target it would abort: remove the image here.
+            with contextlib.suppress(StoreError, rbd.Error):
+                self._remove_image(name, missing_ok=True, abandoned=True)
+            raise
         return RbdTarget(self, image_id, name, size)
 
     def seal(self, target: RbdTarget) -> None:
@@ -277,11 +345,12 @@ class RbdStore:
     def abort(self, target: RbdTarget) -> None:
         """Remove the temporary image; when Ceph cannot be reached now, leave
         it to `cleanup` (it never carries the real name)."""
-        _, rbd = _bindings()
+        rados, rbd = _bindings()
         try:
             target.close()
-            self._remove_image(target.name, missing_ok=True)
-        except (StoreError, rbd.Error) as error:
+            # Our qemu-img has exited (or was killed): nobody writes it any more.
+            self._remove_image(target.name, missing_ok=True, abandoned=True)
+        except (StoreError, rbd.Error, rados.Error) as error:
             log.warning("could not remove %s now, cleanup will: %s", target.name, error)
 
     def exists(self, image_id: str) -> bool:
@@ -357,8 +426,12 @@ class RbdStore:
             raise ImageInUse(f"image {image_id} is in use: its snapshot has clones ({', '.join(clones)})")
         self._remove_image(image_id, missing_ok=False)
 
-    def _remove_image(self, name: str, *, missing_ok: bool) -> None:
-        _, rbd = _bindings()
+    def _remove_image(self, name: str, *, missing_ok: bool, abandoned: bool = False) -> None:
+        """Remove image `name` and its snapshots. `abandoned`: a temporary
+        whose writer is dead (killed by us, or its owner gone): its
+        watchers are fenced off first, because librbd's remove otherwise
+        waits out the dead writer's exclusive lock (the 30 s watch timeout)."""
+        rados, rbd = _bindings()
         ioctx = self._connect()
         try:
             image = self.open_raw(name)
@@ -367,13 +440,12 @@ class RbdStore:
                 return
             raise
         try:
-            for snapshot in list(image.list_snaps()):
-                if image.is_protected_snap(snapshot["name"]):
-                    try:
-                        self._call(image.unprotect_snap, snapshot["name"])
-                    except rbd.ImageBusy as error:
-                        raise ImageInUse(f"image {name} is in use: its snapshot has clones") from error
-                self._call(image.remove_snap, snapshot["name"])
+            if abandoned:
+                try:
+                    self._fence(list(image.watchers_list()))
+                except rados.Error as error:  # no blocklist permission: the remove waits the watch out
+                    log.warning("could not fence the watchers of %s: %s", name, error)
+            self._remove_snapshots(image, name)
         finally:
             image.close()
         for attempt in range(3):
@@ -391,6 +463,16 @@ class RbdStore:
                 if attempt == 2 or not self._fence_watchers(name):
                     raise
 
+    def _remove_snapshots(self, image: Any, name: str) -> None:
+        _, rbd = _bindings()
+        for snapshot in list(image.list_snaps()):
+            if image.is_protected_snap(snapshot["name"]):
+                try:
+                    self._call(image.unprotect_snap, snapshot["name"])
+                except rbd.ImageBusy as error:
+                    raise ImageInUse(f"image {name} is in use: its snapshot has clones") from error
+            self._call(image.remove_snap, snapshot["name"])
+
     def _fence_watchers(self, name: str) -> bool:
         """Blocklist the clients still watching image `name`; True if any."""
         image = self.open_raw(name)
@@ -398,6 +480,10 @@ class RbdStore:
             watchers = list(image.watchers_list())
         finally:
             image.close()
+        return self._fence(watchers)
+
+    def _fence(self, watchers: list[dict[str, Any]]) -> bool:
+        """Blocklist these watchers but this process's own client; True if any."""
         own = f"client.{self._cluster.get_instance_id()}"
         fenced = False
         for watcher in watchers:
@@ -414,37 +500,69 @@ class RbdStore:
         removed = []
         for name in self._call(rbd.RBD().list, self._connect()):
             if name.startswith(image_id + TMP_MARKER):
-                self._remove_image(name, missing_ok=True)
+                self._remove_image(name, missing_ok=True, abandoned=True)
                 removed.append(name)
         return removed
 
-    def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[str]:
+    def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[Leftover]:
         """Remove abandoned temporaries. `is_live(image_id, owner)` decides
         first when given (the pipeline asks whether the image's lease is
         held); otherwise, or when it cannot tell, a temporary is abandoned
         when its owner process on this host is gone, or when another host's is
-        older than `stale_after`."""
+        older than `stale_after`. One that cannot be removed is named with
+        the reason, and the others are still removed."""
         _, rbd = _bindings()
-        ioctx = self._connect()
-        removed = []
-        for name in self._call(rbd.RBD().list, ioctx):
+        found = []
+        for name in self._call(rbd.RBD().list, self._connect()):
             if TMP_MARKER not in name:
                 continue
             image_id, _, owner = name.rpartition(TMP_MARKER)
-            alive = is_live(image_id, owner) if is_live is not None else None
-            if alive is None:
-                alive = owner_alive(owner)
-            if alive is None:
+            if not self._abandoned(name, image_id, owner, is_live):
+                continue
+            found.append(self._remove_leftover(name))
+        return found
+
+    def _abandoned(
+        self, name: str, image_id: str, owner: str, is_live: Callable[[str, str], bool | None] | None
+    ) -> bool:
+        _, rbd = _bindings()
+        alive = is_live(image_id, owner) if is_live is not None else None
+        if alive is None:
+            alive = owner_alive(owner)
+        if alive is None:
+            try:
+                image = self.open_raw(name)
                 try:
-                    image = self.open_raw(name)
-                    try:
-                        created = int(image.metadata_get(CREATED_KEY))
-                    finally:
-                        image.close()
-                except (StoreError, rbd.Error, ValueError):
-                    created = 0
-                alive = time.time() - created < self.config.stale_after
-            if not alive:
-                self._remove_image(name, missing_ok=True)
-                removed.append(name)
-        return removed
+                    created = int(image.metadata_get(CREATED_KEY))
+                finally:
+                    image.close()
+            except (StoreError, rbd.Error, ValueError):
+                created = 0
+            alive = time.time() - created < self.config.stale_after
+        return not alive
+
+    def _remove_leftover(self, name: str) -> Leftover:
+        rados, rbd = _bindings()
+        try:
+            self._remove_image(name, missing_ok=True, abandoned=True)
+        except ImageInUse as error:
+            return Leftover(name, False, f"{error}; flatten or remove the clones first")
+        except rbd.ImageBusy:
+            return Leftover(name, False, f"watchers still alive, retry after {self._watch_timeout()} s")
+        except rados.PermissionError as error:
+            return Leftover(
+                name,
+                False,
+                f"its watchers could not be fenced off (Ceph user client.{self.config.user} may not blocklist: "
+                f"{error}); a dead writer's watch expires: retry after {self._watch_timeout()} s",
+            )
+        except (StoreError, rbd.Error, rados.Error) as error:
+            return Leftover(name, False, f"{error}; retry later")
+        return Leftover(name, True)
+
+    def _watch_timeout(self) -> int:
+        """Seconds after which the OSDs drop a dead client's watch."""
+        try:
+            return int(self._cluster.conf_get("osd_client_watch_timeout"))
+        except Exception:  # noqa: BLE001 - only a hint in a message
+            return 30

@@ -53,6 +53,7 @@ from diskpipe.converter.stores.base import (
     ImageExists,
     ImageNotFound,
     ImageProtected,
+    Leftover,
     Location,
     StoreError,
     StoreUnavailable,
@@ -581,12 +582,13 @@ class S3Store:
                 removed.append(f"{key} (upload {upload['UploadId']})")
         return removed
 
-    def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[str]:
+    def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[Leftover]:
         """Abort abandoned uploads. `is_live(image_id, owner)` decides first
         when given (the pipeline asks whether the image's lease is held; S3
         lists no upload's metadata, so the owner is not known and passed as
-        ""); otherwise an upload older than `stale_after` is abandoned."""
-        removed = []
+        ""); otherwise an upload older than `stale_after` is abandoned. An
+        upload the endpoint will not abort is named with the reason."""
+        found = []
         now = time.time()
         for upload in list(self._uploads(self.config.prefix)):
             image_id = self._image_id(str(upload["Key"]))
@@ -598,6 +600,11 @@ class S3Store:
                 started = initiated.timestamp() if isinstance(initiated, datetime) else 0.0
                 alive = now - started < self.config.stale_after
             if not alive:
-                self._abort_upload(upload["Key"], upload["UploadId"])
-                removed.append(f"{upload['Key']} (upload {upload['UploadId']})")
-        return removed
+                name = f"{upload['Key']} (upload {upload['UploadId']})"
+                try:
+                    self._abort_upload(upload["Key"], upload["UploadId"])
+                except StoreError as error:
+                    found.append(Leftover(name, False, f"{error}; retry later"))
+                    continue
+                found.append(Leftover(name, True))
+        return found

@@ -1,0 +1,160 @@
+"""`diskpipe cleanup` names each leftover it removes, and each it cannot
+remove with the reason (exit 2 then, the others are removed anyway); with
+`--broker` the workers run their own cleanup task and report the same way.
+
+Real parts: leftovers made as a dead writer leaves them (its pid gone), an
+immutable file (chattr +i) and an RBD temporary with a clone as the ones that
+cannot go, the session's Ceph and Redis, a Celery worker process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, Ceph, wait_until
+
+
+def run_diskpipe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "diskpipe", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+
+
+def cli_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DISKPIPE_")}
+    env.update(
+        DISKPIPE_STORE_RECORDS=str(tmp_path / "records.sqlite"),
+        DISKPIPE_IMPORT_STAGING_DIR=str(tmp_path / "staging"),
+        **settings,
+    )
+    return env
+
+
+def dead_owner() -> str:
+    """An owner tag (host-pid) of a process of this host that has exited."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return f"{socket.gethostname().split('.')[0]}-{process.pid}"
+
+
+@pytest.fixture
+def immutable(tmp_path: Path) -> Iterator[list[Path]]:
+    """Files made immutable (chattr +i) by the test; made mutable again after."""
+    made: list[Path] = []
+    yield made
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+def test_file_store_cleanup_names_what_it_removes_and_what_it_cannot(tmp_path: Path, immutable: list[Path]) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    owner = dead_owner()
+    removable = store / f".img-a.tmp.{owner}"
+    stuck = store / f".img-b.tmp.{owner}"
+    live = store / f".img-c.tmp.{socket.gethostname().split('.')[0]}-{os.getpid()}"
+    for path in (removable, stuck, live):
+        path.write_bytes(b"\0" * 4096)
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not possible here")
+    immutable.append(stuck)
+    env = cli_env(tmp_path)
+
+    done = run_diskpipe(env, "cleanup", "--store", f"file:{store}")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [f"removed store {removable.name}"]
+    assert done.stderr.splitlines() == [
+        f"diskpipe: could not remove store {stuck.name}: Operation not permitted in {store}"
+    ]
+    assert sorted(entry.name for entry in store.iterdir()) == sorted([stuck.name, live.name])
+
+    again = run_diskpipe(env, "cleanup", "--store", f"file:{store}", "--output", "json")
+    assert again.returncode == 2
+    report = json.loads(again.stdout)
+    assert report["store"] == [{"name": stuck.name, "removed": False, "why": f"Operation not permitted in {store}"}]
+
+    subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    last = run_diskpipe(env, "cleanup", "--store", f"file:{store}")
+    assert (last.returncode, last.stdout.strip(), last.stderr) == (0, f"removed store {stuck.name}", "")
+    assert run_diskpipe(env, "cleanup", "--store", f"file:{store}").stdout.strip() == "nothing to remove"
+
+
+def test_rbd_cleanup_names_a_temporary_it_cannot_remove_and_removes_the_rest(tmp_path: Path, ceph: Ceph) -> None:
+    owner = dead_owner()
+    tag = uuid.uuid4().hex[:8]
+    removable, cloned, clone = f"gone-{tag}.tmp.{owner}", f"kept-{tag}.tmp.{owner}", f"clone-{tag}"
+    for name in (removable, cloned):
+        ceph.rbd("create", "--size", "4M", name)
+    ceph.rbd("snap", "create", f"{cloned}@s")
+    ceph.rbd("snap", "protect", f"{cloned}@s")
+    ceph.rbd("clone", f"{cloned}@s", clone)
+    env = cli_env(tmp_path, DISKPIPE_RBD_CONF=ceph.conf)
+    try:
+        done = run_diskpipe(env, "cleanup", "--store", "rbd:rbd")
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert f"removed store {removable}" in done.stdout.splitlines()
+        kept = [line for line in done.stderr.splitlines() if cloned in line]
+        assert kept == [
+            f"diskpipe: could not remove store {cloned}: image {cloned} is in use: its snapshot has clones; "
+            "flatten or remove the clones first"
+        ]
+        names = ceph.rbd("ls").split()
+        assert removable not in names and cloned in names
+    finally:
+        ceph.rbd("rm", clone)
+        ceph.rbd("snap", "unprotect", f"{cloned}@s")
+    # The clone gone, the next pass removes the temporary.
+    last = run_diskpipe(env, "cleanup", "--store", "rbd:rbd")
+    assert last.returncode == 0, last.stderr
+    assert f"removed store {cloned}" in last.stdout.splitlines()
+    assert cloned not in ceph.rbd("ls").split()
+
+
+def test_cleanup_with_a_broker_runs_the_workers_cleanup_task(tmp_path: Path, redis_url: str) -> None:
+    from tests.test_tasks import Workers
+
+    queue = f"cleanup-{uuid.uuid4().hex[:8]}"  # only this test's worker consumes it
+    store = tmp_path / "worker-store"
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        f'[store]\nkind = "file"\ndirectory = "{store}"\nrecords = "{tmp_path / "unused.sqlite"}"\n'
+        f'[import]\nstaging_dir = "{tmp_path / "worker-staging"}"\n[celery]\nqueue = "{queue}"\n'
+    )
+    # No worker on a queue: a clear message within the timeout, not a hang.
+    nobody = run_diskpipe(
+        cli_env(tmp_path, DISKPIPE_CELERY_QUEUE=f"{queue}-nobody"), "cleanup", "--broker", redis_url, "--timeout", "3"
+    )
+    assert nobody.returncode == 2
+    assert nobody.stderr.strip() == "diskpipe: no worker ran the cleanup within 3 s"
+    # No broker there at all: one line, and no password in it.
+    down = run_diskpipe(cli_env(tmp_path), "cleanup", "--broker", "redis://:secret@127.0.0.1:1/0", "--timeout", "3")
+    assert down.returncode == 2
+    line = down.stderr.strip()
+    assert line.startswith("diskpipe: the broker redis://:**@127.0.0.1:1/0 cannot be reached:") and "\n" not in line
+
+    workers = Workers(config, redis_url, tmp_path)
+    workers.start("cleaner", concurrency=1)
+    try:
+        log = tmp_path / "cleaner.log"
+        wait_until(lambda: None if "startup cleanup" in log.read_text() else "not yet", "the start-up cleanup")
+        store.mkdir(exist_ok=True)
+        leftover = store / f".img-w.tmp.{dead_owner()}"
+        leftover.write_bytes(b"\0" * 4096)
+        env = cli_env(tmp_path, DISKPIPE_CELERY_QUEUE=queue)
+        done = run_diskpipe(env, "cleanup", "--broker", redis_url, "--timeout", "120", "--output", "json")
+        human = run_diskpipe(env, "cleanup", "--broker", redis_url, "--timeout", "120")
+    finally:
+        workers.stop_all()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout) == {"store": [{"name": leftover.name, "removed": True}], "staging": []}
+    assert not leftover.exists()
+    assert (human.returncode, human.stdout.strip()) == (0, "nothing to remove")
