@@ -17,10 +17,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from diskpipe.cli import inspection, logs
+from diskpipe.cli import inspection
 from diskpipe.cli.exits import EXIT_OK, EXIT_USAGE
 from diskpipe.cli.output import printable
-from diskpipe.cli.parser import Parser, VersionAction, add_logging_options, command_in
+from diskpipe.cli.parser import Parser, VersionAction, add_logging_options, command_in, logging_choice
 
 __all__ = ["build_parser", "main"]
 
@@ -59,7 +59,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def prepare_process(args: argparse.Namespace) -> None:
     """Ready the process for the command: the one place for process-wide
     set-up (logging here; signal handling belongs here too)."""
-    logs.configure(args, always=args.command not in inspection.COMMANDS)
+    level, log_format, asked = logging_choice(args)
+    if asked or args.command not in inspection.COMMANDS:
+        from diskpipe.cli import logs
+
+        logs.configure(level, log_format)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

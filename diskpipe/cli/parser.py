@@ -13,8 +13,14 @@ from diskpipe.cli.exits import EXIT_USAGE
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
+LEVEL_VARIABLE = "DISKPIPE_LOG_LEVEL"
+FORMAT_VARIABLE = "DISKPIPE_LOG_FORMAT"
 # Global options that take a value: the word after them is not the command.
 OPTIONS_WITH_VALUE = frozenset({"--log-level", "--log-format"})
+
+
+class LoggingSetupError(ValueError):
+    """A logging environment variable names no level or format (exit 2)."""
 
 
 def _terminal_width() -> int:
@@ -94,15 +100,38 @@ def add_logging_options(parser: argparse.ArgumentParser, *, after_command: bool)
         type=str.upper,
         choices=LOG_LEVELS,
         metavar="LEVEL",
-        help=f"{', '.join(LOG_LEVELS)}; wins over -v and --debug (env DISKPIPE_LOG_LEVEL)",
+        help=f"{', '.join(LOG_LEVELS)}; wins over -v and --debug (env {LEVEL_VARIABLE})",
         **unset,
     )
     group.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
-        help="json: one JSON object per log line, for log shippers (env DISKPIPE_LOG_FORMAT; default text)",
+        help=f"json: one JSON object per log line, for log shippers (env {FORMAT_VARIABLE}; default text)",
         **unset,
     )
+
+
+def logging_choice(args: argparse.Namespace) -> tuple[str, str, bool]:
+    """(level, format, asked) for this run; `asked` is False when no option
+    and no environment variable said anything about logging."""
+    level = getattr(args, "log_level", None) or _from_environment(LEVEL_VARIABLE, LOG_LEVELS)
+    log_format = getattr(args, "log_format", None) or _from_environment(FORMAT_VARIABLE, LOG_FORMATS)
+    verbose = getattr(args, "verbose", 0) + getattr(args, "verbose_after", 0)
+    debug = bool(getattr(args, "debug", False))
+    asked = bool(level or log_format or verbose or debug)
+    if level is None:
+        level = "DEBUG" if debug or verbose >= 2 else "INFO" if verbose == 1 else "WARNING"
+    return level, log_format or "text", asked
+
+
+def _from_environment(variable: str, allowed: tuple[str, ...]) -> str | None:
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        return None
+    matching = [choice for choice in allowed if choice.lower() == value.lower()]
+    if not matching:
+        raise LoggingSetupError(f"environment variable {variable}: {value!r} is not one of {', '.join(allowed)}")
+    return matching[0]
 
 
 def command_in(argv: Sequence[str]) -> str | None:
