@@ -40,11 +40,22 @@ def _terminal_width() -> int:
     return columns if columns > 0 else 80  # a 0-column pty (`stty cols 0`)
 
 
-class Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the epilog's lines (exit codes, examples) as written."""
+class Formatter(argparse.HelpFormatter):
+    """Wraps prose paragraphs to the terminal; keeps a paragraph with a
+    heading or indented lines (exit codes, examples) as written."""
 
     def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 30, width: int | None = None):
         super().__init__(prog, indent_increment, max_help_position, width or max(40, _terminal_width() - 2))
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for paragraph in text.split("\n\n"):
+            lines = paragraph.splitlines()
+            if any(line.startswith(" ") or line.endswith(":") for line in lines):
+                paragraphs.append("\n".join(indent + line for line in lines))
+            else:
+                paragraphs.append(super()._fill_text(paragraph, width, indent))
+        return "\n\n".join(paragraphs)
 
 
 class Parser(argparse.ArgumentParser):
