@@ -257,9 +257,7 @@ def test_an_unreachable_broker_fails_within_seconds_with_one_line_naming_it(tmp_
     print(f"seconds per command against a closed broker port: {took}")
 
 
-def test_an_unreachable_result_backend_is_named_and_the_record_does_not_stay_queued(
-    broker_env: dict[str, str],
-) -> None:
+def test_an_unreachable_result_backend_is_named_and_nothing_is_recorded(broker_env: dict[str, str]) -> None:
     imports = Path(broker_env["DISKPIPE_IMPORT_ALLOWED_DIRS"])
     make_qcow2(imports / "ok.qcow2")
     port = closed_port()
@@ -269,6 +267,4 @@ def test_an_unreachable_result_backend_is_named_and_the_record_does_not_stay_que
     print(f"seconds against a closed result backend port: {time.monotonic() - started:.1f}")
     assert result.returncode == 2
     assert f"result backend redis://127.0.0.1:{port}/0 is unreachable" in one_line(result.stderr)
-    record = json.loads(run_cli(broker_env, "status", "unsent", "--output=json").stdout)
-    # No worker will ever take it: it ends killed (failed), not queued for ever.
-    assert record["status"] == "killed" and record["outcome"] == "failed", record
+    assert run_cli(broker_env, "status", "unsent").returncode == 2  # no such image

@@ -61,22 +61,40 @@ def make_store(args: argparse.Namespace) -> Any:
     return build(config, argument)
 
 
-def redis_records(url: str) -> Any:
-    """The broker's records, checked to answer: one round trip now fails
-    fast (a closed port at once, a silent host after the connect timeout)."""
+def _answering_redis(url: str, role: str) -> Any:
+    """A Redis client for `url` that has just answered a PING: one round
+    trip fails fast (a closed port at once, a silent host after the connect
+    timeout). `role` names it in the message: broker, result backend."""
     import redis
 
     from diskpipe.jobs.connection import redis_client
-    from diskpipe.jobs.records import RedisRecords
 
     try:
         client = redis_client(url, ride_out_restarts=False)
         client.ping()
     except ValueError as error:  # redis-py: not a redis:// URL
-        raise BrokerUnreachable(f"broker {shown_url(url)}: {error}") from error
+        raise BrokerUnreachable(f"{role} {shown_url(url)}: {error}") from error
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-        raise BrokerUnreachable(f"broker {shown_url(url)} is unreachable: {error}") from error
-    return RedisRecords(client)
+        raise BrokerUnreachable(f"{role} {shown_url(url)} is unreachable: {error}") from error
+    return client
+
+
+def redis_records(url: str) -> Any:
+    """The broker's records, checked to answer."""
+    from diskpipe.jobs.records import RedisRecords
+
+    return RedisRecords(_answering_redis(url, "broker"))
+
+
+def check_result_backend(url: str) -> None:
+    """A result backend of its own (`[celery] result_backend`) that is a
+    Redis must answer before a job is recorded: sending the job needs it."""
+    from diskpipe.config import load
+    from diskpipe.tasks.settings import CeleryConfig
+
+    backend = load(CeleryConfig).result_backend
+    if backend and backend != url and backend.startswith(("redis://", "rediss://", "unix://")):
+        _answering_redis(backend, "result backend").close()
 
 
 def records(args: argparse.Namespace) -> Any:

@@ -116,6 +116,7 @@ def _submit(job: ImportJob, url: str, args: argparse.Namespace, display: Progres
     from diskpipe.jobs.pipeline import ensure_record
 
     records = context.redis_records(url)
+    context.check_result_backend(url)
     attempt = str(uuid.uuid4())  # the Celery task id, and the record's task_id
     # A record left `saving` with no lease (its worker died) is taken over.
     lease = Lease(records.redis, job.image_id, owner=attempt)
@@ -135,7 +136,8 @@ def _submit(job: ImportJob, url: str, args: argparse.Namespace, display: Progres
 
 def _end_unsent(records: Any, image_id: str, attempt: str, error: Exception) -> None:
     """A record queued for a task that could not be sent ends killed (failed):
-    no worker will ever take it. (Its broker is its Redis: this is a race.)"""
+    no worker will ever take it. (Broker and result backend answered just
+    before the record was made: this is a race.)"""
     from diskpipe.jobs.states import IllegalTransition
 
     record = records.get(image_id)
