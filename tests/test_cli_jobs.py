@@ -268,3 +268,20 @@ def test_an_unreachable_result_backend_is_named_and_nothing_is_recorded(broker_e
     assert result.returncode == 2
     assert f"result backend redis://127.0.0.1:{port}/0 is unreachable" in one_line(result.stderr)
     assert run_cli(broker_env, "status", "unsent").returncode == 2  # no such image
+
+
+def test_a_silent_broker_fails_within_seconds_too(tmp_path: Path) -> None:
+    """A listener that accepts and never answers (a hung Redis, a wrong
+    service): the command gives up after its probe's timeout instead of the
+    tens of seconds a working client's timeouts and retries would add up to."""
+    env = base_env(tmp_path)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        env["DISKPIPE_BROKER_URL"] = f"redis://127.0.0.1:{port}/0"
+        started = time.monotonic()
+        result = run_cli(env, "list")
+        print(f"seconds against a silent broker: {time.monotonic() - started:.1f}")
+    assert result.returncode == 2
+    assert f"broker redis://127.0.0.1:{port}/0 is unreachable" in one_line(result.stderr)

@@ -61,22 +61,33 @@ def make_store(args: argparse.Namespace) -> Any:
     return build(config, argument)
 
 
+PROBE_TIMEOUT = 3.0  # seconds a broker gets to connect, and then to answer a PING
+
+
 def _answering_redis(url: str, role: str) -> Any:
-    """A Redis client for `url` that has just answered a PING: one round
-    trip fails fast (a closed port at once, a silent host after the connect
-    timeout). `role` names it in the message: broker, result backend."""
+    """A Redis client for `url`, once a probe has had a PING answered: a
+    closed port fails at once, a host or server that stays silent after
+    PROBE_TIMEOUT (the client's own timeouts, meant for a working Redis,
+    would wait tens of seconds). `role` names it: broker, result backend."""
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     from diskpipe.jobs.connection import redis_client
 
     try:
-        client = redis_client(url, ride_out_restarts=False)
-        client.ping()
+        probe = redis.Redis.from_url(
+            url, socket_connect_timeout=PROBE_TIMEOUT, socket_timeout=PROBE_TIMEOUT, retry=Retry(NoBackoff(), 0)
+        )
+        try:
+            probe.ping()
+        finally:
+            probe.close()
     except ValueError as error:  # redis-py: not a redis:// URL
         raise BrokerUnreachable(f"{role} {shown_url(url)}: {error}") from error
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
         raise BrokerUnreachable(f"{role} {shown_url(url)} is unreachable: {error}") from error
-    return client
+    return redis_client(url, ride_out_restarts=False)
 
 
 def redis_records(url: str) -> Any:
@@ -94,7 +105,7 @@ def check_result_backend(url: str) -> None:
 
     backend = load(CeleryConfig).result_backend
     if backend and backend != url and backend.startswith(("redis://", "rediss://", "unix://")):
-        _answering_redis(backend, "result backend").close()
+        _answering_redis(backend, "result backend")
 
 
 def records(args: argparse.Namespace) -> Any:
