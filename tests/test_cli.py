@@ -4,6 +4,7 @@ them: JSON keys, exit codes, several files, standard input."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,131 @@ def test_commands_do_not_import_heavy_modules(command: str, samples_dir: Path, m
     loaded = result.stdout.strip().splitlines()[-1]
     expected = "['numpy']" if command == "validate" else "[]"  # validate reads allocation tables
     assert loaded == expected
+
+
+def test_the_inspection_commands_do_not_load_the_job_commands_or_logging(
+    samples_dir: Path, manifest: list[Any]
+) -> None:
+    path = samples_dir / by_name(manifest, "qcow2-v3-c64k").file
+    probe = (
+        "import sys; from diskpipe.cli import main; "
+        f"main(['info', {str(path)!r}]); "
+        "print(sorted(m for m in sys.modules if m.startswith(('diskpipe.cli.', 'diskpipe.jobs', 'logging', 'json'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    loaded = result.stdout.strip().splitlines()[-1]
+    assert loaded == "['diskpipe.cli.exits', 'diskpipe.cli.inspection', 'diskpipe.cli.options', " + (
+        "'diskpipe.cli.output', 'diskpipe.cli.parser']"
+    )
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_logging_options_are_taken_before_and_after_the_command(
+    where: str, samples_dir: Path, manifest: list[Any]
+) -> None:
+    """A mistyped DISKPIPE_POLICY_* variable is warned about by the config
+    loader: the warning follows --log-format and --log-level wherever they
+    stand on the line."""
+    path = str(samples_dir / by_name(manifest, "qcow2-v3-c64k").file)
+
+    def run(*options: str) -> subprocess.CompletedProcess[str]:
+        words = [*options, "info", path] if where == "before" else ["info", path, *options]
+        env = dict(os.environ, DISKPIPE_POLICY_MAX_VIRTUAL_SIZ="1T")
+        env.pop("DISKPIPE_LOG_LEVEL", None)
+        env.pop("DISKPIPE_LOG_FORMAT", None)
+        return subprocess.run(
+            [sys.executable, "-m", "diskpipe", *words], env=env, capture_output=True, text=True, check=False
+        )
+
+    as_json = run("--log-format", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    lines = as_json.stderr.strip().splitlines()
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert entry["level"] == "WARNING" and entry["logger"] == "diskpipe.config"
+    assert "DISKPIPE_POLICY_MAX_VIRTUAL_SIZ" in entry["message"] and entry["time"].endswith("+00:00")
+    quiet = run("--log-level", "error")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert "format        qcow2" in quiet.stdout
+    bad = run("--log-level", "chatty")
+    assert bad.returncode == 2 and "--log-level" in bad.stderr
+
+
+def test_verbosity_adds_up_across_the_command_name() -> None:
+    from diskpipe.cli import build_parser
+    from diskpipe.cli.parser import logging_choice
+
+    def choice(*words: str) -> tuple[str, str, bool]:
+        return logging_choice(build_parser().parse_args(list(words)))
+
+    assert choice("list") == ("WARNING", "text", False)
+    assert choice("-v", "list") == ("INFO", "text", True)
+    assert choice("list", "-v") == ("INFO", "text", True)
+    assert choice("-v", "list", "-v") == ("DEBUG", "text", True)
+    assert choice("list", "--debug")[0] == "DEBUG"
+    assert choice("--debug", "list", "--log-level", "warning") == ("WARNING", "text", True)
+    assert choice("--log-format", "json", "list") == ("WARNING", "json", True)
+    assert build_parser().parse_args(["list", "--debug"]).debug is True
+
+
+def help_of(*command: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "diskpipe", *command, "--help"],
+        env=dict(os.environ, COLUMNS="200"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_every_option_has_help_and_names_what_it_overrides() -> None:
+    import argparse
+
+    from diskpipe.cli import build_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+        assert "exit codes:" in (command.epilog or "") and "examples:" in (command.epilog or ""), name
+        assert "  2  usage, setup or infrastructure error" in (command.epilog or ""), name
+    text = help_of("import")
+    assert "(env CELERY_BROKER_URL / DISKPIPE_BROKER_URL, [celery] broker_url)" in " ".join(text.split())
+    assert "[store] kind" in text and "DISKPIPE_STORE_KIND" in text and "without a broker" in text
+    assert "DISKPIPE_POLICY_<KEY>" in text and "DISKPIPE_CONFIG" in text
+    assert "env DISKPIPE_LOG_LEVEL" in text and "env DISKPIPE_LOG_FORMAT" in text
+    assert "  1  the image or its source was refused" in text
+    assert "diskpipe import disk.qcow2" in text
+    assert "  1  " not in help_of("list")  # list judges no image
+
+
+def test_shell_completion_scripts_come_from_the_parser(tmp_path: Path) -> None:
+    bash = subprocess.run(
+        [sys.executable, "-m", "diskpipe", "completion", "bash"], capture_output=True, text=True, check=True
+    ).stdout
+    script = tmp_path / "diskpipe.bash"
+    script.write_text(bash)
+    # Real bash completes a command name and an option of `import`.
+    completed = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"source {script}; "
+            'COMP_WORDS=(diskpipe im); COMP_CWORD=1; COMP_LINE="diskpipe im"; COMP_POINT=${#COMP_LINE}; '
+            '_shtab_diskpipe; echo "${COMPREPLY[@]}"; '
+            'COMP_WORDS=(diskpipe import --claimed); COMP_CWORD=2; COMP_LINE="diskpipe import --claimed"; '
+            'COMP_POINT=${#COMP_LINE}; _shtab_diskpipe; echo "${COMPREPLY[@]}"',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert completed.stdout.split("\n")[:2] == ["import", "--claimed-format"]
+    zsh = subprocess.run(
+        [sys.executable, "-m", "diskpipe", "completion", "zsh"], capture_output=True, text=True, check=True
+    ).stdout
+    assert zsh.startswith("#compdef diskpipe") and "--log-format" in zsh
+    assert diskpipe("completion", "fish").returncode == 2

@@ -103,7 +103,7 @@ def client_app(broker: str) -> DiskpipeCelery:
         "max_retries": 1,
         "socket_connect_timeout": 3,
     }
-    app.conf.result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
+    app.conf.result_backend_transport_options = {"retry_policy": {"timeout": 2.0, "max_retries": 2}}
     return app
 
 
