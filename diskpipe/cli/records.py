@@ -123,6 +123,9 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
     protected = args.command == "protect"
     url = context.broker(args)
+    records = context.records(args)  # with a broker: fails fast when it cannot be reached
+    if records.get(args.id) is None:
+        return _no_image(args.id)
     if url:
         outcome, code = _by_workers(args, url, "diskpipe.protect_image", args.id, protected)
         if outcome is None:
@@ -160,6 +163,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     if url:
+        context.records(args)  # fails fast, naming the broker, when it cannot be reached
         report, code = _by_workers(args, url, "diskpipe.cleanup")
         if report is None:
             return code
