@@ -93,7 +93,13 @@ class _OneLineReconnects(logging.Filter):
       after a loss (at start-up they stay: a broker that never answered is a
       setup mistake to show);
     - the result backend's "Connection to Redis lost: Retry (n/m) in N
-      seconds." at ERROR, once per attempt: DEBUG.
+      seconds." at ERROR, once per attempt: DEBUG;
+    - kombu's "Couldn't ack TAG, reason: ERROR" at CRITICAL with the
+      traceback, for a job that ended after the connection it came on was
+      lost (kombu_fix turns the dead channel's AttributeError into that
+      connection error): one INFO line. Nothing is lost: the message stays
+      in Redis's unacked set and returns after the visibility timeout, and
+      the image's record makes that delivery a no-op.
     The consumer's "Connected to URL" (INFO) ends the reconnect.
     """
 
@@ -111,6 +117,15 @@ class _OneLineReconnects(logging.Filter):
             record.msg, record.args = "broker connection lost (%s); reconnecting", (_describe(error),)
             record.exc_info, record.exc_text = None, None
             return True
+        if message.startswith(("Couldn't ack", "Couldn't reject")):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = (
+                "task message %r not acknowledged: its broker connection is gone (%s); "
+                "it returns after the visibility timeout"
+            )
+            record.args = (first, _describe(_last_arg(record)))
+            record.exc_info, record.exc_text = None, None
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
         if message.startswith("Connected to"):
             self.reconnecting = False
             return True
@@ -132,7 +147,12 @@ def _describe(error: Any) -> str:
 
 
 # The loggers those lines come from (Celery's `get_logger(__name__)`).
-_RECONNECT_LOGGERS = ("celery.worker.consumer.consumer", "celery.worker.consumer.connection", "celery.backends.redis")
+_RECONNECT_LOGGERS = (
+    "celery.worker.consumer.consumer",
+    "celery.worker.consumer.connection",
+    "celery.backends.redis",
+    "celery.worker.request",  # where the worker's acknowledgements are logged
+)
 
 # Celery warns at every connection loss that it will cancel running jobs
 # there in 6.0 unless told otherwise; create_app tells it otherwise
