@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,8 +83,10 @@ class Worker:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
+        """Celery's warm shutdown (SIGTERM to the main process), then the
+        whole group killed if it lingers."""
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.kill(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -497,6 +500,78 @@ def test_a_transient_failure_that_lasts_gives_up_with_import_failed_and_a_cancel
     assert stopped.value.record["outcome"] == "cancelled" and stopped.value.record["retry"] is None
 
 
+def test_an_image_adopted_after_a_retry_ends_with_the_retry_cleared(
+    setup: Setup, records: RedisRecords, redis_url: str
+) -> None:
+    # A real fault: the worker child is paused mid-job past its lease's TTL,
+    # so on waking it has lost the lease; it stored the image all the same,
+    # retries (Transient) and the retry adopts the stored image. A worker of
+    # its own (short lease) on a queue of its own.
+    from diskpipe.jobs.lease import Lease
+    from diskpipe.tasks.app import create_app
+    from diskpipe.tasks.settings import CeleryConfig
+
+    queue = "diskpipe-short-lease"
+    env = clean_env(
+        DISKPIPE_CONFIG=str(setup.config), DISKPIPE_CELERY_LEASE_TTL="2", DISKPIPE_CELERY_QUEUE=queue, **RETRY_ENV
+    )
+    command = [*CELERY, "-b", setup.broker, "worker", "-l", "info", "-c", "1", "--without-mingle", "--without-gossip"]
+    short = start_worker(command, env, setup.base / "short-lease.log", "short-lease", setup.broker)
+    client = create_app(CeleryConfig(queue=queue), broker=setup.broker)
+    try:
+        image_id = new_id("adopted")
+        result = submit(client, image_id, str(long_image(setup.imports)))
+        wait_running(records, image_id)
+        record = records.get(image_id)
+        assert record is not None
+        child = int(record["owner"].rpartition("-")[2])
+        os.kill(child, signal.SIGSTOP)
+        try:
+            lease = Lease(redis_client(redis_url), image_id, "test")
+            wait_until(lambda: "still held" if lease.held_by_anyone() else None, "the paused job's lease expiring")
+        finally:
+            os.kill(child, signal.SIGCONT)
+        final = result.get(timeout=RECOVERY_TIMEOUT)
+    finally:
+        client.close()
+        short.stop()
+    assert "lost the lease while working; retrying in 2 s (attempt 2 of 5)" in short.text()
+    assert final["status"] == "active" and final["attempts"] == 2
+    assert final["outcome"] == "active" and final["retry"] is None and final["reason"] is None
+
+
+def test_a_bug_in_a_retried_attempt_ends_the_record_with_the_retry_cleared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug cannot be caused for real: injected, as in test_job_faults.
+    from diskpipe.converter.stores.file import FileStore
+    from diskpipe.jobs import pipeline
+    from diskpipe.jobs.records import SqliteRecords, new_record
+    from diskpipe.jobs.sources import ImportConfig
+
+    records = SqliteRecords(str(tmp_path / "records.sqlite"))
+    source = small_image(tmp_path, "disk.qcow2")
+    # The first attempt failed for a transient reason; Celery's retry wrote its wait.
+    records.create(new_record("retried-bug", source=str(source), task_id="task-1"))
+    records.transition(
+        "retried-bug", "queued", "saving", attempts=1, reason="retrying in 2 s: x", retry={"attempt": 2, "of": 5}
+    )
+
+    def bug(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(pipeline, "convert_image", bug)
+    env = pipeline.Environment(
+        records=records,
+        store=FileStore(tmp_path / "store"),
+        import_config=ImportConfig(allowed_dirs=(str(tmp_path),), staging_dir=str(tmp_path / "staging")),
+    )
+    record = pipeline.run_import(pipeline.ImportJob("retried-bug", str(source)), env, "task-1", retries_done=1)
+    assert record["status"] == "killed" and record["outcome"] == "failed"
+    assert record["reason"].startswith("internal error during convert: RuntimeError")
+    assert record["retry"] is None
+
+
 # -- a Redis restart ---------------------------------------------------------------
 
 
@@ -536,6 +611,14 @@ def redis_recovers(redis_url: str) -> Iterator[None]:
     wait_until(lambda: redis_problem(redis_url), f"Redis at {redis_url} answering")
 
 
+def wait_running(records: RedisRecords, image_id: str) -> None:
+    """Until the job converts or hashes (polled often: it lasts seconds)."""
+    deadline = time.monotonic() + RECOVERY_TIMEOUT
+    while (progress := records.get_progress(image_id)) is None or progress["stage"] not in ("convert", "checksum"):
+        assert time.monotonic() < deadline, f"{image_id} never ran: {records.get(image_id)} {progress}"
+        time.sleep(0.05)
+
+
 def long_image(directory: Path) -> Path:
     """A job that runs for seconds: 1 GiB to hash."""
     path = directory / "long.qcow2"
@@ -553,11 +636,7 @@ def test_a_redis_restart_is_one_warning_line_per_reconnect_and_loses_nothing(
     before = len(worker.text().splitlines())
     running = submit(app, image_id, source)
 
-    def job_running() -> str | None:
-        progress = records.get_progress(image_id)
-        return None if progress and progress["stage"] in ("convert", "checksum") else str(progress)
-
-    wait_until(job_running, "the job running")
+    wait_running(records, image_id)
     restart_redis(redis_url)  # under a running job
     wait_until(lambda: None if answers_ping(setup.broker, worker.name) else "no answer", "the worker consuming again")
     record = running.get(timeout=RECOVERY_TIMEOUT)

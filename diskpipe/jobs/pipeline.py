@@ -299,7 +299,7 @@ def _end_after_error(
             raise error
         if step.stored:
             _delete_quietly(env.store, image_id)
-        return env.records.transition(image_id, record["status"], KILLED, outcome=FAILED, reason=reason)
+        return env.records.transition(image_id, record["status"], KILLED, outcome=FAILED, reason=reason, retry=None)
     except Exception as failure:  # noqa: BLE001 - the original error is raised again
         if failure is not error:
             log.error("image %s: could not record the failure: %s", image_id, failure)
@@ -501,7 +501,9 @@ def _adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any]) -> d
         "sealed_checksums": None,
         **sums.glance_properties(include_sparse=job.sparse_hash),
     }
-    return env.records.transition(job.image_id, SAVING, ACTIVE, **fields)
+    return env.records.transition(
+        job.image_id, SAVING, ACTIVE, outcome=OUTCOME_ACTIVE, reason=None, retry=None, **fields
+    )
 
 
 def _recorded_checksums(record: dict[str, Any], size: int, job: ImportJob) -> Checksums | None:
