@@ -224,7 +224,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         from diskpipe.jobs.lease import Lease
         from diskpipe.tasks.settings import CeleryConfig
 
-        attempt = f"{image_id}.{uuid.uuid4().hex[:8]}"
+        attempt = str(uuid.uuid4())  # the task's id: a plain UUID, as Celery makes them
         # A record left `saving` with no lease (its worker died) is taken over.
         lease = Lease(records.redis, image_id, owner=attempt)
         record = ensure_record(records, job, attempt, lease_gone=lambda: not lease.held_by_anyone())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import logging
 import os
 import re
@@ -410,6 +411,30 @@ def test_a_plain_celery_app_must_name_the_queue_diskpipes_app_routes_by_name(
     waiting = [message for message in client.lrange("celery", 0, -1) if lost.id.encode() in message]
     client.delete("celery")
     assert len(waiting) == 1 and lost.state == "PENDING"
+
+
+def test_the_command_line_submits_a_task_whose_id_is_a_plain_uuid(
+    worker: Worker, setup: Setup, records: RedisRecords
+) -> None:
+    from celery import Celery
+
+    source = small_image(setup.imports, "cli.qcow2")
+    env = clean_env(DISKPIPE_CONFIG=str(setup.config))
+    done = subprocess.run(
+        [sys.executable, "-m", "diskpipe", "import", str(source), "--broker", setup.broker, "--output=json", "--quiet"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RECOVERY_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = records.get(json.loads(done.stdout)["id"])
+    assert record is not None and record["status"] == "active"
+    assert is_plain_uuid(record["task_id"]), record["task_id"]
+    result = Celery(broker=setup.broker, backend=setup.broker).AsyncResult(record["task_id"])
+    assert result.state == "SUCCESS" and result.result["id"] == record["id"]
 
 
 # -- retries ----------------------------------------------------------------------
