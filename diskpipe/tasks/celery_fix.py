@@ -1,8 +1,8 @@
 """A guard around one Celery bug that prints a traceback on every broker restart.
 
-When the broker connection is lost, Celery 5.6+ closes and drops it
-(`Consumer.on_connection_error_after_connected` sets `connection` to None)
-before it restarts the consumer's bootsteps. A consumer step (`Gossip`, on
+When the broker connection is lost, Celery (5.7, where this was seen)
+closes and drops it (`Consumer.on_connection_error_after_connected` sets
+`connection` to None) before it restarts the consumer's bootsteps. A consumer step (`Gossip`, on
 by default) then closes its channel with `ignore_errors(c.connection, ...)`:
 with Redis still down the close fails, and kombu, asked to ignore the
 errors of None, raises AttributeError ("'NoneType' object has no attribute

@@ -82,11 +82,11 @@ def cleanup(app: Any) -> dict[str, Any]:
 class _OneLineReconnects(logging.Filter):
     """A Redis restart is routine: one WARNING line, no traceback.
 
-    What Celery 5.3-5.7 log for it (celery/worker/consumer/consumer.py,
-    celery/backends/redis.py) and what becomes of each:
+    What Celery logs for it (read in 5.7: celery/worker/consumer/consumer.py,
+    celery/backends/redis.py, kombu/message.py) and what becomes of each:
     - the consumer's "Connection to broker lost. Trying to re-establish the
-      connection..." at WARNING (up to 5.5 with the traceback; from 5.6 with
-      the error's repr, which redis-py 8 shortens to
+      connection..." at WARNING (older releases: with the traceback; 5.7:
+      with the error's repr in the arguments, which redis-py 8 shortens to
       "network:ConnectionError"): one WARNING line that names the error;
     - its "Cannot connect to URL: ERROR. Trying again in N seconds..." at
       ERROR, once per attempt until Redis answers: DEBUG while reconnecting
