@@ -193,7 +193,7 @@ def worker(setup: Setup) -> Iterator[Worker]:
 def app(setup: Setup) -> Iterator[Any]:
     """The client a diskpipe service submits with: the factory behind
     `diskpipe.tasks.app`, with the worker's `[celery]` section (defaults)."""
-    from diskpipe.tasks.app import create_app
+    from diskpipe.tasks.factory import create_app
     from diskpipe.tasks.settings import CeleryConfig
 
     client = create_app(CeleryConfig(), broker=setup.broker)
@@ -413,6 +413,32 @@ def test_a_plain_celery_app_must_name_the_queue_diskpipes_app_routes_by_name(
     assert len(waiting) == 1 and lost.state == "PENDING"
 
 
+def test_diskpipe_tasks_app_is_the_celery_app_and_routes_by_name(worker: Worker, setup: Setup) -> None:
+    # In a process of its own, as a service would use it: built from
+    # CELERY_BROKER_URL on first use, and still the app after every
+    # submodule of diskpipe.tasks has been imported.
+    script = (
+        "import sys\n"
+        "from diskpipe.tasks import app\n"
+        "import diskpipe.tasks, diskpipe.tasks.factory, diskpipe.tasks.jobs, diskpipe.tasks.worker\n"
+        "assert diskpipe.tasks.app is app, diskpipe.tasks.app\n"
+        "result = app.send_task('diskpipe.import_image', kwargs={'image_id': sys.argv[1], 'source': sys.argv[2]})\n"
+        "print(type(app).__name__, app.conf.broker_url, result.get(timeout=600)['status'])\n"
+    )
+    source = str(small_image(setup.imports, "module-app.qcow2"))
+    env = clean_env(DISKPIPE_CONFIG=str(setup.config), CELERY_BROKER_URL=setup.broker)
+    done = subprocess.run(
+        [sys.executable, "-c", script, new_id("module-app"), source],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RECOVERY_TIMEOUT,
+        check=False,
+    )
+    assert done.stdout.split() == ["DiskpipeCelery", setup.broker, "active"], done.stderr[-3000:]
+
+
 def test_the_command_line_submits_a_task_whose_id_is_a_plain_uuid(
     worker: Worker, setup: Setup, records: RedisRecords
 ) -> None:
@@ -533,7 +559,7 @@ def test_an_image_adopted_after_a_retry_ends_with_the_retry_cleared(
     # retries (Transient) and the retry adopts the stored image. A worker of
     # its own (short lease) on a queue of its own.
     from diskpipe.jobs.lease import Lease
-    from diskpipe.tasks.app import create_app
+    from diskpipe.tasks.factory import create_app
     from diskpipe.tasks.settings import CeleryConfig
 
     queue = "diskpipe-short-lease"

@@ -192,7 +192,7 @@ def test_dangling_citations_are_reported(text: str, expected: list[str]) -> None
     "text",
     [
         f"see docs/formats.md {SECTION_SIGN}0, {SECTION_SIGN}11 and README.md",
-        "the Celery app lives in app.py; benchmarks/convert_speed.py measured it",
+        "the Celery app is built in factory.py; benchmarks/convert_speed.py measured it",
         'RESULTS / f"{name}.md", "$here/redis-stop.md", https://example.org/a/b/FORMATS.md',
         "qemu docs/interop/qcow2.rst and docs/interop/parallels.txt are outside sources",
     ],

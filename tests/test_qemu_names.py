@@ -370,7 +370,7 @@ def test_import_cli_refuses_an_image_id_that_is_not_a_plain_name(image_id: str, 
 def test_the_python_api_and_the_task_refuse_bad_image_ids(tmp_path: Path) -> None:
     from diskpipe.converter.stores.base import InvalidImageId, check_image_id
     from diskpipe.jobs.pipeline import ImportJob
-    from diskpipe.tasks.app import create_app
+    from diskpipe.tasks.factory import create_app
 
     import_image = create_app(broker="redis://127.0.0.1:1/0").tasks["diskpipe.import_image"]
 

@@ -82,8 +82,9 @@ def cleanup(app: Any) -> dict[str, Any]:
 class _OneLineReconnects(logging.Filter):
     """A Redis restart is routine: one WARNING line, no traceback.
 
-    What Celery logs for it (read in 5.7: celery/worker/consumer/consumer.py,
-    celery/backends/redis.py, kombu/message.py) and what becomes of each:
+    What Celery logs for it (read in Celery and kombu 5.7: the modules
+    celery.worker.consumer.consumer, celery.backends.redis, kombu.message)
+    and what becomes of each:
     - the consumer's "Connection to broker lost. Trying to re-establish the
       connection..." at WARNING (older releases: with the traceback; 5.7:
       with the error's repr in the arguments, which redis-py 8 shortens to
