@@ -35,7 +35,7 @@ import pytest
 
 from diskpipe.jobs.connection import redis_client
 from diskpipe.jobs.records import RedisRecords
-from tests.conftest import FAULT_TEST_TIMEOUT, RECOVERY_TIMEOUT, ROOT, process_alive, wait_until
+from tests.conftest import FAULT_TEST_TIMEOUT, RECOVERY_TIMEOUT, ROOT, Ceph, process_alive, wait_until
 
 pytestmark = pytest.mark.timeout(FAULT_TEST_TIMEOUT)
 
@@ -549,6 +549,58 @@ def test_a_transient_failure_that_lasts_gives_up_with_import_failed_and_a_cancel
 
     assert cancelled.state == "FAILURE"
     assert stopped.value.record["outcome"] == "cancelled" and stopped.value.record["retry"] is None
+
+
+def test_a_paused_ceph_is_waited_out_by_retries_and_the_job_ends_active(
+    setup: Setup, ceph_recovers: Ceph, records: RedisRecords
+) -> None:
+    # The store fails for real: the OSD is stopped while the job writes. A
+    # worker of its own (RBD store, retries enough to outlast the pause and
+    # Ceph's recovery) on a queue of its own.
+    from diskpipe.tasks.factory import create_app
+    from diskpipe.tasks.settings import CeleryConfig
+
+    ceph = ceph_recovers
+    queue = "diskpipe-rbd"
+    config = setup.base / "rbd.toml"
+    config.write_text(
+        setup.config.read_text().replace('kind = "file"', 'kind = "rbd"')
+        + f'[rbd]\nconf = "{ceph.conf}"\nconnect_timeout = 5\nop_timeout = 6\n'
+    )
+    retries = {**RETRY_ENV, "DISKPIPE_CELERY_MAX_RETRIES": "30"}
+    env = clean_env(DISKPIPE_CONFIG=str(config), DISKPIPE_CELERY_QUEUE=queue, **retries)
+    command = [*CELERY, "-b", setup.broker, "worker", "-l", "info", "-c", "1", "--without-mingle", "--without-gossip"]
+    rbd_worker = start_worker(command, env, setup.base / "rbd.log", "rbd", setup.broker)
+    client = create_app(CeleryConfig(queue=queue), broker=setup.broker)
+    image_id = new_id("ceph-paused")
+    (osd,) = ceph.pids("osd")
+    try:
+        os.kill(osd, signal.SIGSTOP)
+        try:
+            result = submit(client, image_id, str(small_image(setup.imports, "ceph.qcow2")))
+
+            def waiting() -> str | None:
+                record = records.get(image_id) or {}
+                found = re.match(r"retrying in (\d+) s: ", record.get("reason") or "")
+                ready = found and record["status"] == "saving" and record.get("retry") and result.state == "RETRY"
+                return None if ready else f"{record} {result.state}"
+
+            wait_until(waiting, "the job waiting to retry the paused store")
+            waited = records.get(image_id)
+        finally:
+            os.kill(osd, signal.SIGCONT)
+        ceph.wait_healthy()
+        final = result.get(timeout=RECOVERY_TIMEOUT)
+    finally:
+        client.close()
+        rbd_worker.stop()
+    assert waited is not None and waited["retry"]["of"] == 31
+    assert "ceph" in waited["reason"].lower() or "rbd" in waited["reason"].lower(), waited["reason"]
+    assert final["status"] == "active" and final["outcome"] == "active"
+    assert final["retry"] is None and final["reason"] is None and final["attempts"] >= 2
+    assert final["locations"][0]["url"].endswith(f"/rbd/{image_id}/snap")
+    names = ceph.rbd("ls").split()
+    assert names.count(image_id) == 1 and not [name for name in names if name.startswith(image_id + ".tmp.")]
 
 
 def test_an_image_adopted_after_a_retry_ends_with_the_retry_cleared(
