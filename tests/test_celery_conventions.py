@@ -6,9 +6,10 @@ diskpipe's aliases after them; task states, results and exceptions tell the
 truth to an AsyncResult, also in a client that never imports diskpipe; task
 events reach a real event receiver; tasks are routed by name; transient
 failures are retried by Celery's own autoretry/backoff with each wait in the
-image's record; a Redis restart is one WARNING line in the worker's log.
-The file store keeps these tests fast; the Ceph store's own faults are in
-test_tasks.py.
+image's record (a source that does not answer, a paused Ceph OSD, a paused
+worker that lost its lease), cleared when the job ends; a Redis restart is
+one WARNING line in the worker's log and no traceback. The file store keeps
+most of these tests fast.
 """
 
 from __future__ import annotations
