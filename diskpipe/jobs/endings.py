@@ -104,7 +104,7 @@ def end_after_error(
             raise error
         if step.stored:
             delete_quietly(env.store, image_id)
-        return env.records.transition(image_id, record["status"], KILLED, outcome=FAILED, reason=reason)
+        return env.records.transition(image_id, record["status"], KILLED, outcome=FAILED, reason=reason, retry=None)
     except Exception as failure:  # noqa: BLE001 - the original error is raised again
         if failure is not error:
             log.error("image %s: could not record the failure: %s", image_id, failure)

@@ -81,28 +81,85 @@ def cleanup(app: Any) -> dict[str, Any]:
 
 
 class _OneLineReconnects(logging.Filter):
-    """A Redis restart is routine: the consumer's "connection lost" becomes
-    one WARNING line without a traceback, and the per-attempt "cannot
-    connect, trying again" lines (and the result backend's) drop to DEBUG."""
+    """A Redis restart is routine: one WARNING line, no traceback.
+
+    What Celery logs for it (read in Celery and kombu 5.7: the modules
+    celery.worker.consumer.consumer, celery.backends.redis, kombu.message)
+    and what becomes of each:
+    - the consumer's "Connection to broker lost. Trying to re-establish the
+      connection..." at WARNING (older releases: with the traceback; 5.7:
+      with the error's repr in the arguments, which redis-py 8 shortens to
+      "network:ConnectionError"): one WARNING line that names the error;
+    - its "Cannot connect to URL: ERROR. Trying again in N seconds..." at
+      ERROR, once per attempt until Redis answers: DEBUG while reconnecting
+      after a loss (at start-up they stay: a broker that never answered is a
+      setup mistake to show);
+    - the result backend's "Connection to Redis lost: Retry (n/m) in N
+      seconds." at ERROR, once per attempt: DEBUG;
+    - kombu's "Couldn't ack TAG, reason: ERROR" at CRITICAL with the
+      traceback, for a job that ended after the connection it came on was
+      lost (kombu_fix turns the dead channel's AttributeError into that
+      connection error): one INFO line. Nothing is lost: the message stays
+      in Redis's unacked set and returns after the visibility timeout, and
+      the image's record makes that delivery a no-op.
+    The consumer's "Connected to URL" (INFO) ends the reconnect.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reconnecting = False
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
-        if "Connection to broker lost" in message:
+        first = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ""
+        if "Connection to broker lost" in message or "Connection to broker lost" in first:
+            self.reconnecting = True
+            error = record.exc_info[1] if record.exc_info else _last_arg(record)
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = (
-                "broker connection lost; reconnecting: %s",
-                (record.exc_info[1] if record.exc_info else "",),
-            )
+            record.msg, record.args = "broker connection lost (%s); reconnecting", (_describe(error),)
             record.exc_info, record.exc_text = None, None
             return True
-        if "Cannot connect to" in message or "Connection to Redis lost" in message:
+        if message.startswith(("Couldn't ack", "Couldn't reject")):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = (
+                "task message %r not acknowledged: its broker connection is gone (%s); "
+                "it returns after the visibility timeout"
+            )
+            record.args = (first, _describe(_last_arg(record)))
+            record.exc_info, record.exc_text = None, None
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        if message.startswith("Connected to"):
+            self.reconnecting = False
+            return True
+        if ("Cannot connect to" in message and self.reconnecting) or "Connection to Redis lost" in message:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             record.exc_info, record.exc_text = None, None
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
 
 
-_RECONNECT_LOGGERS = ("celery.worker.consumer.consumer", "celery.backends.redis", "celery.worker.consumer.connection")
+def _last_arg(record: logging.LogRecord) -> Any:
+    return record.args[-1] if isinstance(record.args, tuple) and record.args else None
+
+
+def _describe(error: Any) -> str:
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return str(error) if error is not None else "no error given"
+
+
+# The loggers those lines come from (Celery's `get_logger(__name__)`).
+_RECONNECT_LOGGERS = (
+    "celery.worker.consumer.consumer",
+    "celery.worker.consumer.connection",
+    "celery.backends.redis",
+    "celery.worker.request",  # where the worker's acknowledgements are logged
+)
+
+# Celery warns at every connection loss that it will cancel running jobs
+# there in 6.0 unless told otherwise; create_app tells it otherwise
+# (worker_cancel_long_running_tasks_on_connection_loss=False) on purpose.
+_CANCEL_WARNING = r"\s*In Celery 5\.1 we introduced an optional breaking change which\s+on connection loss cancels"
 
 
 def _belongs(worker_part: Any, app: Any) -> bool:
@@ -113,11 +170,24 @@ def connect(app: Any) -> None:
     """Hook this app's worker start-up (signals are global; each handler acts
     only for the worker of its own app)."""
 
-    def announce(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    def prepare(sender: Any = None, instance: Any = None, **_: Any) -> None:
+        # celeryd_after_setup: the worker's logging is set up (so the broker
+        # line reaches its log and --logfile with level and time, and Celery's
+        # own "always" filter for its deprecation warnings is in place to be
+        # overridden), and the consumer has not connected yet.
         if not _belongs(instance, app):
             return
+        import warnings
+
+        from celery.exceptions import CPendingDeprecationWarning
+
+        from diskpipe.tasks import celery_fix
+
+        celery_fix.install()
+        warnings.filterwarnings("ignore", _CANCEL_WARNING, CPendingDeprecationWarning)
+        reconnects = _OneLineReconnects()
         for name in _RECONNECT_LOGGERS:
-            logging.getLogger(name).addFilter(_OneLineReconnects())
+            logging.getLogger(name).addFilter(reconnects)
         if app.default_broker:
             log.warning(
                 "no broker configured (-b, CELERY_BROKER_URL, DISKPIPE_BROKER_URL or [celery] broker_url): using %s",
@@ -132,5 +202,5 @@ def connect(app: Any) -> None:
         except Exception as error:  # noqa: BLE001 - a cleanup failure must not stop the worker
             log.warning("startup cleanup failed: %s", error)
 
-    signals.celeryd_init.connect(announce, weak=False)
+    signals.celeryd_after_setup.connect(prepare, weak=False)
     signals.worker_ready.connect(clean_on_start, weak=False)
