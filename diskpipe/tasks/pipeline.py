@@ -34,7 +34,7 @@ from diskpipe.formats.api import inspect_reader
 from diskpipe.formats.policy import Policy
 from diskpipe.tasks import sources
 from diskpipe.tasks.records import RecordStore, new_record
-from diskpipe.tasks.states import ACTIVE, DELETED, FINAL, KILLED, QUEUED, SAVING, IllegalTransition
+from diskpipe.tasks.states import ACTIVE, DELETED, FINAL, KILLED, QUEUED, SAVING, IllegalTransition, StaleAttempt
 from diskpipe.validation import UnsafeImage
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,9 @@ class JobStep:
 
     name: str = "record"
     stored: bool = False  # the image is in the store under its final name
+    # This delivery's attempt number once it holds the lease: its fencing
+    # token, so a delivery that lost the lease cannot change the record.
+    attempt: int | None = None
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -201,10 +204,18 @@ def _sealed_fields(checksums: Checksums) -> dict[str, Any]:
     return {"size": checksums.size, "md5": checksums.md5, "sha512": checksums.sha512, "sparse": checksums.sparse}
 
 
-def _kill(records: RecordStore, image_id: str, reason: str, expected: str = SAVING) -> dict[str, Any]:
+def _stale(error: StaleAttempt) -> None:
+    log.warning("%s: this delivery lost its lease and writes nothing more", error)
+
+
+def _kill(
+    records: RecordStore, image_id: str, reason: str, expected: str = SAVING, fence: int | None = None
+) -> dict[str, Any]:
     try:
-        return records.transition(image_id, expected, KILLED, reason=reason)
-    except IllegalTransition:
+        return records.transition(image_id, expected, KILLED, fence=fence, reason=reason)
+    except IllegalTransition as error:
+        if isinstance(error, StaleAttempt):
+            _stale(error)
         record = records.get(image_id)
         assert record is not None
         return record
@@ -248,6 +259,11 @@ def run_import(job: ImportJob, env: Environment, attempt: str, *, final_attempt:
         return _end_after_error(env, job.image_id, step, error, attempt=attempt)
     try:
         return _run_with_lease(job, env, attempt, lease, final_attempt, step)
+    except StaleAttempt as error:
+        _stale(error)
+        current = records.get(job.image_id)
+        assert current is not None
+        return current
     except Exception as error:
         if isinstance(error, (Transient, *env.retry_errors)):
             raise
@@ -280,9 +296,11 @@ def _end_after_error(
             return record
         if attempt is not None and (record["status"] != QUEUED or record.get("task_id") != attempt):
             raise error
+        if step.attempt is not None and record.get("attempts") != step.attempt:
+            return record  # taken over: the stored image, if any, is the new attempt's
         if step.stored:
             _delete_quietly(env.store, image_id)
-        return env.records.transition(image_id, record["status"], KILLED, reason=reason)
+        return env.records.transition(image_id, record["status"], KILLED, fence=step.attempt, reason=reason)
     except Exception as failure:  # noqa: BLE001 - the original error is raised again
         if failure is not error:
             log.error("image %s: could not record the failure: %s", image_id, failure)
@@ -310,14 +328,21 @@ def _run_with_lease(
         owner=env.owner,
         reason=None,
     )
+    step.attempt = fence = record["attempts"]
     cancel = CancelToken()
     last_write = [0.0]
 
+    def lease_lost() -> bool:
+        return lease is not None and lease.lost.is_set()
+
     def check_cancel() -> None:
-        if records.cancel_requested(job.image_id):
+        # A lost lease stops the work too: another delivery has the job now.
+        if lease_lost() or records.cancel_requested(job.image_id):
             cancel.cancel()
 
     def progress(stage: str, percent: float, done: int | None = None) -> None:
+        if lease_lost():
+            return
         now = time.monotonic()
         if now - last_write[0] < PROGRESS_EVERY and percent < 100:
             return
@@ -345,7 +370,7 @@ def _run_with_lease(
         if store.exists(job.image_id):
             # A previous delivery stored the image but died before recording it.
             step.name = "adopt"
-            return _adopt_stored(job, env, record)
+            return _adopt_stored(job, env, record, fence)
         step.name = "fetch"
         staged = _fetch(job, env, progress, cancel)
         cancel.raise_if_cancelled()
@@ -389,27 +414,28 @@ def _run_with_lease(
         if staged.stream_notes:
             fields["notes"] = [*staged.stream_notes, *fields.get("notes", [])]
         progress("done", 100.0)
-        return records.transition(job.image_id, SAVING, ACTIVE, **fields)
+        return records.transition(job.image_id, SAVING, ACTIVE, fence=fence, **fields)
     except (Refused, UnsafeImage) as refusal:
         reason = "; ".join(f"{issue.check}: {issue.message}" for issue in refusal.issues)
-        return _kill(records, job.image_id, f"refused: {reason}")
+        return _kill(records, job.image_id, f"refused: {reason}", fence=fence)
     except FormatError as error:
-        return _kill(records, job.image_id, f"refused: malformed: {error}")
+        return _kill(records, job.image_id, f"refused: malformed: {error}", fence=fence)
     except sources.SourceRefused as error:
-        return _kill(records, job.image_id, f"refused: {error}")
+        return _kill(records, job.image_id, f"refused: {error}", fence=fence)
     except (Cancelled, InterruptedError):
-        records.request_cancel(job.image_id, False)
-        return _kill(records, job.image_id, "cancelled")
+        if not lease_lost():  # the cancel was asked for, not caused by the lost lease
+            records.request_cancel(job.image_id, False)
+        return _kill(records, job.image_id, "cancelled", fence=fence)
     except ConversionFailed as error:
-        return _kill(records, job.image_id, f"conversion failed: {error}")
+        return _kill(records, job.image_id, f"conversion failed: {error}", fence=fence)
     except retryable as error:
         if final_attempt:
-            return _kill(records, job.image_id, f"gave up after retries: {error}")
+            return _kill(records, job.image_id, f"gave up after retries: {error}", fence=fence)
         raise Transient(str(error)) from error
     except StoreError as error:
-        return _kill(records, job.image_id, f"store refused: {error}")
+        return _kill(records, job.image_id, f"store refused: {error}", fence=fence)
     except (KeyboardInterrupt, SystemExit):
-        _kill(records, job.image_id, "interrupted")
+        _kill(records, job.image_id, "interrupted", fence=fence)
         raise
     finally:
         for item in (unpacked, staged):
@@ -442,7 +468,7 @@ def _purge_temporaries(store: Store, image_id: str) -> None:
     store.purge_temporaries(image_id)
 
 
-def _adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any]) -> dict[str, Any]:
+def _adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any], fence: int) -> dict[str, Any]:
     """Record an image a dead delivery finalized.
 
     Before renaming, that delivery recorded the checksums it read from the
@@ -471,7 +497,7 @@ def _adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any]) -> d
         "sealed_checksums": None,
         **sums.glance_properties(include_sparse=job.sparse_hash),
     }
-    return env.records.transition(job.image_id, SAVING, ACTIVE, **fields)
+    return env.records.transition(job.image_id, SAVING, ACTIVE, fence=fence, **fields)
 
 
 def _recorded_checksums(record: dict[str, Any], size: int, job: ImportJob) -> Checksums | None:

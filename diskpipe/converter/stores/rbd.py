@@ -392,23 +392,29 @@ class RbdStore:
                 # A killed qemu-img keeps its watch for the watch timeout
                 # (30 s). It is dead, or this temporary is abandoned: fence it
                 # off (as `rbd lock break` does) instead of waiting.
-                if attempt == 2 or not self._fence_watchers(name):
+                if attempt == 2 or not self._fence_writers(name):
                     raise
 
-    def _fence_watchers(self, name: str) -> bool:
-        """Blocklist the clients still watching image `name`; True if any."""
+    def _fence_writers(self, name: str) -> list[str]:
+        """Blocklist every other client that watches image `name` or holds
+        its exclusive lock (`ceph osd blocklist add`, for an hour), and wait
+        until this client has the OSD map that says so: from then on no OSD
+        takes a write from them, even if they come back (a host cut off the
+        network, a paused process). Returns the addresses fenced."""
+        own = self._cluster.get_instance_id()  # this client watches the image while it looks
         image = self.open_raw(name)
         try:
-            watchers = list(image.watchers_list())
+            watchers = [watcher["addr"] for watcher in image.watchers_list() if watcher.get("id") != own]
+            lockers = image.list_lockers()
         finally:
             image.close()
-        own = f"client.{self._cluster.get_instance_id()}"
-        fenced = False
-        for watcher in watchers:
-            if f"client.{watcher.get('id')}" == own:
-                continue
-            self._cluster.blocklist_add(watcher["addr"], 3600)
-            fenced = True
+        holders = [address for client, _, address in (lockers or {}).get("lockers", []) if client != f"client.{own}"]
+        fenced = sorted(set(watchers + holders))
+        for address in fenced:
+            self._call(self._cluster.blocklist_add, address, 3600)
+        if fenced:
+            log.warning("image %s: fenced its writers %s (blocklisted)", name, ", ".join(fenced))
+            self._call(self._cluster.wait_for_latest_osdmap)
         return fenced
 
     def purge_temporaries(self, image_id: str) -> list[str]:
@@ -418,6 +424,10 @@ class RbdStore:
         removed = []
         for name in self._call(rbd.RBD().list, self._connect()):
             if name.startswith(image_id + TMP_MARKER):
+                # Its writer may only be cut off, not dead: fenced first, it
+                # can never write into the image again, whatever happens next.
+                with contextlib.suppress(ImageNotFound):
+                    self._fence_writers(name)
                 self._remove_image(name, missing_ok=True)
                 removed.append(name)
         return removed
