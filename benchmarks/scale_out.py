@@ -166,7 +166,7 @@ def batch(broker: str, records: RedisRecords, source: Path, count: int) -> dict[
                     raise RuntimeError(f"job {image_id} ended killed: {record and record['reason']}")
                 ended[image_id] = now
                 assert record is not None
-                host = str(record.get("owner", "?")).rpartition("-")[0]
+                host = str(record.get("owner", "?")).rpartition("-")[0].rpartition("-")[2]  # dpb-h1-<pid> -> h1
                 hosts[host] = hosts.get(host, 0) + 1
         time.sleep(0.1)
     elapsed = max(ended.values()) - first
