@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     small, large = small_source(), large_source()
     data: dict[str, Any] = {"machine": machine(), "small_jobs": small_count, "large_jobs": large_count, "runs": {}}
+    # The machine may be shared: say how busy it was around the run.
+    data["load_average_before"] = os.getloadavg()[0]
 
     hosts = Hosts()
     hosts.up()
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             data["runs"][str(count)] = run
     finally:
         hosts.down()
+    data["load_average_after"] = os.getloadavg()[0]
 
     markdown = render(data)
     write_results("scale_out", markdown, data)
@@ -252,9 +255,11 @@ def render(data: dict[str, Any]) -> str:
     cores = data["machine"]["cores"]
     lines += [
         "",
-        f"This machine has {cores} cores for everything: workers, qemu-img, hashing, Redis and the OSD. "
-        f"Beyond {cores} hosts a host adds a job in flight, not CPU, so the curve flattens there; on "
-        "separate machines each host brings its own cores and the limit moves to Ceph and the network.",
+        f"This machine has {cores} cores for everything: workers, qemu-img, hashing, Redis and the OSD "
+        f"(1-minute load average {data['load_average_before']:.1f} before the run, "
+        f"{data['load_average_after']:.1f} after). Beyond {cores} hosts a host adds a job in flight, not "
+        "CPU: no gain is to be expected there, and the extra contention can cost. On separate machines "
+        "each host brings its own cores and the limit moves to Ceph and the network.",
         "",
         "![jobs per minute and queueing delay by hosts](scale_out.png)",
         "",

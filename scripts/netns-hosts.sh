@@ -132,6 +132,7 @@ up() {
         die "$subnet is already used on this machine: $(ip -4 -o addr show | grep -F " inet $net." | head -n 1)"
     fi
     trap 'echo "netns-hosts: up failed, removing what was built" >&2; down' ERR
+    trap 'echo "netns-hosts: up interrupted, removing what was built" >&2; down; exit 130' INT TERM
 
     ip link add "$bridge" type bridge stp_state 0 forward_delay 0
     no_ipv6 "$bridge"
@@ -165,7 +166,7 @@ up() {
         printf 'DISKPIPE_NETNS_CEPH_DIR=%q\n' "$state/ceph"
         printf 'DISKPIPE_NETNS_REDIS_DIR=%q\n' "$state/redis"
     fi
-    trap - ERR
+    trap - ERR INT TERM
     printf 'DISKPIPE_NETNS_CEPH_ADDR=%q\nDISKPIPE_NETNS_REDIS_ADDR=%q\n' "$ceph_ip" "$redis_ip"
     printf 'DISKPIPE_NETNS_HOSTS=%q\n' "${names[*]}"
 }

@@ -57,7 +57,7 @@ VISIBILITY_TIMEOUT = 20
 REDELIVERY_SWEEP = 2
 # qemu-img writes this many bytes per second (tests/qemu_img_throttled.sh):
 # the long job below takes seconds to convert, so a test can act meanwhile.
-QEMU_RATE = "16M"
+QEMU_RATE = "8M"
 BROKER_LOST = re.compile(r"Connection to broker lost|Cannot connect to redis")
 TASK_ENDED = r"Task diskpipe\.import_image\[{task}\] (succeeded|retry|raised|failed)"
 
