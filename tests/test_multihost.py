@@ -322,10 +322,13 @@ def _writer_on(cluster: Cluster, image_id: str) -> tuple[str, int, str] | None:
     if record is None or record["status"] != "saving" or host is None:
         return None
     pids = cluster.hosts.processes(host, "qemu-img")
-    names = [name for name in cluster.temporaries(image_id) if name.endswith(record["owner"])]
-    if not pids or not names:
+    try:
+        names = [name for name in cluster.temporaries(image_id) if name.endswith(record["owner"])]
+        if not pids or not names:
+            return None
+        lockers = json.loads(cluster.ceph.rbd("lock", "ls", "--format", "json", f"rbd/{names[0]}") or "[]")
+    except subprocess.CalledProcessError:  # a CLI losing a race on a busy machine: ask again
         return None
-    lockers = json.loads(cluster.ceph.rbd("lock", "ls", "--format", "json", f"rbd/{names[0]}") or "[]")
     if not any(locker["address"].startswith(f"{cluster.hosts.ip(host)}:") for locker in lockers):
         return None
     return host, pids[0], names[0]
