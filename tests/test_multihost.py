@@ -58,7 +58,6 @@ REDELIVERY_SWEEP = 2
 # qemu-img writes this many bytes per second (tests/qemu_img_throttled.sh):
 # the long job below takes seconds to convert, so a test can act meanwhile.
 QEMU_RATE = "8M"
-BROKER_LOST = re.compile(r"Connection to broker lost|Cannot connect to redis")
 TASK_ENDED = r"Task diskpipe\.import_image\[{task}\] (succeeded|retry|raised|failed)"
 
 
@@ -434,8 +433,6 @@ def test_a_host_that_cannot_reach_redis_takes_no_job_until_it_can(healed: Cluste
     source = small_source(cluster, tmp_path)
     away, others = "h3", ("h1", "h2")
 
-    log = cluster.workers.log(away)
-    logged_before = log.stat().st_size
     cluster.hosts.run("cut-redis", away)
     wait_until(lambda: cluster.blocked_brpop_from(away), f"Redis no longer waiting on {away}")
     jobs = [cluster.submit(source)[0] for _ in range(4)]
@@ -443,14 +440,7 @@ def test_a_host_that_cannot_reach_redis_takes_no_job_until_it_can(healed: Cluste
     assert [record["status"] for record in finals] == ["active"] * len(jobs), finals
     assert {cluster.host_of(record) for record in finals} <= set(others)
     assert all(record["attempts"] == 1 for record in finals)
-    # Not a blip: the worker has found its broker connection dead. It waits
-    # and retries; it does not die.
-    wait_until(
-        lambda: (
-            None if BROKER_LOST.search(log.read_bytes()[logged_before:].decode(errors="replace")) else "not noticed yet"
-        ),
-        f"worker {away} noticing Redis is unreachable",
-    )
+    # It waits for Redis (silently, blocked in a broker call); it does not die.
     assert cluster.workers.processes[away].poll() is None
 
     # Back in reach, it takes jobs again: the only host that can, now.
