@@ -24,7 +24,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, ROOT, machine, machine_markdown, timing_cell
 
-BENCHMARKS = ("inspect_speed", "convert_speed", "pipeline_overhead", "space")
+BENCHMARKS = ("inspect_speed", "convert_speed", "pipeline_overhead", "space", "scale_out")
 README = ROOT / "README.md"
 START_MARK = "<!-- benchmarks:start -->"
 END_MARK = "<!-- benchmarks:end -->"
@@ -116,6 +116,19 @@ def pipeline_lines(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def scale_out_lines(data: dict[str, Any]) -> list[str]:
+    runs = data["runs"]
+    small = ", ".join(f"{count}: {run['small']['jobs_per_minute']:.0f}" for count, run in runs.items())
+    large = ", ".join(f"{count}: {run['large']['jobs_per_minute']:.1f}" for count, run in runs.items())
+    delay = ", ".join(f"{count}: {run['small']['queueing_delay']['median']:.1f} s" for count, run in runs.items())
+    return [
+        f"**Scale-out over worker hosts** (network namespaces on one {data['machine']['cores']}-core machine; "
+        f"[details]({HERE}scale_out.md)): jobs per minute by hosts — small {small}; 1 GiB {large}; "
+        f"median queueing delay of small jobs {delay}.",
+        "",
+    ]
+
+
 def space_lines(data: dict[str, Any]) -> list[str]:
     lines = [f"**Space** ([details]({HERE}space.md)):", ""]
     for result in data["inputs"]:
@@ -196,7 +209,7 @@ def _conversion_panel(axis: Any, convert: dict[str, Any]) -> None:
 
 def summary(runs: dict[str, dict[str, Any]]) -> str:
     inspect, convert = load("inspect_speed"), load("convert_speed")
-    pipeline, space = load("pipeline_overhead"), load("space")
+    pipeline, space, scale_out = load("pipeline_overhead"), load("space"), load("scale_out")
     lines = ["# Benchmark summary", "", machine_markdown(machine()), ""]
     if runs:
         lines += [
@@ -207,6 +220,7 @@ def summary(runs: dict[str, dict[str, Any]]) -> str:
     lines += inspect_lines(inspect) if inspect else []
     lines += convert_lines(convert) if convert else []
     lines += pipeline_lines(pipeline) if pipeline else []
+    lines += scale_out_lines(scale_out) if scale_out else []
     lines += space_lines(space) if space else []
     if summary_chart(inspect, convert, RESULTS / "summary.png"):
         lines += [f"![inspection and conversion]({HERE}summary.png)", ""]

@@ -41,13 +41,14 @@ if [[ -f "$dir/redis.pid" ]]; then
 fi
 
 if [[ -n "$pid" ]]; then
-    # Take the port from our own config, not from the environment, so we
-    # never shut down some other redis.
+    # Take the address and port from our own config, not from the
+    # environment, so we never shut down some other redis.
     port="$(awk '$1 == "port" {print $2}' "$dir/redis.conf" 2>/dev/null || true)"
+    addr="$(awk '$1 == "bind" {print $2}' "$dir/redis.conf" 2>/dev/null || true)"
     kill -CONT "$pid" 2>/dev/null || true # in case a test SIGSTOPped it
     # NOSAVE: data is thrown away anyway; skip the final snapshot.
     if [[ -n "$port" ]]; then
-        timeout 5 redis-cli -h 127.0.0.1 -p "$port" shutdown nosave >/dev/null 2>&1 || true
+        timeout 5 redis-cli -h "${addr:-127.0.0.1}" -p "$port" shutdown nosave >/dev/null 2>&1 || true
     fi
     deadline=$((SECONDS + 10))
     while alive "$pid"; do

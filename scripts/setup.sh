@@ -30,6 +30,7 @@ APT_PACKAGES=(
     cpio gzip xz-utils zstd lz4 bzip2 debootstrap
     python3-venv
     curl openssl util-linux  # rgw-start.sh waits with curl; the TLS download tests make a certificate; setpriv and prlimit
+    iproute2  # ip netns: the worker hosts of scripts/netns-hosts.sh (tests/test_multihost.py, benchmarks/scale_out.py)
 )
 
 if [ "$with_apt" = 1 ]; then

@@ -15,7 +15,17 @@ from diskpipe.formats import FormatError
 from diskpipe.jobs import sources
 from diskpipe.jobs.errors import Transient
 from diskpipe.jobs.records import RecordStore
-from diskpipe.jobs.states import CANCELLED, FAILED, FINAL, KILLED, QUEUED, REFUSED, SAVING, IllegalTransition
+from diskpipe.jobs.states import (
+    CANCELLED,
+    FAILED,
+    FINAL,
+    KILLED,
+    QUEUED,
+    REFUSED,
+    SAVING,
+    IllegalTransition,
+    StaleAttempt,
+)
 from diskpipe.refusal import UnsafeImage, describe
 
 if TYPE_CHECKING:
@@ -69,11 +79,25 @@ def given_up(error: BaseException, retries_done: int) -> str:
     return f"gave up after {retries_done} {'retry' if retries_done == 1 else 'retries'}: {error}"
 
 
-def kill(records: RecordStore, image_id: str, outcome: str, reason: str, expected: str = SAVING) -> dict[str, Any]:
-    """End the record `killed` with its outcome (refused, failed, cancelled)."""
+def stale(error: StaleAttempt) -> None:
+    log.warning("%s: this delivery lost its lease and writes nothing more", error)
+
+
+def kill(
+    records: RecordStore,
+    image_id: str,
+    outcome: str,
+    reason: str,
+    expected: str = SAVING,
+    fence: int | None = None,
+) -> dict[str, Any]:
+    """End the record `killed` with its outcome (refused, failed, cancelled);
+    with `fence`, only while the record is still that attempt's."""
     try:
-        return records.transition(image_id, expected, KILLED, outcome=outcome, reason=reason, retry=None)
-    except IllegalTransition:
+        return records.transition(image_id, expected, KILLED, fence=fence, outcome=outcome, reason=reason, retry=None)
+    except IllegalTransition as error:
+        if isinstance(error, StaleAttempt):
+            stale(error)
         record = records.get(image_id)
         assert record is not None
         return record
@@ -102,9 +126,13 @@ def end_after_error(
             return record
         if attempt is not None and (record["status"] != QUEUED or record.get("task_id") != attempt):
             raise error
+        if step.attempt is not None and record.get("attempts") != step.attempt:
+            return record  # taken over: the stored image, if any, is the new attempt's
         if step.stored:
             delete_quietly(env.store, image_id)
-        return env.records.transition(image_id, record["status"], KILLED, outcome=FAILED, reason=reason, retry=None)
+        return env.records.transition(
+            image_id, record["status"], KILLED, fence=step.attempt, outcome=FAILED, reason=reason, retry=None
+        )
     except Exception as failure:  # noqa: BLE001 - the original error is raised again
         if failure is not error:
             log.error("image %s: could not record the failure: %s", image_id, failure)

@@ -24,12 +24,12 @@ from diskpipe.converter.stores.base import Store, check_image_id
 from diskpipe.formats.policy import Policy
 from diskpipe.jobs import sources
 from diskpipe.jobs.admission import ensure_record
-from diskpipe.jobs.endings import delete_quietly, end_after_error, given_up, kill, outcome_of, transient_errors
+from diskpipe.jobs.endings import delete_quietly, end_after_error, given_up, kill, outcome_of, stale, transient_errors
 from diskpipe.jobs.errors import Transient
 from diskpipe.jobs.records import RecordStore
 from diskpipe.jobs.reporting import ProgressWriter
 from diskpipe.jobs.sealed import adopt_stored, record_fields, sealed_fields
-from diskpipe.jobs.states import ACTIVE, CANCELLED, FAILED, FINAL, OUTCOME_ACTIVE, SAVING
+from diskpipe.jobs.states import ACTIVE, CANCELLED, FAILED, FINAL, OUTCOME_ACTIVE, SAVING, StaleAttempt
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,9 @@ class JobStep:
 
     name: str = "record"
     stored: bool = False  # the image is in the store under its final name
+    # This delivery's attempt number once it holds the lease: its fencing
+    # token, so a delivery that lost the lease cannot change the record.
+    attempt: int | None = None
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -145,6 +148,11 @@ def run_import(
         return end_after_error(env, job.image_id, step, error, attempt=attempt)
     try:
         return _run_with_lease(job, env, Delivery(attempt, lease, final_attempt, retries_done), step)
+    except StaleAttempt as error:
+        stale(error)
+        current = env.records.get(job.image_id)
+        assert current is not None
+        return current
     except Exception as error:
         if isinstance(error, (Transient, *env.retry_errors)):
             raise
@@ -219,8 +227,12 @@ def _run_with_lease(job: ImportJob, env: Environment, delivery: Delivery, step: 
     record = _start_saving(job, env, delivery.attempt, step)
     if record["status"] != SAVING:
         return record
+    step.attempt = fence = record["attempts"]
     cancel = CancelToken()
-    progress = ProgressWriter(env.records, job.image_id, cancel, checks_cancel=delivery.lease is None)
+    lease_lost = delivery.lease.lost.is_set if delivery.lease is not None else None
+    progress = ProgressWriter(
+        env.records, job.image_id, cancel, checks_cancel=delivery.lease is None, lease_lost=lease_lost
+    )
     if delivery.lease is not None:
         delivery.lease.start_heartbeat(on_tick=progress.check_cancel)
     held: list[sources.Staged] = []
@@ -228,15 +240,16 @@ def _run_with_lease(job: ImportJob, env: Environment, delivery: Delivery, step: 
         return _steps(job, env, record, delivery, step, progress, cancel, held)
     except transient_errors(env) as error:
         if delivery.final_attempt:
-            return kill(env.records, job.image_id, FAILED, given_up(error, delivery.retries_done))
+            return kill(env.records, job.image_id, FAILED, given_up(error, delivery.retries_done), fence=fence)
         raise Transient(str(error)) from error
     except (Exception, KeyboardInterrupt, SystemExit) as error:
         ending = outcome_of(error)
         if ending is None:
             raise
-        if ending[0] == CANCELLED:
+        if ending[0] == CANCELLED and not (lease_lost and lease_lost()):
+            # The cancel was asked for (not caused by the lost lease): it is done.
             env.records.request_cancel(job.image_id, False)
-        ended = kill(env.records, job.image_id, *ending)
+        ended = kill(env.records, job.image_id, *ending, fence=fence)
         if isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise
         return ended
@@ -265,7 +278,8 @@ def _steps(
     if store.exists(job.image_id):
         # A previous delivery stored the image but died before recording it.
         step.name = "adopt"
-        return adopt_stored(job, env, record)
+        assert step.attempt is not None
+        return adopt_stored(job, env, record, step.attempt)
     step.name = "fetch"
     staged = _fetch(job, env, progress, cancel)
     held.append(staged)
@@ -311,7 +325,9 @@ def _steps(
     if staged.stream_notes:
         fields["notes"] = [*staged.stream_notes, *fields.get("notes", [])]
     progress("done", 100.0)
-    return records.transition(job.image_id, SAVING, ACTIVE, outcome=OUTCOME_ACTIVE, reason=None, retry=None, **fields)
+    return records.transition(
+        job.image_id, SAVING, ACTIVE, fence=step.attempt, outcome=OUTCOME_ACTIVE, reason=None, retry=None, **fields
+    )
 
 
 def _fetch(job: ImportJob, env: Environment, progress: ProgressWriter, cancel: CancelToken) -> sources.Staged:

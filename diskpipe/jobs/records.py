@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from diskpipe.jobs.states import NEW, QUEUED, IllegalTransition, check_transition
+from diskpipe.jobs.states import NEW, QUEUED, IllegalTransition, StaleAttempt, check_transition
 
 
 def now() -> str:
@@ -57,9 +57,13 @@ class RecordStore(Protocol):
         """Insert a new queued record; False if the id exists."""
         ...
 
-    def transition(self, image_id: str, expected: str, wanted: str, **changes: Any) -> dict[str, Any]:
+    def transition(
+        self, image_id: str, expected: str, wanted: str, *, fence: int | None = None, **changes: Any
+    ) -> dict[str, Any]:
         """Move from `expected` to `wanted` atomically, applying `changes`.
-        Raises IllegalTransition (also when the status is not `expected`)."""
+        Raises IllegalTransition (also when the status is not `expected`).
+        With `fence` (the caller's attempt number), only while the record's
+        `attempts` is still that number; else StaleAttempt."""
         ...
 
     def update(self, image_id: str, **changes: Any) -> dict[str, Any]:
@@ -130,7 +134,9 @@ class SqliteRecords:
                 return False
         return True
 
-    def transition(self, image_id: str, expected: str, wanted: str, **changes: Any) -> dict[str, Any]:
+    def transition(
+        self, image_id: str, expected: str, wanted: str, *, fence: int | None = None, **changes: Any
+    ) -> dict[str, Any]:
         check_transition(image_id, expected, wanted)
         with self._connection() as db:
             db.execute("BEGIN IMMEDIATE")
@@ -139,6 +145,8 @@ class SqliteRecords:
                 current = json.loads(row[0]) if row else None
                 if current is None or current["status"] != expected:
                     raise IllegalTransition(image_id, current["status"] if current else NEW, wanted)
+                if fence is not None and current.get("attempts") != fence:
+                    raise StaleAttempt(image_id, wanted, fence, current.get("attempts"))
                 merged = _merge(current, changes, wanted)
                 db.execute(
                     "UPDATE images SET status = ?, record = ? WHERE id = ?", (wanted, json.dumps(merged), image_id)
@@ -186,12 +194,21 @@ class SqliteRecords:
 
 
 # KEYS[1] record key, KEYS[2] index set; ARGV[1] expected status ('' = no
-# record), ARGV[2] new record JSON, ARGV[3] image id. Returns the status found.
+# record), ARGV[2] new record JSON, ARGV[3] image id, ARGV[4] the attempt
+# number the record must still be at ('' = any). Returns the status found, or
+# '=stale:<attempts>' when the record has moved on to another attempt.
 _CAS_SCRIPT = """
 local current = redis.call('GET', KEYS[1])
 local status = ''
-if current then status = cjson.decode(current)['status'] end
+local record = nil
+if current then
+    record = cjson.decode(current)
+    status = record['status']
+end
 if status ~= ARGV[1] then return status end
+if ARGV[4] ~= '' and tostring(record['attempts']) ~= ARGV[4] then
+    return '=stale:' .. tostring(record['attempts'])
+end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
 return '=ok'
@@ -222,21 +239,30 @@ class RedisRecords:
         found = [record for record in records if record is not None]
         return sorted(found, key=lambda record: (record.get("created_at") or "", record["id"]))
 
-    def _swap(self, image_id: str, expected: str, record: dict[str, Any]) -> str:
-        result = self._cas(keys=[self.PREFIX + image_id, self.INDEX], args=[expected, json.dumps(record), image_id])
+    def _swap(self, image_id: str, expected: str, record: dict[str, Any], fence: int | None = None) -> str:
+        result = self._cas(
+            keys=[self.PREFIX + image_id, self.INDEX],
+            args=[expected, json.dumps(record), image_id, "" if fence is None else str(fence)],
+        )
         return result.decode() if isinstance(result, bytes) else str(result)
 
     def create(self, record: dict[str, Any]) -> bool:
         check_transition(record["id"], NEW, record["status"])
         return self._swap(record["id"], NEW, record) == "=ok"
 
-    def transition(self, image_id: str, expected: str, wanted: str, **changes: Any) -> dict[str, Any]:
+    def transition(
+        self, image_id: str, expected: str, wanted: str, *, fence: int | None = None, **changes: Any
+    ) -> dict[str, Any]:
         check_transition(image_id, expected, wanted)
         current = self.get(image_id)
         if current is None or current["status"] != expected:
             raise IllegalTransition(image_id, current["status"] if current else NEW, wanted)
         merged = _merge(current, changes, wanted)
-        found = self._swap(image_id, expected, merged)
+        # The script checks the fence too: a takeover between the read above
+        # and the swap keeps the status `saving` but changes `attempts`.
+        found = self._swap(image_id, expected, merged, fence)
+        if found.startswith("=stale:"):
+            raise StaleAttempt(image_id, wanted, fence or 0, found.removeprefix("=stale:"))
         if found != "=ok":
             raise IllegalTransition(image_id, found, wanted)
         return merged

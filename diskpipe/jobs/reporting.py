@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from diskpipe.converter.qemu_img import CancelToken
 from diskpipe.jobs.records import RecordStore
@@ -16,7 +17,16 @@ PROGRESS_EVERY = 0.5  # seconds between progress writes
 class ProgressWriter:
     """Callable as `progress(stage, percent, done_bytes=None)`."""
 
-    def __init__(self, records: RecordStore, image_id: str, cancel: CancelToken, *, checks_cancel: bool) -> None:
+    def __init__(
+        self,
+        records: RecordStore,
+        image_id: str,
+        cancel: CancelToken,
+        *,
+        checks_cancel: bool,
+        lease_lost: Callable[[], bool] | None = None,
+    ) -> None:
+        self._lease_lost = lease_lost or (lambda: False)
         self._records = records
         self._image_id = image_id
         self._cancel = cancel
@@ -24,10 +34,13 @@ class ProgressWriter:
         self._last_write = 0.0
 
     def check_cancel(self) -> None:
-        if self._records.cancel_requested(self._image_id):
+        # A lost lease stops the work too: another delivery has the job now.
+        if self._lease_lost() or self._records.cancel_requested(self._image_id):
             self._cancel.cancel()
 
     def __call__(self, stage: str, percent: float, done: int | None = None) -> None:
+        if self._lease_lost():
+            return  # the record is another delivery's now
         now = time.monotonic()
         if now - self._last_write < PROGRESS_EVERY and percent < 100:
             return

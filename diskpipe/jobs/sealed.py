@@ -27,7 +27,7 @@ def sealed_fields(checksums: Checksums) -> dict[str, Any]:
     return {"size": checksums.size, "md5": checksums.md5, "sha512": checksums.sha512, "sparse": checksums.sparse}
 
 
-def adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any]) -> dict[str, Any]:
+def adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any], fence: int) -> dict[str, Any]:
     """Record an image a dead delivery finalized.
 
     Before renaming, that delivery recorded the checksums it read from the
@@ -57,7 +57,7 @@ def adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any]) -> di
         **sums.glance_properties(include_sparse=job.sparse_hash),
     }
     return env.records.transition(
-        job.image_id, SAVING, ACTIVE, outcome=OUTCOME_ACTIVE, reason=None, retry=None, **fields
+        job.image_id, SAVING, ACTIVE, fence=fence, outcome=OUTCOME_ACTIVE, reason=None, retry=None, **fields
     )
 
 

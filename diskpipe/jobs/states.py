@@ -43,6 +43,18 @@ class IllegalTransition(ValueError):
         super().__init__(f"image {image_id}: cannot go from {current or 'nothing'} to {wanted}")
 
 
+class StaleAttempt(IllegalTransition):
+    """The record has moved on to a newer attempt: the delivery asking lost
+    its lease, another took the job over, and this one must write nothing
+    more (its attempt number is its fencing token)."""
+
+    def __init__(self, image_id: str, wanted: str, attempt: int, found: object) -> None:
+        super().__init__(image_id, SAVING, wanted)
+        self.attempt = attempt
+        self.found = found
+        self.args = (f"image {image_id}: attempt {attempt} is stale, the record is at attempt {found}",)
+
+
 def check_transition(image_id: str, current: str, wanted: str) -> None:
     if wanted not in LEGAL.get(current, frozenset()):
         raise IllegalTransition(image_id, current, wanted)

@@ -76,7 +76,14 @@ def create_app(config: CeleryConfig | None = None, broker: str | None = None) ->
         result_extended=True,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a worker keeps reconnecting while Redis restarts
-        broker_transport_options={"visibility_timeout": config.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": config.visibility_timeout,
+            **(
+                {"unacked_restore_interval": config.redelivery_sweep, "unacked_restore_throttle": 1}
+                if config.redelivery_sweep
+                else {}
+            ),
+        },
         result_backend_transport_options={"retry_policy": {"timeout": 60.0}},
         # A running job survives a broker reconnect; if its acknowledgement is
         # lost the job is delivered once more and the record makes that a no-op.

@@ -20,6 +20,10 @@ class CeleryConfig:
     # when its worker never acknowledged it (a dead worker's job comes back
     # after this). Leases make a shorter value safe for running jobs.
     visibility_timeout: int = 3600
+    # Seconds between the sweeps that hand such a job back to the queue.
+    # None: kombu's own pace (one sweep in ten ticks of 10 s). Tests with a
+    # short visibility timeout sweep more often.
+    redelivery_sweep: int | None = None
     lease_ttl: int = 30  # seconds a job's lease lives without a heartbeat
     lease_wait: int = 6 * 3600  # how long a second delivery waits for a live lease
     time_limit: int = 6 * 3600  # hard limit per job (the worker child is killed)

@@ -442,7 +442,7 @@ class RbdStore:
         try:
             if abandoned:
                 try:
-                    self._fence(list(image.watchers_list()))
+                    self._fence(image, name)
                 except rados.Error as error:  # no blocklist permission: the remove waits the watch out
                     log.warning("could not fence the watchers of %s: %s", name, error)
             self._remove_snapshots(image, name)
@@ -460,7 +460,7 @@ class RbdStore:
                 # A killed qemu-img keeps its watch for the watch timeout
                 # (30 s). It is dead, or this temporary is abandoned: fence it
                 # off (as `rbd lock break` does) instead of waiting.
-                if attempt == 2 or not self._fence_watchers(name):
+                if attempt == 2 or not self._fence_writers(name):
                     raise
 
     def _remove_snapshots(self, image: Any, name: str) -> None:
@@ -473,24 +473,30 @@ class RbdStore:
                     raise ImageInUse(f"image {name} is in use: its snapshot has clones") from error
             self._call(image.remove_snap, snapshot["name"])
 
-    def _fence_watchers(self, name: str) -> bool:
-        """Blocklist the clients still watching image `name`; True if any."""
+    def _fence_writers(self, name: str) -> list[str]:
+        """Fence the writers of image `name` (see _fence); the addresses fenced."""
         image = self.open_raw(name)
         try:
-            watchers = list(image.watchers_list())
+            return self._fence(image, name)
         finally:
             image.close()
-        return self._fence(watchers)
 
-    def _fence(self, watchers: list[dict[str, Any]]) -> bool:
-        """Blocklist these watchers but this process's own client; True if any."""
-        own = f"client.{self._cluster.get_instance_id()}"
-        fenced = False
-        for watcher in watchers:
-            if f"client.{watcher.get('id')}" == own:
-                continue
-            self._cluster.blocklist_add(watcher["addr"], 3600)
-            fenced = True
+    def _fence(self, image: Any, name: str) -> list[str]:
+        """Blocklist every other client that watches the image or holds its
+        exclusive lock (`ceph osd blocklist add`, for an hour), and wait
+        until this client has the OSD map that says so: from then on no OSD
+        takes a write from them, even if they come back (a host cut off the
+        network, a paused process). Returns the addresses fenced."""
+        own = self._cluster.get_instance_id()  # this client watches the image while it looks
+        watchers = [watcher["addr"] for watcher in image.watchers_list() if watcher.get("id") != own]
+        lockers = image.list_lockers()
+        holders = [address for client, _, address in (lockers or {}).get("lockers", []) if client != f"client.{own}"]
+        fenced = sorted(set(watchers + holders))
+        for address in fenced:
+            self._cluster.blocklist_add(address, 3600)
+        if fenced:
+            log.warning("image %s: fenced its writers %s (blocklisted)", name, ", ".join(fenced))
+            self._cluster.wait_for_latest_osdmap()
         return fenced
 
     def purge_temporaries(self, image_id: str) -> list[str]:
