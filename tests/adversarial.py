@@ -231,13 +231,20 @@ def zstd_with_window(total: int, window_log: int) -> bytes:
     return bytes(data)
 
 
-def tar_of(members: list[tuple[str, bytes]]) -> bytes:
+def tar_of(members: list[tuple[str, bytes]], *, links: tuple[str, ...] = ()) -> bytes:
+    """A ustar archive (an OVA is one) of `members`, then `links`: symlinks
+    to /etc/passwd."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive:
         for name, data in members:
             member = tarfile.TarInfo(name)
             member.size = len(data)
             archive.addfile(member, io.BytesIO(data))
+        for name in links:
+            link = tarfile.TarInfo(name)
+            link.type = tarfile.SYMTYPE
+            link.linkname = "/etc/passwd"
+            archive.addfile(link)
     return out.getvalue()
 
 
