@@ -96,14 +96,22 @@ def _delete_here(args: argparse.Namespace, records: Any) -> tuple[dict[str, Any]
         return None, EXIT_USAGE
 
 
-def cmd_delete(args: argparse.Namespace) -> int:
-    url = context.broker(args)
+def _store_beside_broker(args: argparse.Namespace, url: str | None, doing: str) -> bool:
+    """--store with a broker names a store the workers never use: said, and
+    True (a usage error)."""
     if url and args.store:
         print(
             f"diskpipe: --store cannot be used with a broker ({context.shown_url(url)}): "
-            "the workers delete from their own [store]",
+            f"the workers {doing} their own [store]",
             file=sys.stderr,
         )
+        return True
+    return False
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    url = context.broker(args)
+    if _store_beside_broker(args, url, "delete from"):
         return EXIT_USAGE
     records = context.records(args)
     if records.get(args.id) is None:
@@ -155,12 +163,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     from diskpipe.jobs.sources import ImportConfig
 
     url = context.broker(args)
-    if url and args.store:
-        print(
-            f"diskpipe: --store cannot be used with a broker ({context.shown_url(url)}): "
-            "the workers clean their own [store]",
-            file=sys.stderr,
-        )
+    if _store_beside_broker(args, url, "clean"):
         return EXIT_USAGE
     if url:
         context.records(args)  # fails fast, naming the broker, when it cannot be reached
