@@ -151,16 +151,8 @@ def test_every_format_converts_into_rbd_thin_and_protected(
 
 
 def test_a_refused_image_never_reaches_qemu_img(
-    samples_dir: Path, manifest: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    samples_dir: Path, manifest: list[Any], tmp_path: Path, qemu_img_calls: list[list[str]]
 ) -> None:
-    calls: list[list[str]] = []
-    real_run = qemu_img.run
-
-    def spy(args: Any, *rest: Any, **kwargs: Any) -> str:
-        calls.append(list(args))
-        return real_run(args, *rest, **kwargs)
-
-    monkeypatch.setattr(qemu_img, "run", spy)
     store = FileStore(tmp_path / "store")
     hostile = [
         sample for sample in manifest if sample.group == "hostile" and sample.verdict != "safe" and not sample.claimed
@@ -169,7 +161,7 @@ def test_a_refused_image_never_reaches_qemu_img(
     for sample in hostile:
         with pytest.raises(UnsafeImage):
             convert_image(ConvertRequest(str(samples_dir / sample.file), f"h-{sample.name}"), store)
-    assert calls == []
+    assert qemu_img_calls == []
     assert not list((tmp_path / "store").glob("*")) if (tmp_path / "store").exists() else True
 
 
