@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, ROOT, WORK, BenchCeph, empty_pool, machine, machine_markdown, write_results
+from diskpipe.jobs.connection import redis_client
 from diskpipe.jobs.records import RedisRecords
-from diskpipe.tasks.settings import redis_client
 
 NETNS = ROOT / "scripts" / "netns-hosts.sh"
 HOSTS = ("h1", "h2", "h3")

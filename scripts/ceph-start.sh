@@ -34,6 +34,8 @@
 set -Eeuo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+# shellcheck source=scripts/lib.sh
+source "$here/lib.sh"
 with_rgw=0
 if [[ "${1:-}" == --rgw ]]; then
     with_rgw=1
@@ -65,24 +67,10 @@ mkdir -p "$dir"
 dir="$(cd "$dir" && pwd -P)"
 conf="$dir/ceph.conf"
 
-# Start from scratch: stop whatever runs from this dir and wipe it.
-# ceph-stop.sh refuses dirs without our marker, so a typo cannot rm -rf $HOME.
-if [[ -e "$dir/.diskpipe-ceph" ]]; then
-    log "stopping previous cluster in $dir"
-    "$here/ceph-stop.sh" "$dir"
-    mkdir -p "$dir"
-elif [[ -n "$(ls -A "$dir")" ]]; then
-    die "$dir exists, is not empty and was not created by this script"
-fi
-
-# A mon already listening there (e.g. a cluster from another state dir) would
-# make ours fail with "Address already in use" deep in its log.
-if (exec 3<>"/dev/tcp/$addr/$port") 2>/dev/null; then
-    rmdir "$dir" 2>/dev/null || true # do not leave an empty dir behind
-    die "$addr:$port is already in use (another cluster? set DISKPIPE_CEPH_PORT)"
-fi
-
-touch "$dir/.diskpipe-ceph"
+# Start from scratch: stop whatever runs from this dir and wipe it. A mon
+# already listening on the port (e.g. a cluster from another state dir) would
+# make ours fail with "Address already in use" deep in its log: refused first.
+fresh_state_dir ceph "$dir" "$port" "another cluster? set DISKPIPE_CEPH_PORT" "$addr"
 mkdir -p "$dir/run" "$dir/log" "$dir/mon.a" "$dir/osd.0" "$dir/crash"
 setup_log="$dir/log/setup.log"
 fsid="$(cat /proc/sys/kernel/random/uuid)"

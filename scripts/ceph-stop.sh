@@ -13,30 +13,13 @@ dir="${1:-${DISKPIPE_CEPH_DIR:-/tmp/diskpipe-ceph}}"
 [[ -e "$dir" ]] || exit 0
 dir="$(cd "$dir" && pwd -P)"
 conf="$dir/ceph.conf"
-marker="$dir/.diskpipe-ceph"
-
-if [[ ! -e "$marker" ]] && [[ -n "$(ls -A "$dir")" ]]; then
-    echo "ceph-stop: $dir was not created by ceph-start.sh (no $marker); not touching it" >&2
-    exit 1
-fi
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+ours_or_exit ceph "$dir"
 
 # A gateway first, and alone: killed together with its OSD it can hang in
 # shutdown for minutes.
 "$(dirname "${BASH_SOURCE[0]}")/rgw-stop.sh" "$dir"
-
-# Alive = /proc entry exists and it is not a fully-exited zombie. After
-# SIGKILL the thread-group leader turns Z at once while the other threads still
-# tear down (releasing GiBs of memstore RAM, closing the listening sockets), so
-# Z only counts as dead once the leader is its last thread. A real zombie
-# (pid 1 of a container may never reap) must not make us wait forever.
-alive() {
-    local state ntasks
-    state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" || return 1
-    [[ -n "$state" ]] || return 1
-    [[ "$state" != Z ]] && return 0
-    ntasks="$(find "/proc/$1/task" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)"
-    ((ntasks > 1))
-}
 
 # Our daemons: pids from the pid files, plus any ceph-mon/ceph-osd whose
 # command line names our ceph.conf (covers a start that died before the

@@ -12,24 +12,9 @@ set -euo pipefail
 dir="${1:-${DISKPIPE_REDIS_DIR:-/tmp/diskpipe-redis}}"
 [[ -e "$dir" ]] || exit 0
 dir="$(cd "$dir" && pwd -P)"
-
-if [[ ! -e "$dir/.diskpipe-redis" ]] && [[ -n "$(ls -A "$dir")" ]]; then
-    echo "redis-stop: $dir was not created by redis-start.sh (no marker); not touching it" >&2
-    exit 1
-fi
-
-# Alive = /proc entry exists and it is not a fully-exited zombie. The leader
-# of a multi-threaded process turns Z before its other threads (which may still
-# hold the port) are gone; a real zombie (pid 1 of a container may be slow to
-# reap) must not make us wait.
-alive() {
-    local state ntasks
-    state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" || return 1
-    [[ -n "$state" ]] || return 1
-    [[ "$state" != Z ]] && return 0
-    ntasks="$(find "/proc/$1/task" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)"
-    ((ntasks > 1))
-}
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+ours_or_exit redis "$dir"
 
 pid=""
 if [[ -f "$dir/redis.pid" ]]; then

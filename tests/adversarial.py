@@ -231,13 +231,34 @@ def zstd_with_window(total: int, window_log: int) -> bytes:
     return bytes(data)
 
 
-def tar_of(members: list[tuple[str, bytes]]) -> bytes:
+def compressed(kind: str, data: bytes, *, xz_preset: int = lzma.PRESET_DEFAULT) -> bytes:
+    """`data` as the gzip (no timestamp: the same bytes every run), xz,
+    bzip2 or zstd (with its checksum, as the zstd tool writes) tool writes it."""
+    if kind == "gzip":
+        return gzip.compress(data, mtime=0)
+    if kind == "xz":
+        return lzma.compress(data, preset=xz_preset)
+    if kind == "bzip2":
+        return bz2.compress(data)
+    if kind == "zstd":
+        return zstandard.ZstdCompressor(write_checksum=True).compress(data)
+    raise ValueError(f"no compressor {kind!r}")
+
+
+def tar_of(members: list[tuple[str, bytes]], *, links: tuple[str, ...] = ()) -> bytes:
+    """A ustar archive (an OVA is one) of `members`, then `links`: symlinks
+    to /etc/passwd."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive:
         for name, data in members:
             member = tarfile.TarInfo(name)
             member.size = len(data)
             archive.addfile(member, io.BytesIO(data))
+        for name in links:
+            link = tarfile.TarInfo(name)
+            link.type = tarfile.SYMTYPE
+            link.linkname = "/etc/passwd"
+            archive.addfile(link)
     return out.getvalue()
 
 

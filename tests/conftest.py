@@ -54,6 +54,43 @@ def process_alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.fixture
+def qemu_img_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The arguments of every qemu-img run through diskpipe's qemu_img.run
+    in this test (it still runs them)."""
+    from diskpipe.converter import qemu_img
+
+    calls: list[list[str]] = []
+    real_run = qemu_img.run
+
+    def recording_run(args: Any, *rest: Any, **options: Any) -> str:
+        calls.append(list(args))
+        return real_run(args, *rest, **options)
+
+    monkeypatch.setattr(qemu_img, "run", recording_run)
+    return calls
+
+
+def qemu_img_children(parent: int | None = None) -> list[int]:
+    """The running `qemu-img convert` children of `parent` (default: this
+    test process). Only our own: on a shared machine other qemu-img runs are
+    none of a test's business, to kill or to count."""
+    parent = os.getpid() if parent is None else parent
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm, _, rest = (entry / "stat").read_text().rpartition(")")
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        state, ppid = rest.split()[:2]
+        if comm.endswith("(qemu-img") and state != "Z" and int(ppid) == parent and b"convert" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
 def _parse_env(output: str) -> dict[str, str]:
     found = {}
     for line in output.splitlines():

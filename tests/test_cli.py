@@ -143,16 +143,20 @@ def test_validate_with_a_policy_file(samples_dir: Path, manifest: list[Any], tmp
     assert diskpipe("validate", "--policy", str(policy), str(bochs)).returncode == 0
 
 
+def loaded_after(argv: list[str], modules: str) -> str:
+    """The sorted list of `modules` (a generator expression over sys.modules)
+    as a fresh interpreter prints it after running `diskpipe ARGV`."""
+    probe = f"import sys; from diskpipe.cli import main; main({argv!r}); print(sorted({modules}))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return result.stdout.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("command", ["info", "validate"])
 def test_commands_do_not_import_heavy_modules(command: str, samples_dir: Path, manifest: list[Any]) -> None:
     path = samples_dir / by_name(manifest, "qcow2-v3-c64k").file
-    probe = (
-        "import sys; from diskpipe.cli import main; "
-        f"main([{command!r}, {str(path)!r}]); "
-        "print(sorted(m for m in ('numpy', 'magic', 'pycdlib', 'celery', 'rados') if m in sys.modules))"
+    loaded = loaded_after(
+        [command, str(path)], "m for m in ('numpy', 'magic', 'pycdlib', 'celery', 'rados') if m in sys.modules"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    loaded = result.stdout.strip().splitlines()[-1]
     expected = "['numpy']" if command == "validate" else "[]"  # validate reads allocation tables
     assert loaded == expected
 
@@ -161,13 +165,10 @@ def test_the_inspection_commands_do_not_load_the_job_commands_or_logging(
     samples_dir: Path, manifest: list[Any]
 ) -> None:
     path = samples_dir / by_name(manifest, "qcow2-v3-c64k").file
-    probe = (
-        "import sys; from diskpipe.cli import main; "
-        f"main(['info', {str(path)!r}]); "
-        "print(sorted(m for m in sys.modules if m.startswith(('diskpipe.cli.', 'diskpipe.jobs', 'logging', 'json'))))"
+    loaded = loaded_after(
+        ["info", str(path)],
+        "m for m in sys.modules if m.startswith(('diskpipe.cli.', 'diskpipe.jobs', 'logging', 'json'))",
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    loaded = result.stdout.strip().splitlines()[-1]
     assert loaded == "['diskpipe.cli.exits', 'diskpipe.cli.inspection', 'diskpipe.cli.options', " + (
         "'diskpipe.cli.output', 'diskpipe.cli.parser']"
     )

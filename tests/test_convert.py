@@ -24,7 +24,7 @@ from diskpipe.converter.stores.base import StoreMisconfigured, StoreUnavailable
 from diskpipe.converter.stores.file import FileStore
 from diskpipe.converter.stores.rbd import RbdConfig, RbdStore, qemu_rbd_target
 from diskpipe.refusal import UnsafeImage
-from tests.conftest import FAULT_TEST_TIMEOUT, RECOVERY_TIMEOUT, process_alive, wait_until
+from tests.conftest import FAULT_TEST_TIMEOUT, RECOVERY_TIMEOUT, process_alive, qemu_img_children, wait_until
 
 CONVERTIBLE = {"raw", "qcow2", "vpc", "vhdx", "vmdk", "vdi", "qed", "parallels"}
 MAX_TEST_SIZE = 256 * 1024 * 1024  # hashing every byte of a 1 TiB disk is for benchmarks
@@ -151,16 +151,8 @@ def test_every_format_converts_into_rbd_thin_and_protected(
 
 
 def test_a_refused_image_never_reaches_qemu_img(
-    samples_dir: Path, manifest: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    samples_dir: Path, manifest: list[Any], tmp_path: Path, qemu_img_calls: list[list[str]]
 ) -> None:
-    calls: list[list[str]] = []
-    real_run = qemu_img.run
-
-    def spy(args: Any, *rest: Any, **kwargs: Any) -> str:
-        calls.append(list(args))
-        return real_run(args, *rest, **kwargs)
-
-    monkeypatch.setattr(qemu_img, "run", spy)
     store = FileStore(tmp_path / "store")
     hostile = [
         sample for sample in manifest if sample.group == "hostile" and sample.verdict != "safe" and not sample.claimed
@@ -169,7 +161,7 @@ def test_a_refused_image_never_reaches_qemu_img(
     for sample in hostile:
         with pytest.raises(UnsafeImage):
             convert_image(ConvertRequest(str(samples_dir / sample.file), f"h-{sample.name}"), store)
-    assert calls == []
+    assert qemu_img_calls == []
     assert not list((tmp_path / "store").glob("*")) if (tmp_path / "store").exists() else True
 
 
@@ -183,26 +175,6 @@ def _slow_source(tmp_path: Path) -> Path:
     subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(source)], check=True)
     raw.unlink()
     return source
-
-
-def _qemu_children(parent: int | None = None) -> list[int]:
-    """The running `qemu-img convert` children of `parent` (default: this
-    test process). Only our own: on a shared machine other qemu-img runs are
-    none of this test's business, to kill or to count."""
-    parent = os.getpid() if parent is None else parent
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            comm, _, rest = (entry / "stat").read_text().rpartition(")")
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        state, ppid = rest.split()[:2]
-        if comm.endswith("(qemu-img") and state != "Z" and int(ppid) == parent and b"convert" in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 @pytest.mark.timeout(FAULT_TEST_TIMEOUT)
@@ -227,7 +199,7 @@ def test_cancel_kills_qemu_img_and_leaves_nothing(tmp_path: Path, rbd_store: Rbd
             cancel=token,
         )
     assert "cancelled" not in ceph.rbd("ls")
-    assert not _qemu_children()
+    assert not qemu_img_children()
 
 
 KILL_SCRIPT = """
@@ -255,7 +227,7 @@ def test_a_conversion_killed_midway_leaves_no_image_and_the_next_run_succeeds(
     )
     assert process.stdout is not None
     assert process.stdout.readline().strip() == "converting"
-    converters = _qemu_children(process.pid)
+    converters = qemu_img_children(process.pid)
     assert converters
     if victim == "qemu-img":
         for pid in converters:

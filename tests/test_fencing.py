@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 
 from diskpipe.converter.stores.file import FileStore
+from diskpipe.jobs import sources
+from diskpipe.jobs.connection import redis_client
 from diskpipe.jobs.lease import Lease
 from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
 from diskpipe.jobs.records import RedisRecords, SqliteRecords, new_record
 from diskpipe.jobs.states import ACTIVE, KILLED, SAVING, StaleAttempt
-from diskpipe.tasks import sources
-from diskpipe.tasks.settings import redis_client
 from tests.conftest import ROOT, wait_until
 
 

@@ -11,10 +11,8 @@ the store or the staging directory.
 
 from __future__ import annotations
 
-import bz2
 import gzip
 import json
-import lzma
 import os
 import shutil
 import subprocess
@@ -24,13 +22,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import zstandard
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from diskpipe.formats import FormatError
 from diskpipe.jobs import sources
-from tests.adversarial import ovf_naming, tar_of
+from tests.adversarial import compressed, ovf_naming, tar_of
 from tests.memprobe import peak_rss, reset_peak
 from tests.test_fuzz import watchdog
 
@@ -66,14 +63,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
 
 def wrap(kind: str, name: str, data: bytes) -> bytes:
-    if kind == "gzip":
-        return gzip.compress(data, mtime=0)
-    if kind == "xz":
-        return lzma.compress(data)
-    if kind == "bzip2":
-        return bz2.compress(data)
-    if kind == "zstd":
-        return zstandard.ZstdCompressor(write_checksum=True).compress(data)  # as the zstd tool writes
+    if not kind.startswith("ova"):
+        return compressed(kind, data)
     disk = f"disk.{name}"
     ova = tar_of([("appliance.ovf", ovf_naming(disk)), ("notes.txt", b"hello"), (disk, data)])
     return ova if kind == "ova" else gzip.compress(ova, mtime=0)
@@ -172,6 +163,19 @@ def test_mutated_containers_unpack_or_refuse_and_leave_nothing(
         shutil.rmtree(directory)
 
 
+def unpack_upload(tmp_path: Path, data: bytes, label: str) -> tuple[sources.Staged, sources.ImageInfo]:
+    """Unpack `data` uploaded as tmp_path/upload, staging in tmp_path/staging;
+    the result stays open for the caller to close."""
+    path = tmp_path / "upload"
+    path.write_bytes(data)
+    config = sources.ImportConfig(allowed_dirs=(str(tmp_path),), staging_dir=str(tmp_path / "staging"))
+    staged = sources.open_local(str(path), config)
+    try:
+        return sources.unpack(staged, config, label=label)
+    finally:
+        staged.close()
+
+
 # Whether an OVA inside gzip is unpacked is a configured nesting cap: the
 # ova.gz seeds are fuzzed, not required to unpack.
 @pytest.mark.parametrize(
@@ -180,16 +184,9 @@ def test_mutated_containers_unpack_or_refuse_and_leave_nothing(
 def test_every_unmutated_container_unpacks(label: str, containers: Seeds, tmp_path: Path) -> None:
     """The seeds themselves are sound: the fuzzing starts from real imports."""
     data = dict(containers)[label]
-    path = tmp_path / "upload"
-    path.write_bytes(data)
-    config = sources.ImportConfig(allowed_dirs=(str(tmp_path),), staging_dir=str(tmp_path / "staging"))
-    staged = sources.open_local(str(path), config)
-    try:
-        unpacked, info = sources.unpack(staged, config, label="seed")
-        assert info.format == label.split(".", maxsplit=1)[0] and unpacked.unpacked
-        unpacked.close()
-    finally:
-        staged.close()
+    unpacked, info = unpack_upload(tmp_path, data, "seed")
+    unpacked.close()
+    assert info.format == label.split(".", maxsplit=1)[0] and unpacked.unpacked
     assert os.listdir(tmp_path / "staging") == []
 
 
@@ -197,15 +194,8 @@ def test_every_unmutated_container_unpacks(label: str, containers: Seeds, tmp_pa
 def test_corrupt_compressed_data_is_refused(kind: str, images: dict[str, bytes], tmp_path: Path) -> None:
     """A codec's own error (zlib.error, LZMAError, ZstdError...) is a refusal
     of the upload, never an unexpected exception that strands the job."""
-    path = tmp_path / "upload"
-    path.write_bytes(corrupted(kind, images["qcow2"]))
-    config = sources.ImportConfig(allowed_dirs=(str(tmp_path),), staging_dir=str(tmp_path / "staging"))
-    staged = sources.open_local(str(path), config)
-    try:
-        with pytest.raises(sources.SourceRefused):
-            sources.unpack(staged, config, label="corrupt")
-    finally:
-        staged.close()
+    with pytest.raises(sources.SourceRefused):
+        unpack_upload(tmp_path, corrupted(kind, images["qcow2"]), "corrupt")
     assert os.listdir(tmp_path / "staging") == []
 
 
@@ -215,15 +205,8 @@ def test_a_broken_inner_layer_leaves_no_staged_file(images: dict[str, bytes], tm
     ova = bytearray(wrap("ova", "qcow2", images["qcow2"]))
     ova[len(ova) // 2 :] = bytes(len(ova) - len(ova) // 2)  # the disk member's data and the end are gone
     ova[0:512] = tar_of([("appliance.ovf", b"<Envelope>")])[:512]  # an OVF naming no disk
-    path = tmp_path / "upload"
-    path.write_bytes(gzip.compress(bytes(ova), mtime=0))
-    config = sources.ImportConfig(allowed_dirs=(str(tmp_path),), staging_dir=str(tmp_path / "staging"))
-    staged = sources.open_local(str(path), config)
-    try:
-        with pytest.raises(sources.SourceRefused):
-            sources.unpack(staged, config, label="layers")
-    finally:
-        staged.close()
+    with pytest.raises(sources.SourceRefused):
+        unpack_upload(tmp_path, gzip.compress(bytes(ova), mtime=0), "layers")
     assert os.listdir(tmp_path / "staging") == []
 
 

@@ -27,7 +27,15 @@ from pathlib import Path
 import pytest
 
 from diskpipe.jobs.records import SqliteRecords
-from tests.conftest import FAULT_TEST_TIMEOUT, RECOVERY_TIMEOUT, ROOT, Ceph, process_alive, wait_until
+from tests.conftest import (
+    FAULT_TEST_TIMEOUT,
+    RECOVERY_TIMEOUT,
+    ROOT,
+    Ceph,
+    process_alive,
+    qemu_img_children,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(FAULT_TEST_TIMEOUT)
 
@@ -59,23 +67,6 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     packed = base / "slow.qcow2.gz"
     packed.write_bytes(gzip.compress(image.read_bytes()))
     return {"qcow2": image, "gz": packed}
-
-
-def qemu_img_children(parent: int) -> list[int]:
-    """The running `qemu-img convert` children of `parent`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            comm, _, rest = (entry / "stat").read_text().rpartition(")")
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        state, ppid = rest.split()[:2]
-        if comm.endswith("(qemu-img") and state != "Z" and int(ppid) == parent and b"convert" in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 class Store:

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
+from diskpipe.jobs.connection import redis_client
 from diskpipe.jobs.records import RedisRecords
-from diskpipe.tasks.settings import redis_client
 from tests.conftest import (
     FAULT_TEST_TIMEOUT,
     RECOVERY_TIMEOUT,

@@ -12,6 +12,7 @@ errors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -50,14 +51,15 @@ class Listener:
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
+    def _take_one(self) -> None:
+        connection, _ = self.sock.accept()
+        connection.close()
+        self.connections += 1
+
     def _serve(self) -> None:
         while not self._stop.is_set():
-            try:
-                connection, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            connection.close()
-            self.connections += 1
+            with contextlib.suppress(TimeoutError):
+                self._take_one()
 
     def finish(self) -> int:
         """Every connection ever made: the thread's, plus any still queued in
@@ -65,13 +67,9 @@ class Listener:
         self._stop.set()
         self._thread.join(timeout=30)
         self.sock.setblocking(False)
-        while True:
-            try:
-                connection, _ = self.sock.accept()
-            except BlockingIOError:
-                break
-            connection.close()
-            self.connections += 1
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self._take_one()
         self.sock.close()
         self.finished = True
         return self.connections
@@ -127,6 +125,15 @@ def make_source(work: Path, name: str, contents: str) -> Path:
     return path
 
 
+def hostile_source(
+    label: str, tmp_path: Path, work: Path, listener: Listener, contents: str = "raw"
+) -> tuple[str, Path]:
+    """The harmless image under the hostile name `label` makes, pointing at
+    the listener and the host secret: the name and the image's path."""
+    name = hostile_name(label, listener.port, tmp_path / "host-secret")
+    return name, make_source(work, name, contents)
+
+
 @pytest.fixture
 def work(tmp_path: Path) -> Path:
     """A directory with the host secret under the names the hostile sources point at."""
@@ -156,6 +163,19 @@ def diskpipe(tmp_path: Path, cwd: Path, *args: str) -> subprocess.CompletedProce
     )
 
 
+def cli_into_file_store(
+    tmp_path: Path, cwd: Path, listener: Listener, *args: str, exit_code: int = 0
+) -> dict[str, Any]:
+    """`diskpipe ARGS` run from `cwd` into the file store tmp_path/store with
+    JSON output: it must exit `exit_code` without connecting to the
+    listener. What it printed."""
+    done = diskpipe(tmp_path, cwd, *args, "--store", f"file:{tmp_path / 'store'}", "--output=json")
+    assert listener.finish() == 0, f"something connected to 127.0.0.1 for {args!r}"
+    assert done.returncode == exit_code, done.stdout + done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
 def stored_bytes(location: dict[str, Any]) -> bytes:
     return Path(location["metadata"]["path"]).read_bytes()
 
@@ -173,25 +193,16 @@ def assert_zeros_stored(data: bytes) -> None:
 def test_convert_cli_stores_the_bytes_a_qemu_named_file_holds(
     label: str, contents: str, tmp_path: Path, work: Path, listener: Listener
 ) -> None:
-    name = hostile_name(label, listener.port, tmp_path / "host-secret")
-    make_source(work, name, contents)
-    store = tmp_path / "store"
-    done = diskpipe(tmp_path, work, "convert", name, "--store", f"file:{store}", "--id", "img", "--output=json")
-    assert listener.finish() == 0, f"qemu-img connected to 127.0.0.1 for {name!r}"
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+    name, _ = hostile_source(label, tmp_path, work, listener, contents)
+    result = cli_into_file_store(tmp_path, work, listener, "convert", name, "--id", "img")
     assert result["source_format"] == contents
     assert_zeros_stored(stored_bytes(result["locations"][0]))
 
 
 def test_convert_cli_with_an_absolute_path(tmp_path: Path, work: Path, listener: Listener) -> None:
-    name = hostile_name("json-file", listener.port, tmp_path / "host-secret")
-    source = make_source(work, name, "raw")
-    store = tmp_path / "store"
-    done = diskpipe(tmp_path, tmp_path, "convert", str(source), "--store", f"file:{store}", "--output=json")
-    assert listener.finish() == 0
-    assert done.returncode == 0, done.stderr
-    assert_zeros_stored(stored_bytes(json.loads(done.stdout)["locations"][0]))
+    _, source = hostile_source("json-file", tmp_path, work, listener)
+    result = cli_into_file_store(tmp_path, tmp_path, listener, "convert", str(source))
+    assert_zeros_stored(stored_bytes(result["locations"][0]))
 
 
 # -- diskpipe import (embedded) --------------------------------------------------
@@ -202,16 +213,11 @@ def test_convert_cli_with_an_absolute_path(tmp_path: Path, work: Path, listener:
 def test_import_cli_stores_the_bytes_a_qemu_named_file_holds(
     label: str, spelling: str, tmp_path: Path, work: Path, listener: Listener
 ) -> None:
-    name = hostile_name(label, listener.port, tmp_path / "host-secret")
-    make_source(work, name, "raw")
+    name, _ = hostile_source(label, tmp_path, work, listener)
     # Typed as is (pathlib would fold `//`); `./` or `/` marks a path: a bare
     # `http://...` is a URL to download (below).
     typed = f"{work}/{name}" if spelling == "absolute" else "./" + name
-    store = tmp_path / "store"
-    done = diskpipe(tmp_path, work, "import", typed, "--store", f"file:{store}", "--id", "img", "--output=json")
-    assert listener.finish() == 0, f"something connected to 127.0.0.1 for {typed!r}"
-    assert done.returncode == 0, done.stdout + done.stderr
-    record = json.loads(done.stdout)
+    record = cli_into_file_store(tmp_path, work, listener, "import", typed, "--id", "img")
     assert record["status"] == "active"
     assert_zeros_stored(stored_bytes(record["locations"][0]))
 
@@ -220,13 +226,10 @@ def test_import_cli_stores_the_bytes_a_qemu_named_file_holds(
 def test_import_cli_takes_a_bare_url_shaped_name_as_a_url_and_does_not_connect(
     label: str, tmp_path: Path, work: Path, listener: Listener
 ) -> None:
-    name = hostile_name(label, listener.port, tmp_path / "host-secret")
-    make_source(work, name, "raw")
+    name, _ = hostile_source(label, tmp_path, work, listener)
+    record = cli_into_file_store(tmp_path, work, listener, "import", name, "--id", "img", exit_code=1)
+    assert record["status"] == "killed"
     store = tmp_path / "store"
-    done = diskpipe(tmp_path, work, "import", name, "--store", f"file:{store}", "--id", "img", "--output=json")
-    assert listener.finish() == 0
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert json.loads(done.stdout)["status"] == "killed"
     assert not store.exists() or not list(store.iterdir())
 
 
@@ -237,8 +240,7 @@ def test_import_cli_takes_a_bare_url_shaped_name_as_a_url_and_does_not_connect(
 def test_convert_image_stores_the_bytes_a_qemu_named_file_holds(
     label: str, tmp_path: Path, work: Path, listener: Listener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    name = hostile_name(label, listener.port, tmp_path / "host-secret")
-    make_source(work, name, "raw")
+    name, _ = hostile_source(label, tmp_path, work, listener)
     monkeypatch.chdir(work)
     try:
         result = convert_image(ConvertRequest(name, "img"), FileStore(tmp_path / "store"))
@@ -304,7 +306,7 @@ def test_an_import_converts_the_descriptor_it_inspected(tmp_path: Path, work: Pa
     assert stored_bytes(record["locations"][0]) == bytes(SIZE)
 
 
-def test_no_user_chosen_name_reaches_qemu_img(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_user_chosen_name_reaches_qemu_img(tmp_path: Path, qemu_img_calls: list[list[str]]) -> None:
     """An encrypted image and its key file under qemu-looking names: every
     qemu-img argument names only descriptors, and the conversion works."""
     passphrase = "diskpipe-test"
@@ -322,18 +324,10 @@ def test_no_user_chosen_name_reaches_qemu_img(tmp_path: Path, monkeypatch: pytes
     plain.rename(source)
     key = tmp_path / "file:key,id=sec1"
     key.write_text(passphrase, encoding="ascii")
-    seen: list[list[str]] = []
-    real_run = qemu_img.run
-
-    def recording_run(args: Any, *rest: Any, **options: Any) -> str:
-        seen.append(list(args))
-        return real_run(args, *rest, **options)
-
-    monkeypatch.setattr(qemu_img, "run", recording_run)
     result = convert_image(ConvertRequest(str(source), "luks-img", key_file=str(key)), FileStore(tmp_path / "store"))
     assert Path(result.location.metadata["path"]).read_bytes() == oracle.read_bytes()
-    assert [args[0] for args in seen] == ["info", "convert"]
-    for args in seen:
+    assert [args[0] for args in qemu_img_calls] == ["info", "convert"]
+    for args in qemu_img_calls:
         rendered = " ".join(args)
         assert str(tmp_path) not in rendered, rendered
         assert "/dev/fd/" in rendered
@@ -344,27 +338,24 @@ def test_no_user_chosen_name_reaches_qemu_img(tmp_path: Path, monkeypatch: pytes
 BAD_IDS = ("../escape", "a/b", "x:conf=/etc/passwd", "img@snap", ".hidden", "-rf", "a..b", "a.tmp.b", "a\nb", "a" * 129)
 
 
-@pytest.mark.parametrize("image_id", BAD_IDS)
-def test_convert_cli_refuses_an_image_id_that_is_not_a_plain_name(image_id: str, tmp_path: Path, work: Path) -> None:
+@pytest.mark.parametrize(
+    ("command", "image_id"),
+    [("convert", image_id) for image_id in BAD_IDS] + [("import", "../escape"), ("import", "x:conf=/etc/passwd")],
+)
+def test_the_cli_refuses_an_image_id_that_is_not_a_plain_name(
+    command: str, image_id: str, tmp_path: Path, work: Path
+) -> None:
     make_source(work, "ok.img", "raw")
     store = tmp_path / "images" / "store"
-    done = diskpipe(tmp_path, work, "convert", "ok.img", "--store", f"file:{store}", f"--id={image_id}")
+    done = diskpipe(tmp_path, work, command, "ok.img", "--store", f"file:{store}", f"--id={image_id}")
     assert done.returncode == 2, done.stdout + done.stderr
     assert "image id" in done.stderr
     written = [path for path in (tmp_path / "images").rglob("*") if path.is_file()] if store.parent.exists() else []
     assert written == []
-
-
-@pytest.mark.parametrize("image_id", ["../escape", "x:conf=/etc/passwd"])
-def test_import_cli_refuses_an_image_id_that_is_not_a_plain_name(image_id: str, tmp_path: Path, work: Path) -> None:
-    make_source(work, "ok.img", "raw")
-    store = tmp_path / "images" / "store"
-    done = diskpipe(tmp_path, work, "import", "ok.img", "--store", f"file:{store}", f"--id={image_id}")
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert "image id" in done.stderr
-    assert not (tmp_path / "images").exists()
-    listed = diskpipe(tmp_path, work, "list", "--output=json")
-    assert json.loads(listed.stdout) == []
+    if command == "import":  # refused before the store is opened, and before any record
+        assert not (tmp_path / "images").exists()
+        listed = diskpipe(tmp_path, work, "list", "--output=json")
+        assert json.loads(listed.stdout) == []
 
 
 def test_the_python_api_and_the_task_refuse_bad_image_ids(tmp_path: Path) -> None:

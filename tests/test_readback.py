@@ -110,14 +110,22 @@ def rbd_store(ceph: Any) -> Iterator[RbdStore]:
     store.close()
 
 
+def counted_rbd_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: RbdStore, image_id: str, **job_options: Any
+) -> tuple[dict[str, Any], ReadCounter, bytes]:
+    """Import a fresh qcow2 into `store`, counting what is read back from its
+    target: the record (active), the counter and the image's raw bytes."""
+    source, raw = make_qcow2(tmp_path)
+    counter = ReadCounter(monkeypatch, RbdTarget)
+    record = run_import(ImportJob(image_id, str(source), **job_options), environment(tmp_path, store), "attempt-1")
+    assert record["status"] == "active", record.get("reason")
+    return record, counter, raw
+
+
 def test_the_pipeline_reads_the_sealed_snapshot_once_and_records_its_hashes(
     tmp_path: Path, rbd_store: RbdStore, ceph: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source, raw = make_qcow2(tmp_path)
-    counter = ReadCounter(monkeypatch, RbdTarget)
-    job = ImportJob("readonce-rbd", str(source), sparse_hash=True)
-    record = run_import(job, environment(tmp_path, rbd_store), "attempt-1")
-    assert record["status"] == "active", record.get("reason")
+    record, counter, raw = counted_rbd_import(tmp_path, monkeypatch, rbd_store, "readonce-rbd", sparse_hash=True)
 
     # One pass: what the hashes need (the data extents, widened to 64 KiB
     # blocks for the sparse digest), read from the snapshot exactly once;
@@ -143,11 +151,7 @@ def test_the_pipeline_reads_the_sealed_snapshot_once_and_records_its_hashes(
 def test_no_hashes_reads_back_only_the_reinspection(
     tmp_path: Path, rbd_store: RbdStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source, _ = make_qcow2(tmp_path)
-    counter = ReadCounter(monkeypatch, RbdTarget)
-    job = ImportJob("readonce-nohash", str(source), full_hashes=False)
-    record = run_import(job, environment(tmp_path, rbd_store), "attempt-1")
-    assert record["status"] == "active", record.get("reason")
+    record, counter, _ = counted_rbd_import(tmp_path, monkeypatch, rbd_store, "readonce-nohash", full_hashes=False)
     assert 0 < counter.total <= REINSPECTION_BOUND
     assert record["size"] == record["virtual_size"] == SIZE
     assert record["checksum"] is None and record["os_hash_value"] is None

@@ -5,12 +5,10 @@ unpacked as streams; and the embedded (no server) import."""
 
 from __future__ import annotations
 
-import bz2
 import gzip
 import http.server
 import io
 import json
-import lzma
 import os
 import subprocess
 import sys
@@ -22,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zstandard
 
 from diskpipe.config import load
 from diskpipe.converter.stores.file import FileStore
@@ -31,6 +28,7 @@ from diskpipe.jobs import sources
 from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
 from diskpipe.jobs.records import SqliteRecords
 from diskpipe.validation import UnsafeImage
+from tests.adversarial import compressed
 from tests.conftest import ROOT
 
 
@@ -245,22 +243,12 @@ def test_a_missing_file_is_refused_not_retried(web: tuple[str, Path], tmp_path: 
         )
 
 
-def _compress(kind: str, data: bytes) -> bytes:
-    if kind == "gzip":
-        return gzip.compress(data, mtime=0)
-    if kind == "xz":
-        return lzma.compress(data)
-    if kind == "bzip2":
-        return bz2.compress(data)
-    return zstandard.ZstdCompressor().compress(data)
-
-
 @pytest.mark.parametrize("kind", ["gzip", "xz", "bzip2", "zstd"])
 def test_compressed_uploads_are_unpacked_then_judged(
     kind: str, web: tuple[str, Path], tmp_path: Path, qcow2_bytes: bytes
 ) -> None:
     url, files = web
-    path = publish(files, f"disk.qcow2.{kind}", _compress(kind, qcow2_bytes))
+    path = publish(files, f"disk.qcow2.{kind}", compressed(kind, qcow2_bytes))
     env = environment(tmp_path, allowing(port_of(url), tmp_path))
     record = run_import(ImportJob(f"packed-{kind}", url + path, claimed_format="qcow2"), env, "a1")
     assert record["status"] == "active", record

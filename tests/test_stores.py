@@ -93,6 +93,15 @@ def expected_bytes() -> bytes:
     return bytes(data)
 
 
+def half_written(store: Store, data: bytes) -> tuple[str, Any]:
+    """A new image's target with `data` written at its start, neither
+    aborted nor finalized: its name and the target."""
+    name = image_id()
+    target = store.begin(name, SIZE)
+    target.write_at(0, data)
+    return name, target
+
+
 def store_image(store: Store, name: str) -> None:
     target = store.begin(name, SIZE)
     try:
@@ -191,9 +200,7 @@ def test_begin_write_finalize_read_back(store: Store) -> None:
 
 
 def test_abort_leaves_nothing(store: Store) -> None:
-    name = image_id()
-    target = store.begin(name, SIZE)
-    target.write_at(0, b"partial")
+    name, target = half_written(store, b"partial")
     assert temporaries(store, name) != []
     store.abort(target)
     store.abort(target)  # never fails on one already gone
@@ -220,9 +227,7 @@ def test_protect_refuses_delete(store: Store) -> None:
 
 
 def test_purge_temporaries_removes_a_dead_writers_leftover(store: Store) -> None:
-    name = image_id()
-    target = store.begin(name, SIZE)
-    target.write_at(0, b"left behind")
+    name, target = half_written(store, b"left behind")
     target.close()  # the writer dies without abort
     assert len(temporaries(store, name)) == 1
     removed = store.purge_temporaries(name)
@@ -233,9 +238,7 @@ def test_purge_temporaries_removes_a_dead_writers_leftover(store: Store) -> None
 
 
 def test_cleanup_asks_is_live_first(store: Store) -> None:
-    name = image_id()
-    target = store.begin(name, SIZE)
-    target.write_at(0, b"abandoned")
+    name, target = half_written(store, b"abandoned")
     target.close()
     kept = store.cleanup(lambda image, owner: True if image == name else None)
     assert not any(name in entry.name for entry in kept)

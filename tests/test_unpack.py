@@ -8,8 +8,6 @@ in the OVF, a disk before its OVF, and real faults injected at each step."""
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import io
 import lzma
 import os
@@ -25,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zstandard
 
 from diskpipe.converter.stores.file import FileStore
 from diskpipe.formats.errors import FormatError
@@ -33,6 +30,8 @@ from diskpipe.formats.policy import Policy
 from diskpipe.jobs import sources, unpacking
 from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
 from diskpipe.jobs.records import SqliteRecords
+from tests.adversarial import compressed
+from tests.adversarial import tar_of as ova
 
 MiB = 1 << 20
 REPOSITORY = Path(__file__).resolve().parents[1]  # the child processes import this checkout's diskpipe
@@ -41,13 +40,7 @@ OVF_NAMESPACES = b'xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="htt
 
 
 def packed(kind: str, data: bytes) -> bytes:
-    if kind == "gzip":
-        return gzip.compress(data, mtime=0)
-    if kind == "xz":
-        return lzma.compress(data, preset=1)
-    if kind == "bzip2":
-        return bz2.compress(data)
-    return zstandard.ZstdCompressor(level=3).compress(data)
+    return compressed(kind, data, xz_preset=1)  # xz's default preset is slow on the 64 MiB bombs
 
 
 def import_config(tmp_path: Path, **changes: Any) -> sources.ImportConfig:
@@ -83,19 +76,20 @@ def refused(path: str, config: sources.ImportConfig, **options: Any) -> sources.
     return caught.value
 
 
-def ova(members: list[tuple[str, bytes]], *, links: tuple[str, ...] = ()) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        for name, data in members:
-            member = tarfile.TarInfo(name)
-            member.size = len(data)
-            archive.addfile(member, io.BytesIO(data))
-        for name in links:
-            link = tarfile.TarInfo(name)
-            link.type = tarfile.SYMTYPE
-            link.linkname = "/etc/passwd"
-            archive.addfile(link)
-    return out.getvalue()
+def refused_import(tmp_path: Path, job: ImportJob, config: sources.ImportConfig, policy: Policy) -> dict[str, Any]:
+    """Run the whole import job into a file store; its record must say the
+    upload was refused (exit 1), not that the infrastructure failed."""
+    env = Environment(
+        records=SqliteRecords(str(tmp_path / "records.sqlite")),
+        store=FileStore(tmp_path / "store"),
+        policy=policy,
+        import_config=config,
+    )
+    record = run_import(job, env, "a1")
+    assert (
+        record["status"] == "killed" and record["outcome"] == "refused" and record["reason"].startswith("refused: ")
+    ), record
+    return record
 
 
 def ovf(href: str = "disk1.vmdk", prologue: bytes = b"") -> bytes:
@@ -174,17 +168,7 @@ def test_the_policy_max_virtual_size_caps_unpacking_too(tmp_path: Path, zero_bom
     path = upload(tmp_path, "zeros.bz2", zero_bombs["bzip2"])
     error = refused(path, config, max_virtual_size=16 * MiB)
     assert "[policy] max_virtual_size = 16777216" in str(error), error
-    env = Environment(
-        records=SqliteRecords(str(tmp_path / "records.sqlite")),
-        store=FileStore(tmp_path / "store"),
-        policy=Policy(max_virtual_size=16 * MiB),
-        import_config=config,
-    )
-    record = run_import(ImportJob("zero-bomb", path), env, "a1")
-    # A cap is about the upload: refused (exit 1), not an infrastructure failure.
-    assert (
-        record["status"] == "killed" and record["outcome"] == "refused" and record["reason"].startswith("refused: ")
-    ), record
+    record = refused_import(tmp_path, ImportJob("zero-bomb", path), config, Policy(max_virtual_size=16 * MiB))
     assert "max_virtual_size" in record["reason"]
     assert staging(config) == []
 
@@ -198,18 +182,21 @@ def test_unpacked_data_is_capped_by_the_staging_cap_as_it_is_written(tmp_path: P
     assert staging(config) == []
 
 
-def test_a_staging_directory_full_of_other_jobs_is_not_the_uploads_fault(tmp_path: Path) -> None:
+def upload_beside_other_jobs(tmp_path: Path) -> tuple[str, sources.ImportConfig]:
+    """3 MiB of incompressible gzip under an 8 MiB staging cap, with the
+    staging directory made for other jobs' files to be put in first."""
     path = upload(tmp_path, "random.gz", packed("gzip", os.urandom(3 * MiB)))
     config = import_config(tmp_path, staging_cap=8 * MiB)
     os.makedirs(config.staging_dir)
+    return path, config
+
+
+def test_a_staging_directory_full_of_other_jobs_is_not_the_uploads_fault(tmp_path: Path) -> None:
+    path, config = upload_beside_other_jobs(tmp_path)
     other = Path(config.staging_dir) / "other-job.0.staged"
     other.write_bytes(os.urandom(6 * MiB))
-    staged = sources.open_local(path, config)
-    try:
-        with pytest.raises(sources.SourceUnavailable, match="staging_cap"):
-            sources.unpack(staged, config, "job")
-    finally:
-        staged.close()
+    with pytest.raises(sources.SourceUnavailable, match="staging_cap"):
+        unpack_path(path, config)
     assert staging(config) == [other.name]
 
 
@@ -250,16 +237,7 @@ def test_an_xz_stream_asking_for_a_huge_dictionary_is_refused(tmp_path: Path) ->
 def test_a_refusal_by_a_cap_kills_the_record_as_refused(tmp_path: Path, repetitive_bombs: dict[str, bytes]) -> None:
     config = import_config(tmp_path)
     path = upload(tmp_path, "bomb.bz2", repetitive_bombs["bzip2"])
-    env = Environment(
-        records=SqliteRecords(str(tmp_path / "records.sqlite")),
-        store=FileStore(tmp_path / "store"),
-        policy=Policy(),
-        import_config=config,
-    )
-    record = run_import(ImportJob("ratio-bomb", path), env, "a1")
-    assert (
-        record["status"] == "killed" and record["outcome"] == "refused" and record["reason"].startswith("refused: ")
-    ), record
+    record = refused_import(tmp_path, ImportJob("ratio-bomb", path), config, Policy())
     assert "max_expansion_ratio" in record["reason"]
     assert staging(config) == []
 
@@ -401,12 +379,8 @@ def test_a_layer_the_inspector_rejects_leaves_nothing_staged(tmp_path: Path) -> 
     # layer must still be removed.
     path = upload(tmp_path, "malformed.vmdk.gz", packed("gzip", b"KDMV" + bytes(4096)))
     config = import_config(tmp_path)
-    staged = sources.open_local(path, config)
-    try:
-        with pytest.raises(FormatError, match="vmdk"):
-            sources.unpack(staged, config, "job")
-    finally:
-        staged.close()
+    with pytest.raises(FormatError, match="vmdk"):
+        unpack_path(path, config)
     assert staging(config) == []
 
 
@@ -439,12 +413,10 @@ def test_a_staging_directory_that_becomes_unwritable_between_layers_leaves_no_da
         pytest.skip("chattr +i is not available here")
     subprocess.run(["chattr", "-i", config.staging_dir], check=True)
     monkeypatch.setattr(unpacking, "inspect", inspect_then_lock_staging)
-    staged = sources.open_local(path, config)
     try:
         with pytest.raises(sources.SourceUnavailable, match="cannot stage"):
-            sources.unpack(staged, config, "job")
+            unpack_path(path, config)
     finally:
-        staged.close()
         subprocess.run(["chattr", "-i", config.staging_dir], check=True)
     # The first layer's data went with its descriptor; only its claim's name
     # could not be removed from the locked directory: empty, unlocked, void.
@@ -458,9 +430,7 @@ def test_a_staging_directory_that_becomes_unwritable_between_layers_leaves_no_da
 def test_claims_count_toward_the_staging_cap_only_while_held(tmp_path: Path) -> None:
     import fcntl
 
-    path = upload(tmp_path, "random.gz", packed("gzip", os.urandom(3 * MiB)))
-    config = import_config(tmp_path, staging_cap=8 * MiB)
-    os.makedirs(config.staging_dir)
+    path, config = upload_beside_other_jobs(tmp_path)
     # Another worker's live layer of 6 MiB: a locked claim of that size.
     live = Path(config.staging_dir) / "other.0.unpacking"
     live.touch()
@@ -468,12 +438,8 @@ def test_claims_count_toward_the_staging_cap_only_while_held(tmp_path: Path) -> 
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
         os.ftruncate(holder, 6 * MiB)
-        staged = sources.open_local(path, config)
-        try:
-            with pytest.raises(sources.SourceUnavailable, match="staging_cap"):
-                sources.unpack(staged, config, "job")
-        finally:
-            staged.close()
+        with pytest.raises(sources.SourceUnavailable, match="staging_cap"):
+            unpack_path(path, config)
         assert staging(config) == [live.name]
     finally:
         os.close(holder)
@@ -527,12 +493,8 @@ def test_an_interrupt_at_any_write_leaves_nothing_staged(tmp_path: Path, monkeyp
             real_write(writer, chunk)
 
         monkeypatch.setattr(unpacking.CappedSparseWriter, "write", write_until)
-        staged = sources.open_local(path, config)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                sources.unpack(staged, config, "job")
-        finally:
-            staged.close()
+        with pytest.raises(KeyboardInterrupt):
+            unpack_path(path, config)
         assert staging(config) == [], failing_call
 
 

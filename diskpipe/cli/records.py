@@ -96,14 +96,22 @@ def _delete_here(args: argparse.Namespace, records: Any) -> tuple[dict[str, Any]
         return None, EXIT_USAGE
 
 
-def cmd_delete(args: argparse.Namespace) -> int:
-    url = context.broker(args)
+def _store_beside_broker(args: argparse.Namespace, url: str | None, doing: str) -> bool:
+    """--store with a broker names a store the workers never use: said, and
+    True (a usage error)."""
     if url and args.store:
         print(
             f"diskpipe: --store cannot be used with a broker ({context.shown_url(url)}): "
-            "the workers delete from their own [store]",
+            f"the workers {doing} their own [store]",
             file=sys.stderr,
         )
+        return True
+    return False
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    url = context.broker(args)
+    if _store_beside_broker(args, url, "delete from"):
         return EXIT_USAGE
     records = context.records(args)
     if records.get(args.id) is None:
@@ -155,12 +163,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     from diskpipe.jobs.sources import ImportConfig
 
     url = context.broker(args)
-    if url and args.store:
-        print(
-            f"diskpipe: --store cannot be used with a broker ({context.shown_url(url)}): "
-            "the workers clean their own [store]",
-            file=sys.stderr,
-        )
+    if _store_beside_broker(args, url, "clean"):
         return EXIT_USAGE
     if url:
         context.records(args)  # fails fast, naming the broker, when it cannot be reached
@@ -179,7 +182,24 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return EXIT_USAGE if kept else EXIT_OK
 
 
-def _add(commands: Any, parent: argparse.ArgumentParser, name: str, help_text: str, **texts: Any) -> Any:
+_WORKER_TIMEOUT = "with a broker: seconds to wait for a worker (120)"
+
+
+def _add(
+    commands: Any,
+    parent: argparse.ArgumentParser,
+    name: str,
+    help_text: str,
+    *,
+    handler: Any,
+    output: str,
+    takes_id: bool = True,
+    timeout: str | None = None,
+    store: str | None = None,
+    **texts: Any,
+) -> None:
+    """One record command: its id, --timeout (when it waits), --output, --broker, --store (when it
+    can work without workers), in that order, and its handler."""
     parser = commands.add_parser(
         name,
         parents=[parent],
@@ -187,69 +207,87 @@ def _add(commands: Any, parent: argparse.ArgumentParser, name: str, help_text: s
         description=texts.get("description", help_text[0].upper() + help_text[1:] + "."),
         epilog=epilog(texts["ok"], texts.get("refused"), texts["examples"]),
     )
-    return parser
-
-
-def _add_id(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("id", metavar="ID", help="the image id")
+    if takes_id:
+        parser.add_argument("id", metavar="ID", help="the image id")
+    if timeout is not None:
+        parser.add_argument("--timeout", type=float, default=120.0, help=timeout)
+    options.add_output(parser, output)
+    options.add_broker(parser)
+    if store is not None:
+        options.add_store(parser, what=store)
+    parser.set_defaults(handler=handler)
 
 
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
-    status = _add(
+    _add(
         commands,
         parent,
         "status",
         "an image's record: every field, and the progress of a running job",
+        handler=cmd_status,
+        output="the record as stored (sizes in bytes), with its progress",
         ok="the record was found",
         examples=["diskpipe status 7b4c0f3e-...", "diskpipe status 7b4c0f3e-... --output=json | jq .outcome"],
     )
-    _add_id(status)
-    options.add_output(status, "the record as stored (sizes in bytes), with its progress")
-    options.add_broker(status)
-    status.set_defaults(handler=cmd_status)
-
-    list_ = _add(
+    _add(
         commands,
         parent,
         "list",
         "all image records, one line each",
+        handler=cmd_list,
+        output="the records as stored (sizes in bytes)",
+        takes_id=False,
         ok="listed (also when there are none)",
         examples=["diskpipe list", "diskpipe list --output=json | jq '.[] | select(.status == \"killed\")'"],
     )
-    options.add_output(list_, "the records as stored (sizes in bytes)")
-    options.add_broker(list_)
-    list_.set_defaults(handler=cmd_list)
-
-    cancel = _add(
+    _add(
         commands,
         parent,
         "cancel",
         "stop a running import (nothing partial is left)",
+        handler=cmd_cancel,
+        output="the record once stopped",
+        timeout="seconds to wait for the job to stop (120)",
         ok="the job has stopped (or had already ended)",
         examples=["diskpipe cancel 7b4c0f3e-...", "diskpipe cancel 7b4c0f3e-... --timeout 600"],
     )
-    _add_id(cancel)
-    cancel.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the job to stop (120)")
-    options.add_output(cancel, "the record once stopped")
-    options.add_broker(cancel)
-    cancel.set_defaults(handler=cmd_cancel)
-
-    _add_delete(commands, parent)
+    _add(
+        commands,
+        parent,
+        "delete",
+        "delete an image (refused while protected or cloned)",
+        handler=cmd_delete,
+        output="the deleted record",
+        timeout=_WORKER_TIMEOUT,
+        store="without a broker: the store to delete from",
+        description="Delete a stored image and mark its record deleted; ids are not reused. With a broker "
+        "a worker deletes it from the workers' [store].",
+        ok="deleted",
+        refused="refused: the image is protected, being saved, or has clones",
+        examples=["diskpipe delete 7b4c0f3e-...", "diskpipe unprotect 7b4c0f3e-... && diskpipe delete 7b4c0f3e-..."],
+    )
     for name, text in (("protect", "refuse deletes of an image"), ("unprotect", "allow deletes of an image again")):
-        parser = _add(commands, parent, name, text, ok="done", examples=[f"diskpipe {name} 7b4c0f3e-..."])
-        _add_id(parser)
-        parser.add_argument(
-            "--timeout", type=float, default=120.0, help="with a broker: seconds to wait for a worker (120)"
+        _add(
+            commands,
+            parent,
+            name,
+            text,
+            handler=cmd_protect,
+            output="the record",
+            timeout=_WORKER_TIMEOUT,
+            ok="done",
+            examples=[f"diskpipe {name} 7b4c0f3e-..."],
         )
-        options.add_output(parser, "the record")
-        options.add_broker(parser)
-        parser.set_defaults(handler=cmd_protect)
-
-    cleanup = _add(
+    _add(
         commands,
         parent,
         "cleanup",
         "remove temporaries of dead jobs and old staged files",
+        handler=cmd_cleanup,
+        output="what was removed and what was left, and why",
+        takes_id=False,
+        timeout=_WORKER_TIMEOUT,
+        store="without a broker: the store to clean",
         description="Remove the store's temporaries whose job is gone and staged files older than a day "
         "(run it from cron; workers do the same when they start).",
         ok="cleaned (the names removed are printed); 2 when something could not be removed (why, on stderr)",
@@ -259,32 +297,3 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
             "diskpipe cleanup --broker redis://redis:6379/0",
         ],
     )
-    cleanup.add_argument(
-        "--timeout", type=float, default=120.0, help="with a broker: seconds to wait for a worker (120)"
-    )
-    options.add_output(cleanup, "what was removed and what was left, and why")
-    options.add_broker(cleanup)
-    options.add_store(cleanup, what="without a broker: the store to clean")
-    cleanup.set_defaults(handler=cmd_cleanup)
-
-
-def _add_delete(commands: Any, parent: argparse.ArgumentParser) -> None:
-    delete = _add(
-        commands,
-        parent,
-        "delete",
-        "delete an image (refused while protected or cloned)",
-        description="Delete a stored image and mark its record deleted; ids are not reused. With a broker "
-        "a worker deletes it from the workers' [store].",
-        ok="deleted",
-        refused="refused: the image is protected, being saved, or has clones",
-        examples=["diskpipe delete 7b4c0f3e-...", "diskpipe unprotect 7b4c0f3e-... && diskpipe delete 7b4c0f3e-..."],
-    )
-    _add_id(delete)
-    delete.add_argument(
-        "--timeout", type=float, default=120.0, help="with a broker: seconds to wait for a worker (120)"
-    )
-    options.add_output(delete, "the deleted record")
-    options.add_broker(delete)
-    options.add_store(delete, what="without a broker: the store to delete from")
-    delete.set_defaults(handler=cmd_delete)

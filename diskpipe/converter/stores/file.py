@@ -16,22 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diskpipe.converter.qemu_img import TargetSpec
-from diskpipe.converter.stores.base import (
-    TMP_MARKER,
-    Capabilities,
-    ImageExists,
-    ImageNotFound,
-    ImageProtected,
-    Leftover,
-    Location,
-    StoreError,
-    StoreMisconfigured,
-    StoreUnavailable,
-    check_image_id,
-    owner_alive,
-    owner_tag,
-    tmp_name,
-)
+from diskpipe.converter.stores import base
+from diskpipe.converter.stores.base import TMP_MARKER, ImageExists, ImageNotFound, Leftover, Location
 from diskpipe.converter.stores.localfiles import DescriptorTarget
 
 log = logging.getLogger(__name__)
@@ -46,12 +32,12 @@ PROTECTED_MODE = 0o440
 _SETUP_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR})
 
 
-def store_error(directory: Path, doing: str, error: OSError) -> StoreError:
+def store_error(directory: Path, doing: str, error: OSError) -> base.StoreError:
     """An OSError in the store directory as a store error that names it."""
     message = f"file store {directory}: {doing}: {error.strerror or error}"
     if error.errno in _SETUP_ERRNOS:
-        return StoreMisconfigured(f"{message} (the store directory must be writable)")
-    return StoreUnavailable(message)
+        return base.StoreMisconfigured(f"{message} (the store directory must be writable)")
+    return base.StoreUnavailable(message)
 
 
 class FileTarget(DescriptorTarget):
@@ -104,7 +90,7 @@ class FileTarget(DescriptorTarget):
 
 class FileStore:
     name = "file"
-    capabilities = Capabilities(writes_directly=True, keeps_formats=frozenset(FORMATS), local_target=True)
+    capabilities = base.Capabilities(writes_directly=True, keeps_formats=frozenset(FORMATS), local_target=True)
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
@@ -116,7 +102,7 @@ class FileStore:
             raise store_error(self.directory, "cannot create the directory", error) from error
 
     def _final(self, image_id: str, image_format: str = "raw") -> Path:
-        return self.directory / f"{check_image_id(image_id)}.{image_format}"
+        return self.directory / f"{base.check_image_id(image_id)}.{image_format}"
 
     def _find(self, image_id: str) -> Path | None:
         for image_format in FORMATS:
@@ -129,7 +115,7 @@ class FileStore:
         self._ensure()
         if self._find(image_id) is not None:
             raise ImageExists(f"image {image_id} already exists in {self.directory}")
-        path = self.directory / ("." + tmp_name(image_id, owner_tag()))
+        path = self.directory / ("." + base.tmp_name(image_id, base.owner_tag()))
         if path.exists():
             path.unlink()
         return FileTarget(image_id, path, self._final(image_id, image_format), size, image_format)
@@ -185,7 +171,7 @@ class FileStore:
         if path is None:
             raise ImageNotFound(f"image {image_id} not found in {self.directory}")
         if self.is_protected(image_id):
-            raise ImageProtected(f"image {image_id} is protected; unprotect it first")
+            raise base.ImageProtected(f"image {image_id} is protected; unprotect it first")
         path.unlink()
 
     def protect(self, image_id: str, protected: bool = True) -> None:
@@ -224,7 +210,7 @@ class FileStore:
             image_id, _, owner = entry.name[1:].rpartition(TMP_MARKER)
             alive = is_live(image_id, owner) if is_live is not None else None
             if alive is None:
-                alive = owner_alive(owner)
+                alive = base.owner_alive(owner)
             if alive is False:
                 try:
                     entry.unlink(missing_ok=True)

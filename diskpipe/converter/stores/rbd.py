@@ -31,23 +31,8 @@ from typing import Any
 from diskpipe.config import section
 from diskpipe.converter.checksums import Extent
 from diskpipe.converter.qemu_img import TargetSpec
-from diskpipe.converter.stores.base import (
-    TMP_MARKER,
-    Capabilities,
-    ImageExists,
-    ImageInUse,
-    ImageNotFound,
-    ImageProtected,
-    Leftover,
-    Location,
-    StoreError,
-    StoreMisconfigured,
-    StoreUnavailable,
-    check_image_id,
-    owner_alive,
-    owner_tag,
-    tmp_name,
-)
+from diskpipe.converter.stores import base
+from diskpipe.converter.stores.base import ImageNotFound, Leftover, StoreError, StoreMisconfigured, StoreUnavailable
 
 log = logging.getLogger(__name__)
 SNAPSHOT = "snap"
@@ -211,7 +196,7 @@ class RbdTarget:
 
 class RbdStore:
     name = "rbd"
-    capabilities = Capabilities(writes_directly=True, keeps_formats=frozenset({"raw"}), local_target=False)
+    capabilities = base.Capabilities(writes_directly=True, keeps_formats=frozenset({"raw"}), local_target=False)
 
     def __init__(self, config: RbdConfig | None = None) -> None:
         self.config = config or RbdConfig()
@@ -280,7 +265,7 @@ class RbdStore:
         except rbd.ImageNotFound as error:
             raise ImageNotFound(str(error)) from error
         except rbd.ImageExists as error:
-            raise ImageExists(str(error)) from error
+            raise base.ImageExists(str(error)) from error
         except (rbd.Timeout, rados.TimedOut, rados.ConnectionShutdown) as error:
             raise StoreUnavailable(f"Ceph did not answer: {error}") from error
 
@@ -295,13 +280,13 @@ class RbdStore:
     def begin(self, image_id: str, size: int, *, image_format: str = "raw") -> RbdTarget:
         if image_format != "raw":
             raise StoreError("the RBD store keeps raw images only (Ceph clones copy-on-write only from raw)")
-        check_image_id(image_id)  # it becomes part of qemu's `rbd:pool/name:...` filename
+        base.check_image_id(image_id)  # it becomes part of qemu's `rbd:pool/name:...` filename
         _, rbd = _bindings()
         ioctx = self._connect()
         if self.exists(image_id):
-            raise ImageExists(f"image {image_id} already exists in pool {self.config.pool}")
-        owner = owner_tag()
-        name = tmp_name(image_id, owner)
+            raise base.ImageExists(f"image {image_id} already exists in pool {self.config.pool}")
+        owner = base.owner_tag()
+        name = base.tmp_name(image_id, owner)
         self._remove_image(name, missing_ok=True, abandoned=True)  # left by a dead process that had our pid
         self._call(rbd.RBD().create, ioctx, name, size, old_format=False, features=FEATURES)
         try:
@@ -333,7 +318,7 @@ class RbdStore:
             image.close()
         target.sealed = True
 
-    def finalize(self, target: RbdTarget) -> Location:
+    def finalize(self, target: RbdTarget) -> base.Location:
         _, rbd = _bindings()
         ioctx = self._connect()
         if not target.sealed:
@@ -363,14 +348,14 @@ class RbdStore:
             return True
         return True
 
-    def location(self, image_id: str) -> Location:
+    def location(self, image_id: str) -> base.Location:
         if not self.exists(image_id):
             raise ImageNotFound(f"image {image_id} not found in pool {self.config.pool}")
         return self._location(image_id)
 
-    def _location(self, image_id: str) -> Location:
+    def _location(self, image_id: str) -> base.Location:
         url = f"rbd://{self.fsid()}/{self.config.pool}/{image_id}/{SNAPSHOT}"
-        return Location(
+        return base.Location(
             url=url, store=self.name, metadata={"pool": self.config.pool, "image": image_id, "snapshot": SNAPSHOT}
         )
 
@@ -420,10 +405,10 @@ class RbdStore:
 
     def delete(self, image_id: str) -> None:
         if self.is_protected(image_id):
-            raise ImageProtected(f"image {image_id} is protected; unprotect it first")
+            raise base.ImageProtected(f"image {image_id} is protected; unprotect it first")
         clones = self.children(image_id)
         if clones:
-            raise ImageInUse(f"image {image_id} is in use: its snapshot has clones ({', '.join(clones)})")
+            raise base.ImageInUse(f"image {image_id} is in use: its snapshot has clones ({', '.join(clones)})")
         self._remove_image(image_id, missing_ok=False)
 
     def _remove_image(self, name: str, *, missing_ok: bool, abandoned: bool = False) -> None:
@@ -470,7 +455,7 @@ class RbdStore:
                 try:
                     self._call(image.unprotect_snap, snapshot["name"])
                 except rbd.ImageBusy as error:
-                    raise ImageInUse(f"image {name} is in use: its snapshot has clones") from error
+                    raise base.ImageInUse(f"image {name} is in use: its snapshot has clones") from error
             self._call(image.remove_snap, snapshot["name"])
 
     def _fence_writers(self, name: str) -> list[str]:
@@ -505,7 +490,7 @@ class RbdStore:
         _, rbd = _bindings()
         removed = []
         for name in self._call(rbd.RBD().list, self._connect()):
-            if name.startswith(image_id + TMP_MARKER):
+            if name.startswith(image_id + base.TMP_MARKER):
                 self._remove_image(name, missing_ok=True, abandoned=True)
                 removed.append(name)
         return removed
@@ -520,9 +505,9 @@ class RbdStore:
         _, rbd = _bindings()
         found = []
         for name in self._call(rbd.RBD().list, self._connect()):
-            if TMP_MARKER not in name:
+            if base.TMP_MARKER not in name:
                 continue
-            image_id, _, owner = name.rpartition(TMP_MARKER)
+            image_id, _, owner = name.rpartition(base.TMP_MARKER)
             if not self._abandoned(name, image_id, owner, is_live):
                 continue
             found.append(self._remove_leftover(name))
@@ -534,7 +519,7 @@ class RbdStore:
         _, rbd = _bindings()
         alive = is_live(image_id, owner) if is_live is not None else None
         if alive is None:
-            alive = owner_alive(owner)
+            alive = base.owner_alive(owner)
         if alive is None:
             try:
                 image = self.open_raw(name)
@@ -551,7 +536,7 @@ class RbdStore:
         rados, rbd = _bindings()
         try:
             self._remove_image(name, missing_ok=True, abandoned=True)
-        except ImageInUse as error:
+        except base.ImageInUse as error:
             return Leftover(name, False, f"{error}; flatten or remove the clones first")
         except rbd.ImageBusy:
             return Leftover(name, False, f"watchers still alive, retry after {self._watch_timeout()} s")

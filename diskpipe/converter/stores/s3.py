@@ -46,20 +46,8 @@ from urllib.parse import urlsplit
 from diskpipe.config import section
 from diskpipe.converter.checksums import Extent
 from diskpipe.converter.qemu_img import TargetSpec
-from diskpipe.converter.stores.base import (
-    IMAGE_ID,
-    TMP_MARKER,
-    Capabilities,
-    ImageExists,
-    ImageNotFound,
-    ImageProtected,
-    Leftover,
-    Location,
-    StoreError,
-    StoreUnavailable,
-    check_image_id,
-    owner_tag,
-)
+from diskpipe.converter.stores import base
+from diskpipe.converter.stores.base import ImageNotFound, Leftover, Location, StoreError, StoreUnavailable
 from diskpipe.converter.stores.localfiles import DescriptorTarget, anonymous_file
 
 log = logging.getLogger(__name__)
@@ -273,7 +261,7 @@ class S3Object:
 
 class S3Store:
     name = "s3"
-    capabilities = Capabilities(writes_directly=False, keeps_formats=frozenset({"raw"}), local_target=True)
+    capabilities = base.Capabilities(writes_directly=False, keeps_formats=frozenset({"raw"}), local_target=True)
 
     def __init__(self, config: S3Config) -> None:
         self.config = config.check()
@@ -344,14 +332,14 @@ class S3Store:
             raise StoreUnavailable(f"{self._where()} is unreachable on {what}: {error}") from error
 
     def key(self, image_id: str) -> str:
-        return self.config.prefix + check_image_id(image_id)
+        return self.config.prefix + base.check_image_id(image_id)
 
     def _image_id(self, key: str) -> str | None:
         """The image id a key of ours names, else None (not ours)."""
         if not key.startswith(self.config.prefix):
             return None
         image_id = key[len(self.config.prefix) :]
-        return image_id if IMAGE_ID.fullmatch(image_id) and TMP_MARKER not in image_id else None
+        return image_id if base.IMAGE_ID.fullmatch(image_id) and base.TMP_MARKER not in image_id else None
 
     def _head(self, image_id: str) -> dict[str, Any] | None:
         try:
@@ -379,7 +367,7 @@ class S3Store:
             raise StoreError("the S3 store keeps raw images only")
         key = self.key(image_id)
         if self._head(image_id) is not None:
-            raise ImageExists(f"image {image_id} already exists in {self._where()}")
+            raise base.ImageExists(f"image {image_id} already exists in {self._where()}")
         staging = self.config.staging_dir or tempfile.gettempdir()
         try:
             fd = anonymous_file(staging, size)
@@ -392,7 +380,7 @@ class S3Store:
                 Bucket=self.bucket,
                 Key=key,
                 ContentType="application/octet-stream",
-                Metadata={OWNER_METADATA: owner_tag()},
+                Metadata={OWNER_METADATA: base.owner_tag()},
             )
         except BaseException:
             os.close(fd)
@@ -452,7 +440,7 @@ class S3Store:
     def finalize(self, target: S3Target) -> Location:
         self.seal(target)
         if self._head(target.image_id) is not None:
-            raise ImageExists(f"image {target.image_id} already exists in {self._where()}")
+            raise base.ImageExists(f"image {target.image_id} already exists in {self._where()}")
         answer = self._call(
             f"complete upload of {target.image_id}",
             self.client().complete_multipart_upload,
@@ -558,7 +546,7 @@ class S3Store:
         if self._head(image_id) is None:
             raise ImageNotFound(f"image {image_id} not found in {self._where()}")
         if self.is_protected(image_id):
-            raise ImageProtected(f"image {image_id} is protected; unprotect it first")
+            raise base.ImageProtected(f"image {image_id} is protected; unprotect it first")
         self._call(f"delete {image_id}", self.client().delete_object, Bucket=self.bucket, Key=self.key(image_id))
 
     def _uploads(self, prefix: str) -> Iterator[dict[str, Any]]:
