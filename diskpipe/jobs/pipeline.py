@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from diskpipe.converter.convert import ConversionFailed, ConvertRequest, ConvertResult, convert_image
-from diskpipe.converter.qemu_img import CancelToken
+from diskpipe.converter.qemu_img import Cancelled, CancelToken
 from diskpipe.converter.stores.base import Store, check_image_id
 from diskpipe.formats.policy import Policy
 from diskpipe.jobs import sources
@@ -29,7 +29,7 @@ from diskpipe.jobs.errors import Transient
 from diskpipe.jobs.records import RecordStore
 from diskpipe.jobs.reporting import ProgressWriter
 from diskpipe.jobs.sealed import adopt_stored, record_fields, sealed_fields
-from diskpipe.jobs.states import ACTIVE, CANCELLED, FAILED, FINAL, OUTCOME_ACTIVE, SAVING, StaleAttempt
+from diskpipe.jobs.states import ACTIVE, CANCELLED, FAILED, FINAL, KILLED, OUTCOME_ACTIVE, SAVING, StaleAttempt
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,15 @@ def _run_with_lease(job: ImportJob, env: Environment, delivery: Delivery, step: 
             return kill(env.records, job.image_id, FAILED, given_up(error, delivery.retries_done), fence=fence)
         raise Transient(str(error)) from error
     except (Exception, KeyboardInterrupt, SystemExit) as error:
+        if lease_lost and lease_lost() and isinstance(error, (Cancelled, InterruptedError)):
+            # Stopped because the lease was lost, not asked to: this delivery
+            # writes nothing more. Taken over: the record is the new
+            # attempt's. Not (yet): a retry finishes the job or finds it done.
+            current = env.records.get(job.image_id)
+            if current is not None and current.get("attempts") != fence:
+                stale(StaleAttempt(job.image_id, KILLED, fence, current.get("attempts")))
+                return current
+            raise Transient("lost the lease while working") from error
         ending = outcome_of(error)
         if ending is None:
             raise
