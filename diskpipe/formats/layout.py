@@ -48,6 +48,27 @@ class Layout:
         return dict(zip(self._names, self._struct.unpack_from(data, offset), strict=True))
 
 
+def entries_in_use(data: bytes, start: int, entry_size: int, count: int) -> int:
+    """How many of `count` table entries of `entry_size` bytes from `start`
+    can hold anything: those before the table's trailing run of zero bytes.
+    A header may claim thousands of empty slots; skipping them in C keeps
+    such a table from costing a parse per slot. A table cut short by the
+    end of `data` is left whole, so parsing it reports the truncation."""
+    if entry_size <= 0 or count <= 0:
+        return 0
+    if start + count * entry_size > len(data):
+        return count
+    used = len(data[start : start + count * entry_size].rstrip(b"\0"))
+    return min(count, -(-used // entry_size))
+
+
+def nonzero_from(data: bytes, start: int) -> bool:
+    """Whether any byte of `data` from `start` on is not zero (in C: `any()`
+    over bytes walks them one Python object at a time)."""
+    start = max(0, start)
+    return data.count(0, start) != max(0, len(data) - start)
+
+
 def c_string(raw: bytes) -> str:
     """Bytes up to the first NUL, decoded leniently (names from untrusted headers)."""
     end = raw.find(b"\0")

@@ -104,10 +104,19 @@ def _lz4_block(block: bytes, limit: int) -> bytes:
             raise ValueError("lz4: bad match offset")
         match_length, position = _lz4_length(token & 15, block, position)
         match_length += 4
-        start = len(out) - offset
-        for index in range(min(match_length, limit - len(out) + 1)):
-            out.append(out[start + index])
+        out += _lz4_match(out, offset, min(match_length, limit - len(out) + 1))
     return bytes(out[:limit])
+
+
+def _lz4_match(out: bytearray, offset: int, length: int) -> bytes | bytearray:
+    """The `length` bytes a match copies from `offset` bytes back. A match
+    longer than its offset copies bytes it has just written: the last
+    `offset` bytes repeated, built in slices rather than byte by byte."""
+    start = len(out) - offset
+    if length <= offset:
+        return out[start : start + length]
+    pattern = out[start:]
+    return (pattern * -(-length // offset))[:length]
 
 
 def _lz4_legacy(data: bytes) -> bytes:

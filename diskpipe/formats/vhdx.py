@@ -15,7 +15,7 @@ from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions, r
 from diskpipe.formats.crc import crc32c
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
-from diskpipe.formats.layout import Layout
+from diskpipe.formats.layout import Layout, entries_in_use
 from diskpipe.formats.reads import MAX_READ, GetSize, Read, Request
 
 NAME = "vhdx"
@@ -234,7 +234,7 @@ def _parse_regions(raw: bytes, anomalies: list[dict[str, str]]) -> dict[bytes, d
         )
         count = MAX_ENTRIES
     regions: dict[bytes, dict[str, Any]] = {}
-    for index in range(count):
+    for index in range(entries_in_use(raw, 16, REGION_ENTRY.size, count)):
         entry = REGION_ENTRY.parse(raw, 16 + index * REGION_ENTRY.size)
         if not any(entry["guid"]):
             continue  # an empty slot (an over-long entry count reads them)
@@ -313,7 +313,7 @@ def _metadata_entries(
         )
         count = MAX_ENTRIES
     wanted: dict[bytes, dict[str, Any]] = {}
-    for index in range(count):
+    for index in range(entries_in_use(raw, 32, METADATA_ENTRY_SIZE, count)):
         entry = METADATA_ENTRY.parse(
             raw, 32 + index * METADATA_ENTRY_SIZE, file_offset=start + 32 + index * METADATA_ENTRY_SIZE
         )

@@ -13,7 +13,7 @@ from diskpipe.formats import allocation, vmdk_descriptor
 from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions, read_exact
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
-from diskpipe.formats.layout import Layout, round_up
+from diskpipe.formats.layout import Layout, nonzero_from, round_up
 from diskpipe.formats.reads import MAX_READ, GetSize, Read, ReadTail, Request
 
 NAME = "vmdk"
@@ -219,7 +219,7 @@ def _read_embedded_descriptor(
         region = yield from read_exact(region_offset, min(region_size, MAX_READ), head)
         descriptor = vmdk_descriptor.parse(region)
         # Text past the header's region that qemu still reads in its 10 KiB.
-        if region_size < EMBEDDED_DESCRIPTOR_READ and any(qemu_text[region_size:]):
+        if region_size < EMBEDDED_DESCRIPTOR_READ and nonzero_from(qemu_text, region_size):
             descriptor.hidden_text = True
     details["descriptor"] = descriptor.to_json()
     if not qemu_view.cid_valid:

@@ -1,0 +1,119 @@
+"""The inspectors' fast paths give the answers of the plain loops they
+replace: the reference implementations here are the loops, written out."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diskpipe.formats import nondisk, ramdisk
+from diskpipe.formats.layout import entries_in_use, nonzero_from
+
+
+def plain_text_verdict(head: bytes) -> str | None:
+    """The text test counted one character at a time: the first line, or None."""
+    sample = head[: nondisk.TEXT_SAMPLE]
+    if not sample or b"\0" in sample:
+        return None
+    try:
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(sample) - 3:
+            return None
+        text = sample[: error.start].decode("utf-8")
+    printable = sum(1 for char in text if char.isprintable() or char in "\n\r\t\f\v")
+    if printable < len(text) * 0.98:
+        return None
+    return text.split("\n", 1)[0][:80]
+
+
+def plain_lz4_block(block: bytes, limit: int) -> bytes:
+    """LZ4 block decoding with matches copied byte by byte."""
+    out = bytearray()
+    position = 0
+    while position < len(block) and len(out) < limit:
+        token = block[position]
+        position += 1
+        literal_length, position = ramdisk._lz4_length(token >> 4, block, position)
+        out += block[position : position + literal_length]
+        position += literal_length
+        if position >= len(block):
+            break
+        offset = block[position] | block[position + 1] << 8
+        position += 2
+        if offset == 0 or offset > len(out):
+            raise ValueError("lz4: bad match offset")
+        match_length, position = ramdisk._lz4_length(token & 15, block, position)
+        start = len(out) - offset
+        for index in range(min(match_length + 4, limit - len(out) + 1)):
+            out.append(out[start + index])
+    return bytes(out[:limit])
+
+
+def outcome(function: object, *args: object) -> object:
+    try:
+        return function(*args)  # type: ignore[operator]
+    except Exception as error:  # noqa: BLE001 - the exception type is the outcome compared
+        return type(error)
+
+
+# Mostly printable ASCII with a few controls, or UTF-8 text with some
+# unprintable characters, around the 98 % line.
+TEXTISH = st.one_of(
+    st.lists(st.sampled_from([*b"abc xyz\n\t", 1, 0x0B, 0x7F, 0x11, 0x1B]), max_size=5000).map(bytes),
+    st.text(alphabet=st.characters(blacklist_characters="\0"), max_size=600).map(lambda text: text.encode()),
+    st.binary(max_size=300),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(head=TEXTISH)
+def test_text_sniff_counts_as_the_plain_loop(head: bytes) -> None:
+    found = nondisk._text(head)
+    expected = plain_text_verdict(head)
+    assert (found.details["first-line"] if found is not None else None) == expected
+
+
+def test_text_sniff_on_control_bytes_only() -> None:
+    assert nondisk._text(b"\x11" * 4096) is None  # a fixed VHD full of 0x11: decodes as UTF-8, is not text
+    assert nondisk._text(b"a" * 99 + b"\x11") is not None  # 1 % unprintable is still text
+    assert nondisk._text(b"a" * 97 + b"\x11" * 3) is None
+
+
+@settings(max_examples=1500, deadline=None)
+@given(block=st.lists(st.sampled_from([0x00, 0x01, 0x03, 0x11, 0x1F, 0xF0, 0xFF, 0x42, 0x10]), max_size=80).map(bytes))
+def test_lz4_matches_copy_as_byte_by_byte(block: bytes) -> None:
+    for limit in (1, 7, 64, 4096):
+        assert outcome(ramdisk._lz4_block, block, limit) == outcome(plain_lz4_block, block, limit)
+
+
+def test_lz4_overlapping_match() -> None:
+    # Literal "ab", then a match 2 back of 4 + 10 bytes: "ab" repeated.
+    block = bytes([0x2A]) + b"ab" + bytes([2, 0])
+    assert ramdisk._lz4_block(block, 100) == b"ab" * 8
+
+
+@given(data=st.binary(max_size=64), start=st.integers(-2, 70))
+def test_nonzero_from_is_any(data: bytes, start: int) -> None:
+    assert nonzero_from(data, start) == any(data[max(0, start) :])
+
+
+@given(
+    slots=st.lists(st.booleans(), max_size=40),
+    entry_size=st.sampled_from([1, 4, 32, 128]),
+    extra=st.integers(0, 5),
+    cut=st.integers(0, 8),
+)
+def test_entries_in_use_keeps_every_entry_that_holds_a_byte(
+    slots: list[bool], entry_size: int, extra: int, cut: int
+) -> None:
+    table = b"".join((b"\x01" if used else b"\0") + bytes(entry_size - 1) for used in slots)
+    data = b"head" + table
+    count = len(slots) + extra  # a header may claim more entries than the data holds
+    kept = entries_in_use(data, 4, entry_size, count)
+    if 4 + count * entry_size > len(data):
+        assert kept == count  # cut short: the parse must see the whole claim and report it
+    else:
+        assert all(not used for used in slots[kept:])
+        assert kept == 0 or slots[kept - 1]
+    assert entries_in_use(data[: len(data) - cut], 4, entry_size, 0) == 0
