@@ -10,16 +10,20 @@ an error entry; `Inspected.problem` tells them apart, because the command's
 exit code does (1 refused, 2 unreadable).
 """
 
-# No `from __future__ import annotations` here: typing.NamedTuple would turn
-# every field's string annotation into a ForwardRef at import time.
+from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any, NamedTuple
 
 from diskpipe.formats.api import inspect
 from diskpipe.formats.errors import FormatError
 from diskpipe.formats.policy import Policy, check, load_policy
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any, NamedTuple
+else:
+    from diskpipe.formats.tuples import NamedTuple
 
 REFUSED = "refused"  # the file is not an image diskpipe can read (FormatError)
 UNREADABLE = "unreadable"  # the file could not be opened or read (OSError)

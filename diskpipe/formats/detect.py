@@ -7,14 +7,18 @@ because a stream knows them only at its end.
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Any
-
 from diskpipe.formats import dmg, ramdisk, raw, registry, vpc
 from diskpipe.formats.base import InspectOptions
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import GLANCE_DISK_FORMAT, Content, Facts, ImageInfo
-from diskpipe.formats.reads import HEAD_RETAIN, GetSize, Read, ReadTail, Request
+from diskpipe.formats.reads import HEAD_RETAIN, GetSize, Read, ReadTail
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Generator
+    from typing import Any
+
+    from diskpipe.formats.reads import Request
 
 TAIL_NEEDED = 512  # a VHD footer, a dmg koly trailer
 

@@ -8,9 +8,12 @@ Each format module writes its headers as a table close to the spec's own, and
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 from diskpipe.formats.errors import FormatError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class Layout:

@@ -8,10 +8,11 @@ opinion for raw data nothing else recognised, loaded only when asked for
 
 from __future__ import annotations
 
-from functools import cache
-from typing import Any
-
 from diskpipe.formats.info import Content
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 TEXT_SAMPLE = 4096
 # Control characters text may hold, mapped to a printable one (a space).
@@ -80,13 +81,18 @@ def sniff(head: bytes) -> Content | None:
     return _text(head)
 
 
-@cache
+_loaded: dict[str, Any] = {}  # python-magic, once loaded (or None)
+
+
 def _magic() -> Any:
-    try:
-        import magic  # python-magic is loaded only for a second opinion
-    except ImportError:
-        return None
-    return magic
+    if "magic" not in _loaded:
+        try:
+            import magic  # python-magic is loaded only for a second opinion
+
+            _loaded["magic"] = magic
+        except ImportError:
+            _loaded["magic"] = None
+    return _loaded["magic"]
 
 
 def second_opinion(head: bytes) -> Content | None:

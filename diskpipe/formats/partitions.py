@@ -8,10 +8,13 @@ like either of those.
 from __future__ import annotations
 
 import zlib
-from typing import Any
 
 from diskpipe.formats.info import Content
 from diskpipe.formats.layout import Layout, entries_in_use
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 MBR_SIGNATURE = b"\x55\xaa"
 MBR_ENTRIES_OFFSET = 446

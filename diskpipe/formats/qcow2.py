@@ -8,15 +8,19 @@ hostile image gets a verdict that names the problem.
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Any
-
 from diskpipe.formats import allocation, luks
-from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions, read_exact
+from diskpipe.formats.base import ContainerFormat, InspectOptions, read_exact
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout, c_string
 from diskpipe.formats.reads import GetSize, Read, Request
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Generator
+    from typing import Any
+
+    from diskpipe.formats.base import Inspection
 
 NAME = "qcow2"
 MAGIC = b"QFI\xfb"

@@ -12,11 +12,14 @@ memory limits on the codecs.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
-from typing import Any
 
 from diskpipe.formats import kernel
 from diskpipe.formats.info import Content
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 PREFIX = 64 * 1024  # decompressed bytes looked at
 CPIO_MAGICS = (b"070701", b"070702", b"070707")

@@ -24,7 +24,11 @@ from diskpipe.formats import (
     vmdk,
     vpc,
 )
-from diskpipe.formats.base import PROBE_SIZE, ContainerFormat, ContentSniffer
+from diskpipe.formats.base import PROBE_SIZE, ContainerFormat
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from diskpipe.formats.base import ContentSniffer
 
 CONTAINERS: tuple[ContainerFormat, ...] = (
     qcow2.FORMAT,

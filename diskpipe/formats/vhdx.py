@@ -6,17 +6,22 @@ header copy is tolerated, a bad region table is an error.
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from itertools import pairwise
-from typing import Any
 
 from diskpipe.formats import allocation
-from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions, read_exact
+from diskpipe.formats.base import ContainerFormat, InspectOptions, read_exact
 from diskpipe.formats.crc import crc32c
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout, entries_in_use
 from diskpipe.formats.reads import MAX_READ, GetSize, Read, Request
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Generator
+    from typing import Any
+
+    from diskpipe.formats.base import Inspection
 
 NAME = "vhdx"
 SIGNATURE = b"vhdxfile"

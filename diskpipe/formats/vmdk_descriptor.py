@@ -7,17 +7,17 @@ lines that are not comments, `key=value` pairs, ddb entries or extents, text
 hidden after a NUL, and values where the two readings disagree. docs/formats.md §6.4.
 """
 
-# No `from __future__ import annotations` here: typing.NamedTuple would turn
-# every field's string annotation into a ForwardRef, compiling it, at import
-# time, a cost paid by every `diskpipe info` start.
-
-from typing import TYPE_CHECKING, Any, NamedTuple
+from __future__ import annotations
 
 from diskpipe.formats.errors import FormatError
 from diskpipe.formats.layout import nonzero_from
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
 if TYPE_CHECKING:
     import re
+    from typing import Any, NamedTuple
+else:
+    from diskpipe.formats.tuples import NamedTuple
 
 # qemu accepts these as standalone descriptor files; the two sparse types
 # exist only as the descriptor embedded in a binary extent.
@@ -37,7 +37,7 @@ _STRICT_EXTENT = rb'\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)\s+"([^"\r\n]*)"(?
 _HEX_NUMBER = rb"\s*(?:0[xX])?([0-9a-fA-F]+)"
 # The patterns are compiled on first use: compiling them (and importing re)
 # at import would cost every `diskpipe info` a few milliseconds.
-_COMPILED: list["re.Pattern[bytes]"] = []
+_COMPILED: list[re.Pattern[bytes]] = []
 MAX_REPORTED_LINES = 8
 # A 1 MiB descriptor holds 65 Ki short extent lines, ~1 KiB of Python objects
 # each once reported: tens of MB bought with one upload. An honest split
@@ -101,7 +101,7 @@ class Descriptor:
         return out
 
 
-def _patterns() -> list["re.Pattern[bytes]"]:
+def _patterns() -> list[re.Pattern[bytes]]:
     """[extent line, strict extent, key=value, hex number], compiled once."""
     if not _COMPILED:
         import re
