@@ -3,10 +3,14 @@ replace: the reference implementations here are the loops, written out."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diskpipe.formats import nondisk, ramdisk
+from diskpipe.formats import nondisk, ramdisk, registry
+from diskpipe.formats.base import PROBE_SIZE
 from diskpipe.formats.layout import entries_in_use, nonzero_from
 
 
@@ -61,7 +65,9 @@ def outcome(function: object, *args: object) -> object:
 # unprintable characters, around the 98 % line.
 TEXTISH = st.one_of(
     st.lists(st.sampled_from([*b"abc xyz\n\t", 1, 0x0B, 0x7F, 0x11, 0x1B]), max_size=5000).map(bytes),
-    st.text(alphabet=st.characters(blacklist_characters="\0"), max_size=600).map(lambda text: text.encode()),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=600).map(
+        lambda text: text.encode()
+    ),
     st.binary(max_size=300),
 )
 
@@ -117,3 +123,42 @@ def test_entries_in_use_keeps_every_entry_that_holds_a_byte(
         assert all(not used for used in slots[kept:])
         assert kept == 0 or slots[kept - 1]
     assert entries_in_use(data[: len(data) - cut], 4, entry_size, 0) == 0
+
+
+def eager_probe(data: bytes) -> list[str]:
+    """Every container's own probe, none skipped."""
+    buffer = data[:PROBE_SIZE].ljust(PROBE_SIZE, b"\0")
+    return [container.name for container in registry.all_containers() if container.probe(buffer)]
+
+
+# Starts of buffers each probe accepts (and near misses): the signatures,
+# their versions and the text descriptor's forms.
+PROBE_SEEDS = [
+    b"QFI\xfb\0\0\0\x03", b"QFI\xfb\0\0\0\x02", b"QFI\xfb\0\0\0\x01", b"QFI\xfb\0\0\0\x00", b"QED\0",
+    bytes(0x40) + b"\x7f\x10\xda\xbe", b"KDMV", b"COWD", b"version=1\n", b"# Disk\n  \nversion=2\r\n",
+    b"#\nversion=3\n", b"vhdxfile", b"conectix", b"LUKS\xba\xbe\0\x01", b"LUKS\xba\xbe\0\x02",
+    b"WithoutFreeSpace\x02\0\0\0", b"WithouFreSpacExt\x02\0\0\0",
+    b"Bochs Virtual HD Image".ljust(32, b"\0") + b"Redolog".ljust(16, b"\0") + b"Growing".ljust(16, b"\0") + b"\0\0\x02\0",
+    b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n",
+]  # fmt: skip
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    seed=st.sampled_from(PROBE_SEEDS),
+    noise=st.binary(max_size=96),
+    flips=st.lists(st.tuples(st.integers(0, 95), st.integers(0, 255)), max_size=3),
+)
+def test_signatures_never_hide_a_probe_match(seed: bytes, noise: bytes, flips: list[tuple[int, int]]) -> None:
+    data = bytearray(seed + noise)
+    for position, value in flips:
+        if position < len(data):
+            data[position] = value
+    assert [container.name for container in registry.probe_containers(bytes(data))] == eager_probe(bytes(data))
+
+
+def test_signatures_on_every_sample(samples_dir: Path, manifest: list[Any]) -> None:
+    for entry in manifest:
+        with (samples_dir / entry.file).open("rb") as image:
+            head = image.read(PROBE_SIZE)
+        assert [container.name for container in registry.probe_containers(head)] == eager_probe(head), entry.name

@@ -40,6 +40,12 @@ def test_inspecting_and_judging_loads_none_of_the_costly_modules(samples_dir: Pa
     loaded = set(done.stdout.split())
     assert "diskpipe.formats.qcow2" in loaded  # the inspection did run here
     assert sorted(loaded.intersection(NOT_ON_THE_INFO_PATH)) == []
+    # Container modules load when their signature is found; the sniffers for
+    # data no container claims load only for such data.
+    unused = {
+        f"diskpipe.formats.{name}" for name in ("vmdk", "vhdx", "parallels", "bochs", "cloop", "ramdisk", "nondisk")
+    }
+    assert sorted(loaded & unused) == []
 
 
 def test_a_policy_from_the_environment_still_converts(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ because a stream knows them only at its end.
 
 from __future__ import annotations
 
-from diskpipe.formats import dmg, ramdisk, raw, registry, vpc
+from diskpipe.formats import dmg, raw, registry, vpc
 from diskpipe.formats.base import InspectOptions
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import GLANCE_DISK_FORMAT, Content, Facts, ImageInfo
@@ -36,11 +36,13 @@ def sniff_contents(head: bytes, container_found: bool) -> list[Content]:
     when no container matched (a VMDK descriptor is text, and honest)."""
     found = [content for sniff in registry.SNIFFERS if (content := sniff(head)) is not None]
     if not container_found:
+        from diskpipe.formats import nondisk, ramdisk  # only for data no container claims
+
         compressed = ramdisk.sniff(head, lambda data: [fmt.name for fmt in registry.probe_containers(data)])
         if compressed is not None:
             found.append(compressed)
         if not found:
-            other = registry.NON_DISK(head)
+            other = nondisk.sniff(head)
             if other is not None:
                 found.append(other)
     return found
