@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diskpipe.formats import nondisk, ramdisk, registry
+from diskpipe.formats import layout, nondisk, ramdisk, registry
 from diskpipe.formats.base import PROBE_SIZE
 from diskpipe.formats.layout import entries_in_use, nonzero_from
 
@@ -162,3 +162,9 @@ def test_signatures_on_every_sample(samples_dir: Path, manifest: list[Any]) -> N
         with (samples_dir / entry.file).open("rb") as image:
             head = image.read(PROBE_SIZE)
         assert [container.name for container in registry.probe_containers(head)] == eager_probe(head), entry.name
+
+
+@given(data=st.binary(max_size=64), zeros=st.integers(0, 12000), lead=st.integers(0, 9000))
+def test_used_length_is_rstrip(data: bytes, zeros: int, lead: int) -> None:
+    padded = bytes(lead) + data + bytes(zeros)
+    assert layout._used_length(padded) == len(padded.rstrip(b"\0"))

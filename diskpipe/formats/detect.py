@@ -36,8 +36,7 @@ def sniff_contents(head: bytes, container_found: bool) -> list[Content]:
     when no container matched (a VMDK descriptor is text, and honest)."""
     found = [content for sniff in registry.SNIFFERS if (content := sniff(head)) is not None]
     if not container_found:
-        from diskpipe.formats import nondisk, ramdisk  # only for data no container claims
-
+        ramdisk, nondisk = _unclaimed_sniffers()
         compressed = ramdisk.sniff(head, lambda data: [fmt.name for fmt in registry.probe_containers(data)])
         if compressed is not None:
             found.append(compressed)
@@ -46,6 +45,20 @@ def sniff_contents(head: bytes, container_found: bool) -> list[Content]:
             if other is not None:
                 found.append(other)
     return found
+
+
+_loaded: list[Any] = []
+
+
+def _unclaimed_sniffers() -> tuple[Any, Any]:
+    """The ramdisk and non-disk modules, imported when data no container
+    claims first comes (then kept: an import statement per call costs more
+    than the sniffing)."""
+    if not _loaded:
+        from diskpipe.formats import nondisk, ramdisk
+
+        _loaded.extend((ramdisk, nondisk))
+    return _loaded[0], _loaded[1]
 
 
 def glance_disk_format(format_name: str, contents: list[Content]) -> str:

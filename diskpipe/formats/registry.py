@@ -3,11 +3,12 @@
 The order of containers decides which of two matches is the primary one
 (qemu picks the first driver with the highest probe score); both are reported.
 
-A container's module is imported only when its signature is in the probe
-buffer: each probe accepts only buffers that hold its format's signature, so
-testing the signature here first gives the same matches while a
-`diskpipe info` of a qcow2 never loads the VMDK, VHDX or Parallels code
-(tests/test_fast_paths.py checks the signatures against the probes).
+A container's probe runs, and its module is imported, only when its
+signature is in the probe buffer: each probe accepts only buffers that hold
+its format's signature, so looking the signature up first gives the same
+matches for a dictionary lookup, and a `diskpipe info` of a qcow2 never
+loads the VMDK, VHDX or Parallels code (tests/test_fast_paths.py checks the
+signatures against the probes).
 """
 
 from __future__ import annotations
@@ -17,38 +18,43 @@ from diskpipe.formats.base import PROBE_SIZE, ContainerFormat
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from diskpipe.formats.base import ContentSniffer
 
 
-def _at(offset: int, *signatures: bytes) -> Callable[[bytes], bool]:
-    def holds(buffer: bytes) -> bool:
-        return buffer[offset : offset + len(signatures[0])] in signatures
+# The container modules in qemu's probe order (the first match is primary).
+PROBE_ORDER = ("qcow2", "qcow", "qed", "vdi", "vmdk", "vhdx", "vpc", "luks", "parallels", "bochs", "cloop")
+# Containers whose signature starts the buffer, by its first four bytes: a
+# probe accepts no buffer without them (tests/test_fast_paths.py).
+_BY_START = {
+    b"QFI\xfb": ("qcow2", "qcow"),
+    b"QED\0": ("qed",),
+    b"KDMV": ("vmdk",),
+    b"COWD": ("vmdk",),
+    b"vhdx": ("vhdx",),  # vhdxfile
+    b"cone": ("vpc",),  # conectix
+    b"LUKS": ("luks",),
+    b"With": ("parallels",),  # WithoutFreeSpace, WithouFreSpacExt
+    b"Boch": ("bochs",),  # Bochs Virtual HD Image
+    b"#!/b": ("cloop",),  # the shell script preamble
+}
+VDI_SIGNATURE = (0x40, b"\x7f\x10\xda\xbe")
+# Every text descriptor has its `version=` line (qemu's text probe looks for
+# it after comments and blank lines).
+VMDK_TEXT_SIGNATURE = b"version="
 
-    return holds
 
+def candidates(buffer: bytes) -> list[str]:
+    """The container modules whose signature is in the probe buffer, in probe order."""
+    found = list(_BY_START.get(buffer[:4], ()))
+    offset, signature = VDI_SIGNATURE
+    if buffer[offset : offset + len(signature)] == signature:
+        found.append("vdi")
+    if "vmdk" not in found and VMDK_TEXT_SIGNATURE in buffer:
+        found.append("vmdk")
+    if len(found) > 1:
+        found.sort(key=PROBE_ORDER.index)
+    return found
 
-def _vmdk_signature(buffer: bytes) -> bool:
-    # A binary extent's magic, or the `version=` line every text descriptor
-    # must have (qemu's text probe looks for it after comments and blank lines).
-    return buffer[:4] in (b"KDMV", b"COWD") or b"version=" in buffer
-
-
-# (module in diskpipe.formats, signature test), in qemu's probe order.
-CONTAINER_SIGNATURES: tuple[tuple[str, Callable[[bytes], bool]], ...] = (
-    ("qcow2", _at(0, b"QFI\xfb")),
-    ("qcow", _at(0, b"QFI\xfb")),
-    ("qed", _at(0, b"QED\0")),
-    ("vdi", _at(0x40, b"\x7f\x10\xda\xbe")),
-    ("vmdk", _vmdk_signature),
-    ("vhdx", _at(0, b"vhdxfile")),
-    ("vpc", _at(0, b"conectix")),
-    ("luks", _at(0, b"LUKS\xba\xbe")),
-    ("parallels", _at(0, b"WithoutFreeSpace", b"WithouFreSpacExt")),
-    ("bochs", _at(0, b"Bochs Virtual HD Image")),
-    ("cloop", _at(0, b"#!/bin/sh\n#V2.0 Format\n")),
-)
 
 _loaded: dict[str, ContainerFormat] = {}
 
@@ -65,7 +71,7 @@ def container(module: str) -> ContainerFormat:
 
 def all_containers() -> tuple[ContainerFormat, ...]:
     """Every container format, in probe order (imports them all)."""
-    return tuple(container(module) for module, _ in CONTAINER_SIGNATURES)
+    return tuple(container(module) for module in PROBE_ORDER)
 
 
 # Ramdisks and compressed streams are sniffed separately (they need the
@@ -86,8 +92,4 @@ def probe_containers(data: bytes) -> list[ContainerFormat]:
     buffer = data[:PROBE_SIZE]
     if len(buffer) < PROBE_SIZE:
         buffer = buffer + bytes(PROBE_SIZE - len(buffer))
-    return [
-        found
-        for module, signature in CONTAINER_SIGNATURES
-        if signature(buffer) and (found := container(module)).probe(buffer)
-    ]
+    return [found for module in candidates(buffer) if (found := container(module)).probe(buffer)]
