@@ -115,9 +115,14 @@ def test_no_fork_beside_other_threads(mixed: list[str], fork_log: Path) -> None:
     assert results == inspect_many(mixed, jobs=1, policy=Policy())
 
 
-def test_worker_count() -> None:
+def test_worker_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpus = usable_cpus()
     assert worker_count(PARALLEL_FROM - 1, None) == 1
-    assert worker_count(1000, None) == min(usable_cpus(), 1000)
+    # The machine's load cannot be set from a test: the load average is the input faked here.
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert worker_count(1000, None) == cpus
+    monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 3.0, 0.0, 0.0))
+    assert worker_count(1000, None) == 1  # every CPU busy: no workers forked onto them
     assert worker_count(3, 8) == 3
     assert worker_count(0, 4) == 1
     with pytest.raises(ValueError, match="at least 1"):

@@ -67,16 +67,28 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def idle_cpus() -> int:
+    """Usable CPUs that other processes leave free (the one-minute load
+    average taken off), at least one: workers on busy CPUs only add their
+    start-up and the results' transfer to the same work."""
+    cpus = usable_cpus()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average on this system
+        return cpus
+    return max(1, min(cpus, round(cpus - load)))
+
+
 def worker_count(files: int, jobs: int | None) -> int:
     """How many processes inspect `files` files: `jobs` when given (at most
-    one per file), else one per usable CPU once there are PARALLEL_FROM files."""
+    one per file), else one per idle CPU once there are PARALLEL_FROM files."""
     if jobs is not None:
         if jobs < 1:
             raise ValueError(f"jobs must be at least 1, not {jobs}")
         return max(1, min(jobs, files))
     if files < PARALLEL_FROM:
         return 1
-    return max(1, min(usable_cpus(), files // CHUNK))
+    return max(1, min(idle_cpus(), files // CHUNK))
 
 
 def inspect_many(
