@@ -95,7 +95,7 @@ def render(data: dict[str, Any]) -> list[str]:
             "`diskpipe info` ran with `--jobs` (one worker per CPU)."
             if data["cli_has_jobs"]
             else "This `diskpipe info` has no `--jobs` yet: it inspects in one process; `inspect_many` picks its "
-            "workers itself (one per usable CPU from 64 files)."
+            "workers itself (one per idle CPU from 64 files: the load average taken off the CPU count)."
         ),
         "",
         "| candidate | time | vs qemu-img |",
