@@ -25,6 +25,11 @@ S3 rows (Ceph's RADOS Gateway on the same cluster), interleaved:
   boto3's `upload_file` with a TransferConfig (same part size and threads).
 
     python -m benchmarks.convert_speed --quick --only s3 --guest-size 1G   # a short trial
+
+The huge-image row (benchmarks.huge_image): a 1 TiB virtual qcow2 holding
+1 GiB against a 1 GiB one holding the same data, with and without Glance's
+hashes (`--only huge` runs it alone; `--huge-hashed-runs 0` skips the run
+that hashes the whole terabyte, which takes about half an hour).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from benchmarks import huge_image
 from benchmarks.common import (
     WORK,
     BenchCeph,
@@ -320,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=None, help="runs of each candidate (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="one source, one run each")
-    parser.add_argument("--only", choices=("all", "rbd", "s3"), default="all", help="which rows to measure")
+    parser.add_argument("--only", choices=("all", "rbd", "s3", "huge"), default="all", help="which rows to measure")
+    parser.add_argument(
+        "--huge-hashed-runs", type=int, default=1, help="runs of the 1 TiB image with Glance's hashes (0: skip)"
+    )
     parser.add_argument("--guest-size", default="4G", help="size of the guest disk (smaller for a trial run)")
     parser.add_argument("--ceph-port", type=int, default=6797, help="mon port of the benchmark's Ceph")
     parser.add_argument("--rgw-port", type=int, default=7497, help="port of the benchmark's S3 gateway")
@@ -331,10 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     from diskpipe.config import parse_size
 
     guest_size = parse_size(args.guest_size)
-    guest = build(WORK / ("guest.raw" if guest_size == 4 * GiB else f"guest-{guest_size >> 20}M.raw"), guest_size)
-    guest_path = Path(str(guest["path"]))
-    sources = make_sources(guest_path, guest_size)
-    if args.quick:
+    guest: dict[str, Any] = {}
+    sources: dict[str, Path] = {}
+    if args.only != "huge":
+        guest = build(WORK / ("guest.raw" if guest_size == 4 * GiB else f"guest-{guest_size >> 20}M.raw"), guest_size)
+        sources = make_sources(Path(str(guest["path"])), guest_size)
+    if args.quick and sources:
         sources = {"qcow2": sources["qcow2"]}
     if args.sources:
         sources = {name: sources[name] for name in args.sources.split(",")}
@@ -349,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             data["s3"] = s3_rows(sources, ceph, repeat, args.rgw_port, scratch)
         if args.only in ("all", "rbd"):
             measure_rbd(data, sources, ceph, repeat, scratch)
+        if args.only in ("all", "huge"):
+            data["huge"] = huge_image.measure(ceph, repeat, 0 if args.quick else args.huge_hashed_runs)
 
     markdown = render(data)
     print(markdown)
@@ -413,6 +426,8 @@ def render(data: dict[str, Any]) -> str:
         lines += render_s3(data)
     if data["sources"]:
         lines += render_rbd(data)
+    if "huge" in data:
+        lines += huge_image.render(data["huge"])
     return "\n".join(lines)
 
 

@@ -9,7 +9,9 @@ first use, so `import diskpipe` itself costs nothing.
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see formats/tuples.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 

@@ -23,19 +23,21 @@ section, and importing pydantic would add tens of milliseconds to every
 
 from __future__ import annotations
 
-import math
 import os
-import types
-import typing
-from collections.abc import Mapping
-from functools import cache
-from typing import Any, TypeVar
+
+# This module loads with the policy on every `diskpipe info`: typing, types,
+# math and collections.abc are imported where a value is converted, and the
+# common case (no file, no variables, no overrides) converts nothing.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see formats/tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any, TypeVar
+
+    Section = TypeVar("Section")
 
 DEFAULT_CONFIG_PATH = "/etc/diskpipe/diskpipe.toml"
 ENV_PREFIX = "DISKPIPE_"
 _SIZE_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-
-Section = TypeVar("Section")
 
 
 class ConfigError(ValueError):
@@ -64,6 +66,8 @@ def parse_size(value: str | int) -> int:
         size = float(number) * _SIZE_SUFFIXES[suffix]
     except ValueError as error:
         raise ConfigError(f"not a size: {value!r}") from error
+    import math
+
     if not math.isfinite(size) or size < 0:
         raise ConfigError(f"not a size: {value!r}")
     return int(size)
@@ -76,18 +80,25 @@ def config_path() -> str | None:
     return DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None
 
 
-@cache
+_parsed: dict[tuple[str, tuple[int, int]], dict[str, Any]] = {}
+
+
 def _read_file(path: str, version: tuple[int, int]) -> dict[str, Any]:
     """Parsed once per (path, mtime and size): an edited file is read anew."""
+    known = _parsed.get((path, version))
+    if known is not None:
+        return known
     import tomllib
 
     try:
         with open(path, "rb") as handle:
-            return tomllib.load(handle)
+            parsed = tomllib.load(handle)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: {error}") from error
     except OSError as error:
         raise ConfigError(f"{path}: {error.strerror}") from error
+    _parsed[(path, version)] = parsed
+    return parsed
 
 
 def load_file(path: str | None = None) -> dict[str, Any]:
@@ -110,6 +121,8 @@ _EXAMPLES = {
 
 
 def _example(annotation: Any) -> str:
+    import typing
+
     origin = typing.get_origin(annotation)
     if origin in (frozenset, tuple, list):
         return 'a list: ["a", "b"] in the file, a,b in an environment variable'
@@ -117,6 +130,8 @@ def _example(annotation: Any) -> str:
 
 
 def _non_negative(number: float, value: Any) -> float:
+    import math
+
     if not math.isfinite(number) or number < 0:
         raise ValueError(f"{value!r} is negative or not finite")
     return number
@@ -167,6 +182,9 @@ _SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 def _convert(where: str, value: Any, annotation: Any) -> Any:
     """Convert a file or environment value to the field's declared type."""
+    import types
+    import typing
+
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -215,11 +233,13 @@ def load_section(
 ) -> Section:
     """Build section `cls` from `file_values` (the file's `[name]` table),
     the environment and the overrides; `load` is the usual way in."""
+    from collections.abc import Mapping
+
     if file_values is None:
         file_values = load_file().get(name, {})
     if not isinstance(file_values, Mapping):
         raise ConfigError(f"{source}: [{name}] must be a table: a line [{name}], then key = value lines")
-    hints = typing.get_type_hints(cls)
+    hints: dict[str, Any] | None = None  # the fields' types, looked up when a value needs one
     fields = _field_names(cls)
     unknown = set(file_values) - fields
     if unknown:
@@ -236,6 +256,10 @@ def load_section(
         if field_name in overrides and overrides[field_name] is not None:
             raw, where = overrides[field_name], f"option for {name}.{field_name}"
         if raw is not _MISSING:
+            if hints is None:
+                import typing
+
+                hints = typing.get_type_hints(cls)
             values[field_name] = _convert(where, raw, hints[field_name])
     return cls(**values)
 

@@ -68,6 +68,11 @@ log=$(mktemp)
 # setuptools keeps build/lib between installs: a module removed from the
 # tree would be installed again from there.
 rm -rf build
+# pip 25 and later write the `diskpipe` console script without `import re`
+# (a few milliseconds of every start, see benchmarks/inspect_speed.py); an
+# older pip still installs a working one, so a failed upgrade is no error.
+.venv/bin/python -m pip install -q --upgrade "pip>=25" >"$log" 2>&1 ||
+    echo "setup: pip not upgraded (the diskpipe command will start a little slower)" >&2
 # A regular (not editable) install: an editable install's import hook costs
 # the `diskpipe` command ~15 ms at every start. Developers who want one:
 # `.venv/bin/pip install -e . --config-settings editable_mode=compat`.

@@ -7,10 +7,11 @@ at most `TABLE_PIECE` bytes, so memory stays bounded whatever their size.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
+
     import numpy as np
 
 TABLE_PIECE = 1024 * 1024

@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import os
 import stat
-from collections.abc import Callable
-from typing import Any, BinaryIO
 
 from diskpipe.formats import raw
 from diskpipe.formats.base import InspectOptions
@@ -16,7 +14,13 @@ from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import ImageInfo
 from diskpipe.formats.reads import StreamDriver, run_on_file, run_on_reader
 
-Source = str | os.PathLike[str] | BinaryIO
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, BinaryIO
+
+    Source = str | os.PathLike[str] | BinaryIO
+
 STREAM_CHUNK = 1024 * 1024
 
 

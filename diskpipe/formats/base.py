@@ -7,15 +7,23 @@ inside raw data (ISO, partition tables, filesystems, kernels, ramdisks) from
 the retained head bytes alone and returns a `Content`.
 """
 
-# No `from __future__ import annotations` here: typing.NamedTuple would turn
-# every field's string annotation into a ForwardRef, compiling it, at import
-# time, a cost paid by every `diskpipe info` start.
+from __future__ import annotations
 
-from collections.abc import Callable, Generator
-from typing import Any, NamedTuple
+from diskpipe.formats.reads import Read
 
-from diskpipe.formats.info import Content, Facts
-from diskpipe.formats.reads import Read, Request
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Generator
+    from typing import Any, NamedTuple
+
+    from diskpipe.formats.info import Content, Facts
+    from diskpipe.formats.reads import Request
+
+    Inspection = Generator[Request, Any, Facts]
+    # A content sniffer looks at the retained head bytes alone.
+    ContentSniffer = Callable[[bytes], Content | None]
+else:
+    from diskpipe.formats.tuples import NamedTuple
 
 # qemu's probe buffer (BLOCK_PROBE_BUF_SIZE): probes see only these bytes.
 PROBE_SIZE = 2048
@@ -28,17 +36,10 @@ class InspectOptions(NamedTuple):
     allocation: bool = False
 
 
-Inspection = Generator[Request, Any, Facts]
-
-
 class ContainerFormat(NamedTuple):
     name: str  # the qemu driver name, passed as `-f`
     probe: Callable[[bytes], bool]  # on the zero-padded 2048-byte probe buffer
     inspect: Callable[[bytes, InspectOptions], Inspection]  # head bytes -> Facts
-
-
-# A content sniffer looks at the retained head bytes alone.
-ContentSniffer = Callable[[bytes], Content | None]
 
 
 def read_exact(offset: int, length: int, head: bytes) -> Generator[Request, Any, bytes]:

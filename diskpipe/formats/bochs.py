@@ -3,10 +3,14 @@ are never mistaken for raw; refused by the default policy. docs/formats.md §13;
 
 from __future__ import annotations
 
-from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions
+from diskpipe.formats.base import ContainerFormat, InspectOptions
 from diskpipe.formats.errors import FormatError
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout, c_string
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from diskpipe.formats.base import Inspection
 
 NAME = "bochs"
 HEADER = Layout(NAME, "header", "<", [

@@ -7,16 +7,18 @@ format allows already rules the claim out, long before the 128 KiB head the
 full inspection waits for. An upload is then refused at once.
 """
 
-# No `from __future__ import annotations` here: typing.NamedTuple would turn
-# every field's string annotation into a ForwardRef, compiling it, at import
-# time, a cost paid by every `diskpipe info` start.
-
-from collections.abc import Callable
-from typing import NamedTuple
+from __future__ import annotations
 
 from diskpipe.formats import luks, parallels, qcow, qcow2, qed, vdi, vhdx, vmdk
 from diskpipe.formats.base import PROBE_SIZE
 from diskpipe.formats.policy import CLAIM_ALIASES, Issue
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import NamedTuple
+else:
+    from diskpipe.formats.tuples import NamedTuple
 
 
 class HeaderClaim(NamedTuple):

@@ -3,10 +3,14 @@ by the default policy. docs/formats.md §14; qemu block/cloop.c."""
 
 from __future__ import annotations
 
-from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions
+from diskpipe.formats.base import ContainerFormat, InspectOptions
 from diskpipe.formats.errors import FormatError
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from diskpipe.formats.base import Inspection
 
 NAME = "cloop"
 PREAMBLE = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"

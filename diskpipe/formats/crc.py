@@ -8,31 +8,40 @@ milliseconds that a `diskpipe info` of any other format should not pay.
 
 from __future__ import annotations
 
-from functools import cache
-from typing import Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from typing import Any
+
+# Loaded on first use, then kept (functools.cache would cost its import at start-up).
+_loaded: dict[str, Any] = {}
 
 
-@cache
 def _accelerated() -> Any:
-    try:
-        import google_crc32c
-    except ImportError:  # pragma: no cover - exercised only without the wheel
-        return None
-    return google_crc32c
+    if "module" not in _loaded:
+        try:
+            import google_crc32c
+
+            _loaded["module"] = google_crc32c
+        except ImportError:  # pragma: no cover - exercised only without the wheel
+            _loaded["module"] = None
+    return _loaded["module"]
 
 
 _POLYNOMIAL = 0x82F63B78  # reflected Castagnoli polynomial
 
 
-@cache
 def _table() -> tuple[int, ...]:
+    if "table" in _loaded:
+        table: tuple[int, ...] = _loaded["table"]
+        return table
     rows = []
     for byte in range(256):
         value = byte
         for _ in range(8):
             value = (value >> 1) ^ _POLYNOMIAL if value & 1 else value >> 1
         rows.append(value)
-    return tuple(rows)
+    _loaded["table"] = tuple(rows)
+    return _loaded["table"]  # type: ignore[no-any-return]
 
 
 def _crc32c_python(data: bytes) -> int:

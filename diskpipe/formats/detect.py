@@ -7,14 +7,18 @@ because a stream knows them only at its end.
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Any
-
-from diskpipe.formats import dmg, ramdisk, raw, registry, vpc
+from diskpipe.formats import dmg, raw, registry, vpc
 from diskpipe.formats.base import InspectOptions
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import GLANCE_DISK_FORMAT, Content, Facts, ImageInfo
-from diskpipe.formats.reads import HEAD_RETAIN, GetSize, Read, ReadTail, Request
+from diskpipe.formats.reads import HEAD_RETAIN, GetSize, Read, ReadTail
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Generator
+    from typing import Any
+
+    from diskpipe.formats.reads import Request
 
 TAIL_NEEDED = 512  # a VHD footer, a dmg koly trailer
 
@@ -32,14 +36,29 @@ def sniff_contents(head: bytes, container_found: bool) -> list[Content]:
     when no container matched (a VMDK descriptor is text, and honest)."""
     found = [content for sniff in registry.SNIFFERS if (content := sniff(head)) is not None]
     if not container_found:
+        ramdisk, nondisk = _unclaimed_sniffers()
         compressed = ramdisk.sniff(head, lambda data: [fmt.name for fmt in registry.probe_containers(data)])
         if compressed is not None:
             found.append(compressed)
         if not found:
-            other = registry.NON_DISK(head)
+            other = nondisk.sniff(head)
             if other is not None:
                 found.append(other)
     return found
+
+
+_loaded: list[Any] = []
+
+
+def _unclaimed_sniffers() -> tuple[Any, Any]:
+    """The ramdisk and non-disk modules, imported when data no container
+    claims first comes (then kept: an import statement per call costs more
+    than the sniffing)."""
+    if not _loaded:
+        from diskpipe.formats import nondisk, ramdisk
+
+        _loaded.extend((ramdisk, nondisk))
+    return _loaded[0], _loaded[1]
 
 
 def glance_disk_format(format_name: str, contents: list[Content]) -> str:

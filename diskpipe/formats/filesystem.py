@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from diskpipe.formats.info import Content
 from diskpipe.formats.partitions import looks_like_boot_sector
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 EXT_MAGIC_OFFSET = 1080
 EXT_SUPERBLOCK = 1024

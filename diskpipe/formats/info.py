@@ -1,11 +1,14 @@
 """The facts an inspection finds: `ImageInfo` and the pieces it is made of."""
 
-# No `from __future__ import annotations` here: typing.NamedTuple would turn
-# every field's string annotation into a ForwardRef, compiling it, at import
-# time, a cost paid by every `diskpipe info` start.
+from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Any, NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from diskpipe.formats.tuples import NamedTuple
 
 # An immutable empty mapping: a safe default for `details` (NamedTuples have
 # no default factories; the classes are NamedTuples rather than dataclasses
@@ -106,7 +109,7 @@ class ImageInfo(NamedTuple):
     def content_kinds(self) -> set[str]:
         return {content.kind for content in self.contents}
 
-    def with_changes(self, **changes: Any) -> "ImageInfo":
+    def with_changes(self, **changes: Any) -> ImageInfo:
         return self._replace(**changes)
 
     def to_json(self) -> dict[str, Any]:

@@ -6,10 +6,12 @@ The default path reads the volume descriptors itself from the retained head;
 
 from __future__ import annotations
 
-from typing import Any
-
 from diskpipe.formats.info import Content
 from diskpipe.formats.layout import Layout
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 SECTOR = 2048
 DESCRIPTORS_START = 16 * SECTOR  # sectors 0-15 are the system area

@@ -3,10 +3,12 @@ Documentation/arch/x86/boot.rst and the arm64 booting document."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from diskpipe.formats.info import Content
 from diskpipe.formats.layout import Layout
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 X86_SETUP = Layout("aki", "x86 setup header", "<", [
     (0x1F1, "B", "setup_sects"),

@@ -8,9 +8,12 @@ Each format module writes its headers as a table close to the spec's own, and
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 from diskpipe.formats.errors import FormatError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class Layout:
@@ -46,6 +49,44 @@ class Layout:
                 offset=where,
             )
         return dict(zip(self._names, self._struct.unpack_from(data, offset), strict=True))
+
+
+def entries_in_use(data: bytes, start: int, entry_size: int, count: int) -> int:
+    """How many of `count` table entries of `entry_size` bytes from `start`
+    can hold anything: those before the table's trailing run of zero bytes.
+    A header may claim thousands of empty slots; skipping them in C keeps
+    such a table from costing a parse per slot. A table cut short by the
+    end of `data` is left whole, so parsing it reports the truncation."""
+    if entry_size <= 0 or count <= 0:
+        return 0
+    if start + count * entry_size > len(data):
+        return count
+    used = _used_length(data[start : start + count * entry_size])
+    return min(count, -(-used // entry_size))
+
+
+_ZERO_BLOCK = bytes(4096)
+
+
+def _used_length(data: bytes) -> int:
+    """Length of `data` without its trailing zero bytes. bytes.rstrip(b"\0")
+    tests byte by byte; whole 4 KiB blocks compared with zeros (memcmp) go
+    ten times faster, and only the last block with data is stripped."""
+    end = len(data)
+    while end > 0:
+        start = max(0, end - len(_ZERO_BLOCK))
+        block = data[start:end]
+        if block != _ZERO_BLOCK[: end - start]:
+            return start + len(block.rstrip(b"\0"))
+        end = start
+    return 0
+
+
+def nonzero_from(data: bytes, start: int) -> bool:
+    """Whether any byte of `data` from `start` on is not zero (in C: `any()`
+    over bytes walks them one Python object at a time)."""
+    start = max(0, start)
+    return data.count(0, start) != max(0, len(data) - start)
 
 
 def c_string(raw: bytes) -> str:

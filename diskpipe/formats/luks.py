@@ -6,13 +6,17 @@ opaque, which the policy notes.
 
 from __future__ import annotations
 
-from typing import Any
-
-from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions
+from diskpipe.formats.base import ContainerFormat, InspectOptions
 from diskpipe.formats.errors import FormatError
 from diskpipe.formats.info import Content, Facts
 from diskpipe.formats.layout import Layout, c_string, round_up
 from diskpipe.formats.reads import GetSize
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from diskpipe.formats.base import Inspection
 
 NAME = "luks"
 MAGIC = b"LUKS\xba\xbe"

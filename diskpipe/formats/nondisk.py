@@ -8,12 +8,17 @@ opinion for raw data nothing else recognised, loaded only when asked for
 
 from __future__ import annotations
 
-from functools import cache
-from typing import Any
-
 from diskpipe.formats.info import Content
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from typing import Any
+
 TEXT_SAMPLE = 4096
+# Control characters text may hold, mapped to a printable one (a space).
+_WHITESPACE_CONTROLS = {ord(char): " " for char in "\n\r\t\f\v"}
+# The ASCII bytes str.isprintable() accepts, and those controls.
+_PRINTABLE_ASCII = bytes(range(0x20, 0x7F)) + b"\n\r\t\f\v"
 ARCHIVE_MAGICS = (
     (b"PK\x03\x04", "zip"),
     (b"PK\x05\x06", "zip"),
@@ -52,9 +57,16 @@ def _text(head: bytes) -> Content | None:
         if error.start < len(sample) - 3:
             return None
         text = sample[: error.start].decode("utf-8")
-    printable = sum(1 for char in text if char.isprintable() or char in "\n\r\t\f\v")
-    if printable < len(text) * 0.98:
-        return None
+    # Counted in C where possible: most text is printable throughout once
+    # its whitespace controls read as spaces, and ASCII's printable bytes
+    # are a fixed set; only other text is counted character by character.
+    if not text.translate(_WHITESPACE_CONTROLS).isprintable():
+        if text.isascii():
+            printable = len(text) - len(sample.translate(None, _PRINTABLE_ASCII))
+        else:
+            printable = sum(1 for char in text if char.isprintable() or char in "\n\r\t\f\v")
+        if printable < len(text) * 0.98:
+            return None
     first_line = text.split("\n", 1)[0][:80]
     return Content("text", "text", {"first-line": first_line})
 
@@ -69,13 +81,18 @@ def sniff(head: bytes) -> Content | None:
     return _text(head)
 
 
-@cache
+_loaded: dict[str, Any] = {}  # python-magic, once loaded (or None)
+
+
 def _magic() -> Any:
-    try:
-        import magic  # python-magic is loaded only for a second opinion
-    except ImportError:
-        return None
-    return magic
+    if "magic" not in _loaded:
+        try:
+            import magic  # python-magic is loaded only for a second opinion
+
+            _loaded["magic"] = magic
+        except ImportError:
+            _loaded["magic"] = None
+    return _loaded["magic"]
 
 
 def second_opinion(head: bytes) -> Content | None:

@@ -3,15 +3,19 @@ qemu docs/interop/parallels.txt."""
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Any
-
 from diskpipe.formats import allocation
-from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions
+from diskpipe.formats.base import ContainerFormat, InspectOptions
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout
 from diskpipe.formats.reads import GetSize, Read, Request
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Generator
+    from typing import Any
+
+    from diskpipe.formats.base import Inspection
 
 NAME = "parallels"
 MAGIC_OLD = b"WithoutFreeSpace"

@@ -8,10 +8,13 @@ like either of those.
 from __future__ import annotations
 
 import zlib
-from typing import Any
 
 from diskpipe.formats.info import Content
-from diskpipe.formats.layout import Layout
+from diskpipe.formats.layout import Layout, entries_in_use
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 MBR_SIGNATURE = b"\x55\xaa"
 MBR_ENTRIES_OFFSET = 446
@@ -46,6 +49,7 @@ GPT_ENTRY = Layout("gpt", "GPT entry", "<", [
     (48, "Q", "attributes"),
     (56, "72s", "name"),
 ])  # fmt: skip
+UNUSED_GUID = bytes(16)  # the type GUID of an empty GPT slot
 PROTECTIVE_TYPE = 0xEE
 MAX_REPORTED_PARTITIONS = 16
 
@@ -140,10 +144,11 @@ def _gpt_at(head: bytes, sector_size: int) -> Content | None:
         table = head[entries_start : entries_start + entries_bytes]
         details["entries-crc-valid"] = zlib.crc32(table) == header["entries_crc"]
         partitions: list[dict[str, Any]] = []
-        for index in range(header["entry_count"]):
-            entry = GPT_ENTRY.parse(table, index * header["entry_size"])
-            if not any(entry["type_guid"]):
-                continue
+        entry_size = header["entry_size"]
+        for index in range(entries_in_use(table, 0, entry_size, header["entry_count"])):
+            if table[index * entry_size : index * entry_size + 16] == UNUSED_GUID:
+                continue  # an empty slot (cheaper to tell than to parse)
+            entry = GPT_ENTRY.parse(table, index * entry_size)
             if len(partitions) < MAX_REPORTED_PARTITIONS:
                 partitions.append(
                     {

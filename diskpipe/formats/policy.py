@@ -7,15 +7,17 @@ manifest records them. The same function serves `diskpipe info`,
 `diskpipe validate`, the Python hook and the pipeline.
 """
 
-# No `from __future__ import annotations` here: typing.NamedTuple would turn
-# every field's string annotation into a ForwardRef, compiling it, at import
-# time, a cost paid by every `diskpipe info` start.
-
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from __future__ import annotations
 
 from diskpipe.config import section
 from diskpipe.formats.info import ImageInfo
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any, NamedTuple
+else:
+    from diskpipe.formats.tuples import NamedTuple
 
 TiB = 1 << 40
 KiB = 1 << 10
@@ -114,7 +116,8 @@ class Context(NamedTuple):
     final: bool = True
 
 
-Check = Callable[[ImageInfo, Context], Iterator[Issue]]
+if TYPE_CHECKING:
+    Check = Callable[[ImageInfo, Context], Iterator[Issue]]
 CHECKS: list[tuple[str, bool, Check]] = []  # (name, decidable from the head, function)
 
 

@@ -8,15 +8,21 @@ hostile image gets a verdict that names the problem.
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Any
+import struct
 
 from diskpipe.formats import allocation, luks
-from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions, read_exact
+from diskpipe.formats.base import ContainerFormat, InspectOptions, read_exact
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout, c_string
 from diskpipe.formats.reads import GetSize, Read, Request
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Generator
+    from typing import Any
+
+    from diskpipe.formats.base import Inspection
 
 NAME = "qcow2"
 MAGIC = b"QFI\xfb"
@@ -395,13 +401,16 @@ def _read_prefetched(
     return data
 
 
+_FEATURE_KINDS = {0: "incompatible", 1: "compatible", 2: "autoclear"}
+_FEATURE_ENTRY = struct.Struct("BB46s")  # type, bit number, name
+
+
 def _feature_names(payload: bytes) -> list[dict[str, Any]]:
-    names = []
-    for start in range(0, len(payload) - 47, 48):
-        entry = payload[start : start + 48]
-        kind = {0: "incompatible", 1: "compatible", 2: "autoclear"}.get(entry[0], str(entry[0]))
-        names.append({"type": kind, "bit": entry[1], "name": c_string(entry[2:48])})
-    return names
+    whole = len(payload) - len(payload) % _FEATURE_ENTRY.size
+    return [
+        {"type": _FEATURE_KINDS.get(kind, str(kind)), "bit": bit, "name": c_string(name)}
+        for kind, bit, name in _FEATURE_ENTRY.iter_unpack(payload[:whole])
+    ]
 
 
 def _format_specific(

@@ -12,15 +12,22 @@ lie outside the head) is answered by throwing `Unavailable` into the
 inspector, which leaves the facts that need them unset.
 """
 
-# No `from __future__ import annotations` here: typing.NamedTuple would turn
-# every field's string annotation into a ForwardRef, compiling it, at import
-# time, a cost paid by every `diskpipe info` start.
+from __future__ import annotations
 
 import os
-from collections.abc import Callable, Generator
-from typing import Any, NamedTuple, TypeVar
 
 from diskpipe.formats.errors import Unavailable
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Generator
+    from typing import Any, NamedTuple, TypeVar
+
+    T = TypeVar("T")
+    # An inspector: yields requests, receives bytes (or an int for GetSize).
+    Inspection = Generator["Request", Any, T]
+else:
+    from diskpipe.formats.tuples import NamedTuple
 
 # Everything the content sniffers and every header parser look at lies in the
 # first 128 KiB (btrfs' superblock at 0x10040 is the furthest), so keeping it
@@ -53,9 +60,6 @@ class GetSize(NamedTuple):
 
 
 Request = Read | ReadTail | GetSize
-# An inspector: yields requests, receives bytes (or an int for GetSize).
-Inspection = Generator[Request, Any, "T"]
-T = TypeVar("T")
 
 
 def _check_request(request: Request) -> None:

@@ -2,46 +2,81 @@
 
 The order of containers decides which of two matches is the primary one
 (qemu picks the first driver with the highest probe score); both are reported.
+
+A container's probe runs, and its module is imported, only when its
+signature is in the probe buffer: each probe accepts only buffers that hold
+its format's signature, so looking the signature up first gives the same
+matches for a dictionary lookup, and a `diskpipe info` of a qcow2 never
+loads the VMDK, VHDX or Parallels code (tests/test_fast_paths.py checks the
+signatures against the probes).
 """
 
 from __future__ import annotations
 
-from diskpipe.formats import (
-    bochs,
-    cloop,
-    filesystem,
-    iso,
-    kernel,
-    luks,
-    nondisk,
-    parallels,
-    partitions,
-    qcow,
-    qcow2,
-    qed,
-    vdi,
-    vhdx,
-    vmdk,
-    vpc,
-)
-from diskpipe.formats.base import PROBE_SIZE, ContainerFormat, ContentSniffer
+from diskpipe.formats import filesystem, iso, kernel, luks, partitions
+from diskpipe.formats.base import PROBE_SIZE, ContainerFormat
 
-CONTAINERS: tuple[ContainerFormat, ...] = (
-    qcow2.FORMAT,
-    qcow.FORMAT,
-    qed.FORMAT,
-    vdi.FORMAT,
-    vmdk.FORMAT,
-    vhdx.FORMAT,
-    vpc.FORMAT,
-    luks.FORMAT,
-    parallels.FORMAT,
-    bochs.FORMAT,
-    cloop.FORMAT,
-)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from diskpipe.formats.base import ContentSniffer
+
+
+# The container modules in qemu's probe order (the first match is primary).
+PROBE_ORDER = ("qcow2", "qcow", "qed", "vdi", "vmdk", "vhdx", "vpc", "luks", "parallels", "bochs", "cloop")
+# Containers whose signature starts the buffer, by its first four bytes: a
+# probe accepts no buffer without them (tests/test_fast_paths.py).
+_BY_START = {
+    b"QFI\xfb": ("qcow2", "qcow"),
+    b"QED\0": ("qed",),
+    b"KDMV": ("vmdk",),
+    b"COWD": ("vmdk",),
+    b"vhdx": ("vhdx",),  # vhdxfile
+    b"cone": ("vpc",),  # conectix
+    b"LUKS": ("luks",),
+    b"With": ("parallels",),  # WithoutFreeSpace, WithouFreSpacExt
+    b"Boch": ("bochs",),  # Bochs Virtual HD Image
+    b"#!/b": ("cloop",),  # the shell script preamble
+}
+VDI_SIGNATURE = (0x40, b"\x7f\x10\xda\xbe")
+# Every text descriptor has its `version=` line (qemu's text probe looks for
+# it after comments and blank lines).
+VMDK_TEXT_SIGNATURE = b"version="
+
+
+def candidates(buffer: bytes) -> list[str]:
+    """The container modules whose signature is in the probe buffer, in probe order."""
+    found = list(_BY_START.get(buffer[:4], ()))
+    offset, signature = VDI_SIGNATURE
+    if buffer[offset : offset + len(signature)] == signature:
+        found.append("vdi")
+    if "vmdk" not in found and VMDK_TEXT_SIGNATURE in buffer:
+        found.append("vmdk")
+    if len(found) > 1:
+        found.sort(key=PROBE_ORDER.index)
+    return found
+
+
+_loaded: dict[str, ContainerFormat] = {}
+
+
+def container(module: str) -> ContainerFormat:
+    """The container format implemented by `diskpipe.formats.<module>`, imported on first use."""
+    found = _loaded.get(module)
+    if found is None:
+        import importlib
+
+        found = _loaded[module] = importlib.import_module(f"diskpipe.formats.{module}").FORMAT
+    return found
+
+
+def all_containers() -> tuple[ContainerFormat, ...]:
+    """Every container format, in probe order (imports them all)."""
+    return tuple(container(module) for module in PROBE_ORDER)
+
 
 # Ramdisks and compressed streams are sniffed separately (they need the
-# container probes to name what compressed data holds).
+# container probes to name what compressed data holds), as is non-disk
+# content: both only when no container matched, so they load then.
 SNIFFERS: tuple[ContentSniffer, ...] = (
     luks.sniff_luks2,
     iso.sniff,
@@ -50,7 +85,6 @@ SNIFFERS: tuple[ContentSniffer, ...] = (
     partitions.sniff_mbr,
     filesystem.sniff,
 )
-NON_DISK: ContentSniffer = nondisk.sniff
 
 
 def probe_containers(data: bytes) -> list[ContainerFormat]:
@@ -58,4 +92,4 @@ def probe_containers(data: bytes) -> list[ContainerFormat]:
     buffer = data[:PROBE_SIZE]
     if len(buffer) < PROBE_SIZE:
         buffer = buffer + bytes(PROBE_SIZE - len(buffer))
-    return [container for container in CONTAINERS if container.probe(buffer)]
+    return [found for module in candidates(buffer) if (found := container(module)).probe(buffer)]

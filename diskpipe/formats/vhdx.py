@@ -6,17 +6,22 @@ header copy is tolerated, a bad region table is an error.
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from itertools import pairwise
-from typing import Any
 
 from diskpipe.formats import allocation
-from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions, read_exact
+from diskpipe.formats.base import ContainerFormat, InspectOptions, read_exact
 from diskpipe.formats.crc import crc32c
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
-from diskpipe.formats.layout import Layout
+from diskpipe.formats.layout import Layout, entries_in_use
 from diskpipe.formats.reads import MAX_READ, GetSize, Read, Request
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Generator
+    from typing import Any
+
+    from diskpipe.formats.base import Inspection
 
 NAME = "vhdx"
 SIGNATURE = b"vhdxfile"
@@ -234,7 +239,7 @@ def _parse_regions(raw: bytes, anomalies: list[dict[str, str]]) -> dict[bytes, d
         )
         count = MAX_ENTRIES
     regions: dict[bytes, dict[str, Any]] = {}
-    for index in range(count):
+    for index in range(entries_in_use(raw, 16, REGION_ENTRY.size, count)):
         entry = REGION_ENTRY.parse(raw, 16 + index * REGION_ENTRY.size)
         if not any(entry["guid"]):
             continue  # an empty slot (an over-long entry count reads them)
@@ -313,7 +318,7 @@ def _metadata_entries(
         )
         count = MAX_ENTRIES
     wanted: dict[bytes, dict[str, Any]] = {}
-    for index in range(count):
+    for index in range(entries_in_use(raw, 32, METADATA_ENTRY_SIZE, count)):
         entry = METADATA_ENTRY.parse(
             raw, 32 + index * METADATA_ENTRY_SIZE, file_offset=start + 32 + index * METADATA_ENTRY_SIZE
         )

@@ -6,15 +6,19 @@ descriptor's extents are reported with the sizes the descriptor states.
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Any
-
 from diskpipe.formats import allocation, vmdk_descriptor
-from diskpipe.formats.base import ContainerFormat, Inspection, InspectOptions, read_exact
+from diskpipe.formats.base import ContainerFormat, InspectOptions, read_exact
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
-from diskpipe.formats.layout import Layout, round_up
+from diskpipe.formats.layout import Layout, nonzero_from, round_up
 from diskpipe.formats.reads import MAX_READ, GetSize, Read, ReadTail, Request
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Generator
+    from typing import Any
+
+    from diskpipe.formats.base import Inspection
 
 NAME = "vmdk"
 MAGIC_VMDK4 = b"KDMV"
@@ -217,9 +221,10 @@ def _read_embedded_descriptor(
         descriptor = vmdk_descriptor.parse(region)
     elif header["descriptor_offset"]:
         region = yield from read_exact(region_offset, min(region_size, MAX_READ), head)
-        descriptor = vmdk_descriptor.parse(region)
+        # The usual region is exactly the 10 KiB qemu reads: same bytes, same reading.
+        descriptor = qemu_view if region == qemu_text else vmdk_descriptor.parse(region)
         # Text past the header's region that qemu still reads in its 10 KiB.
-        if region_size < EMBEDDED_DESCRIPTOR_READ and any(qemu_text[region_size:]):
+        if region_size < EMBEDDED_DESCRIPTOR_READ and nonzero_from(qemu_text, region_size):
             descriptor.hidden_text = True
     details["descriptor"] = descriptor.to_json()
     if not qemu_view.cid_valid:

@@ -7,14 +7,17 @@ lines that are not comments, `key=value` pairs, ddb entries or extents, text
 hidden after a NUL, and values where the two readings disagree. docs/formats.md §6.4.
 """
 
-# No `from __future__ import annotations` here: typing.NamedTuple would turn
-# every field's string annotation into a ForwardRef, compiling it, at import
-# time, a cost paid by every `diskpipe info` start.
-
-import re
-from typing import Any, NamedTuple
+from __future__ import annotations
 
 from diskpipe.formats.errors import FormatError
+from diskpipe.formats.layout import nonzero_from
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
+if TYPE_CHECKING:
+    import re
+    from typing import Any, NamedTuple
+else:
+    from diskpipe.formats.tuples import NamedTuple
 
 # qemu accepts these as standalone descriptor files; the two sparse types
 # exist only as the descriptor embedded in a binary extent.
@@ -31,8 +34,10 @@ MAX_NAME = 511  # qemu's sscanf width for an extent file name
 _EXTENT_LINE = rb'[ \t\r\v\f]*(\S{1,10})[ \t\r\v\f]+([+-]?\d+)[ \t\r\v\f]+(\S{1,10})[ \t\r\v\f]+"([^\n\r"]{1,511})(?:"(?:[ \t\r\v\f]+([+-]?\d+))?)?'
 _KEY_VALUE = rb'\s*([A-Za-z][A-Za-z0-9_.]*)\s*=\s*("[^"\r\n]*"|[^\s"]*)\s*$'
 _STRICT_EXTENT = rb'\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)\s+"([^"\r\n]*)"(?:\s+(\d+))?\s*$'
-# The patterns are compiled on first use (re's cache keeps them): compiling
-# three at import costs a millisecond of every `diskpipe info`.
+_HEX_NUMBER = rb"\s*(?:0[xX])?([0-9a-fA-F]+)"
+# The patterns are compiled on first use: compiling them (and importing re)
+# at import would cost every `diskpipe info` a few milliseconds.
+_COMPILED: list[re.Pattern[bytes]] = []
 MAX_REPORTED_LINES = 8
 # A 1 MiB descriptor holds 65 Ki short extent lines, ~1 KiB of Python objects
 # each once reported: tens of MB bought with one upload. An honest split
@@ -96,6 +101,15 @@ class Descriptor:
         return out
 
 
+def _patterns() -> list[re.Pattern[bytes]]:
+    """[extent line, strict extent, key=value, hex number], compiled once."""
+    if not _COMPILED:
+        import re
+
+        _COMPILED.extend(re.compile(source) for source in (_EXTENT_LINE, _STRICT_EXTENT, _KEY_VALUE, _HEX_NUMBER))
+    return _COMPILED
+
+
 def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
@@ -119,7 +133,7 @@ def _qemu_cid(text: bytes, name: bytes) -> tuple[int | None, bool]:
     position = text.find(name)
     if position < 0:
         return None, False  # qemu refuses a descriptor without it ("Invalid argument")
-    match = re.match(rb"\s*(?:0[xX])?([0-9a-fA-F]+)", text[position + len(name) + 1 :])
+    match = _patterns()[3].match(text, position + len(name) + 1)
     if not match:
         return None, False
     return int(match.group(1)[-8:], 16), True
@@ -139,7 +153,7 @@ def parse(region: bytes) -> Descriptor:
     nul = region.find(b"\0")
     text = region if nul < 0 else region[:nul]
     descriptor = Descriptor(text_bytes=len(text))
-    descriptor.hidden_text = nul >= 0 and any(region[nul:])
+    descriptor.hidden_text = nul >= 0 and nonzero_from(region, nul)
     descriptor.create_type = _qemu_option(text, b"createType")
     descriptor.cid, cid_valid = _qemu_cid(text, b"CID")
     descriptor.parent_cid, parent_valid = _qemu_cid(text, b"parentCID")
@@ -147,9 +161,10 @@ def parse(region: bytes) -> Descriptor:
     descriptor.parent_hint = _qemu_parent_hint(text)
 
     strict_values: dict[str, str] = {}
+    extent_line, strict_extent, key_value, _ = _patterns()
     for raw_line in text.split(b"\n"):
         line = raw_line.rstrip(b"\r")
-        scanned = re.match(_EXTENT_LINE, line)
+        scanned = extent_line.match(line)
         if scanned:
             if len(descriptor.extents) == MAX_EXTENTS:
                 raise FormatError("vmdk", f"descriptor lists more than {MAX_EXTENTS} extents")
@@ -166,9 +181,9 @@ def parse(region: bytes) -> Descriptor:
         stripped = line.strip()
         if not stripped or stripped.startswith(b"#"):
             continue
-        if re.match(_STRICT_EXTENT, line):
+        if strict_extent.match(line):
             continue
-        pair = re.match(_KEY_VALUE, line)
+        pair = key_value.match(line)
         if pair:
             strict_values.setdefault(_decode(pair.group(1)), _decode(pair.group(2).strip(b'"')))
             continue

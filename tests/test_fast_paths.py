@@ -1,0 +1,170 @@
+"""The inspectors' fast paths give the answers of the plain loops they
+replace: the reference implementations here are the loops, written out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diskpipe.formats import layout, nondisk, ramdisk, registry
+from diskpipe.formats.base import PROBE_SIZE
+from diskpipe.formats.layout import entries_in_use, nonzero_from
+
+
+def plain_text_verdict(head: bytes) -> str | None:
+    """The text test counted one character at a time: the first line, or None."""
+    sample = head[: nondisk.TEXT_SAMPLE]
+    if not sample or b"\0" in sample:
+        return None
+    try:
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(sample) - 3:
+            return None
+        text = sample[: error.start].decode("utf-8")
+    printable = sum(1 for char in text if char.isprintable() or char in "\n\r\t\f\v")
+    if printable < len(text) * 0.98:
+        return None
+    return text.split("\n", 1)[0][:80]
+
+
+def plain_lz4_block(block: bytes, limit: int) -> bytes:
+    """LZ4 block decoding with matches copied byte by byte."""
+    out = bytearray()
+    position = 0
+    while position < len(block) and len(out) < limit:
+        token = block[position]
+        position += 1
+        literal_length, position = ramdisk._lz4_length(token >> 4, block, position)
+        out += block[position : position + literal_length]
+        position += literal_length
+        if position >= len(block):
+            break
+        offset = block[position] | block[position + 1] << 8
+        position += 2
+        if offset == 0 or offset > len(out):
+            raise ValueError("lz4: bad match offset")
+        match_length, position = ramdisk._lz4_length(token & 15, block, position)
+        start = len(out) - offset
+        for index in range(min(match_length + 4, limit - len(out) + 1)):
+            out.append(out[start + index])
+    return bytes(out[:limit])
+
+
+def outcome(function: object, *args: object) -> object:
+    try:
+        return function(*args)  # type: ignore[operator]
+    except Exception as error:  # noqa: BLE001 - the exception type is the outcome compared
+        return type(error)
+
+
+# Mostly printable ASCII with a few controls, or UTF-8 text with some
+# unprintable characters, around the 98 % line.
+TEXTISH = st.one_of(
+    st.lists(st.sampled_from([*b"abc xyz\n\t", 1, 0x0B, 0x7F, 0x11, 0x1B]), max_size=5000).map(bytes),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=600).map(
+        lambda text: text.encode()
+    ),
+    st.binary(max_size=300),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(head=TEXTISH)
+def test_text_sniff_counts_as_the_plain_loop(head: bytes) -> None:
+    found = nondisk._text(head)
+    expected = plain_text_verdict(head)
+    assert (found.details["first-line"] if found is not None else None) == expected
+
+
+def test_text_sniff_on_control_bytes_only() -> None:
+    assert nondisk._text(b"\x11" * 4096) is None  # a fixed VHD full of 0x11: decodes as UTF-8, is not text
+    assert nondisk._text(b"a" * 99 + b"\x11") is not None  # 1 % unprintable is still text
+    assert nondisk._text(b"a" * 97 + b"\x11" * 3) is None
+
+
+@settings(max_examples=1500, deadline=None)
+@given(block=st.lists(st.sampled_from([0x00, 0x01, 0x03, 0x11, 0x1F, 0xF0, 0xFF, 0x42, 0x10]), max_size=80).map(bytes))
+def test_lz4_matches_copy_as_byte_by_byte(block: bytes) -> None:
+    for limit in (1, 7, 64, 4096):
+        assert outcome(ramdisk._lz4_block, block, limit) == outcome(plain_lz4_block, block, limit)
+
+
+def test_lz4_overlapping_match() -> None:
+    # Literal "ab", then a match 2 back of 4 + 10 bytes: "ab" repeated.
+    block = bytes([0x2A]) + b"ab" + bytes([2, 0])
+    assert ramdisk._lz4_block(block, 100) == b"ab" * 8
+
+
+@given(data=st.binary(max_size=64), start=st.integers(-2, 70))
+def test_nonzero_from_is_any(data: bytes, start: int) -> None:
+    assert nonzero_from(data, start) == any(data[max(0, start) :])
+
+
+@given(
+    slots=st.lists(st.booleans(), max_size=40),
+    entry_size=st.sampled_from([1, 4, 32, 128]),
+    extra=st.integers(0, 5),
+    cut=st.integers(0, 8),
+)
+def test_entries_in_use_keeps_every_entry_that_holds_a_byte(
+    slots: list[bool], entry_size: int, extra: int, cut: int
+) -> None:
+    table = b"".join((b"\x01" if used else b"\0") + bytes(entry_size - 1) for used in slots)
+    data = b"head" + table
+    count = len(slots) + extra  # a header may claim more entries than the data holds
+    kept = entries_in_use(data, 4, entry_size, count)
+    if 4 + count * entry_size > len(data):
+        assert kept == count  # cut short: the parse must see the whole claim and report it
+    else:
+        assert all(not used for used in slots[kept:])
+        assert kept == 0 or slots[kept - 1]
+    assert entries_in_use(data[: len(data) - cut], 4, entry_size, 0) == 0
+
+
+def eager_probe(data: bytes) -> list[str]:
+    """Every container's own probe, none skipped."""
+    buffer = data[:PROBE_SIZE].ljust(PROBE_SIZE, b"\0")
+    return [container.name for container in registry.all_containers() if container.probe(buffer)]
+
+
+# Starts of buffers each probe accepts (and near misses): the signatures,
+# their versions and the text descriptor's forms.
+PROBE_SEEDS = [
+    b"QFI\xfb\0\0\0\x03", b"QFI\xfb\0\0\0\x02", b"QFI\xfb\0\0\0\x01", b"QFI\xfb\0\0\0\x00", b"QED\0",
+    bytes(0x40) + b"\x7f\x10\xda\xbe", b"KDMV", b"COWD", b"version=1\n", b"# Disk\n  \nversion=2\r\n",
+    b"#\nversion=3\n", b"vhdxfile", b"conectix", b"LUKS\xba\xbe\0\x01", b"LUKS\xba\xbe\0\x02",
+    b"WithoutFreeSpace\x02\0\0\0", b"WithouFreSpacExt\x02\0\0\0",
+    b"Bochs Virtual HD Image".ljust(32, b"\0") + b"Redolog".ljust(16, b"\0") + b"Growing".ljust(16, b"\0") + b"\0\0\x02\0",
+    b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n",
+]  # fmt: skip
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    seed=st.sampled_from(PROBE_SEEDS),
+    noise=st.binary(max_size=96),
+    flips=st.lists(st.tuples(st.integers(0, 95), st.integers(0, 255)), max_size=3),
+)
+def test_signatures_never_hide_a_probe_match(seed: bytes, noise: bytes, flips: list[tuple[int, int]]) -> None:
+    data = bytearray(seed + noise)
+    for position, value in flips:
+        if position < len(data):
+            data[position] = value
+    assert [container.name for container in registry.probe_containers(bytes(data))] == eager_probe(bytes(data))
+
+
+def test_signatures_on_every_sample(samples_dir: Path, manifest: list[Any]) -> None:
+    for entry in manifest:
+        with (samples_dir / entry.file).open("rb") as image:
+            head = image.read(PROBE_SIZE)
+        assert [container.name for container in registry.probe_containers(head)] == eager_probe(head), entry.name
+
+
+@given(data=st.binary(max_size=64), zeros=st.integers(0, 12000), lead=st.integers(0, 9000))
+def test_used_length_is_rstrip(data: bytes, zeros: int, lead: int) -> None:
+    padded = bytes(lead) + data + bytes(zeros)
+    assert layout._used_length(padded) == len(padded.rstrip(b"\0"))
