@@ -284,3 +284,15 @@ def test_shell_completion_scripts_come_from_the_parser(tmp_path: Path) -> None:
     ).stdout
     assert zsh.startswith("#compdef diskpipe") and "--log-format" in zsh
     assert diskpipe("completion", "fish").returncode == 2
+
+
+def test_info_jobs_keeps_the_order_and_the_exit_code_of_one_process(samples_dir: Path, manifest: list[Any]) -> None:
+    """`--jobs N` inspects on N processes; the JSON list and the exit code are
+    those of `--jobs 1`, broken and missing files included, in the given order."""
+    files = [str(samples_dir / entry.file) for entry in manifest][:60] * 2
+    files[5] = "/nonexistent/disk.img"  # unreadable: exit 2 wins over a refused image
+    alone = diskpipe("info", "--output=json", "--jobs", "1", *files)
+    spread = diskpipe("info", "--output=json", "--jobs", "2", *files)
+    assert spread.returncode == alone.returncode == 2, spread.stderr
+    assert json.loads(spread.stdout) == json.loads(alone.stdout)
+    assert [entry["filename"] for entry in json.loads(spread.stdout)] == files

@@ -61,33 +61,18 @@ def _optional_rows(entry: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _inspect_one(path: str, args: argparse.Namespace, policy: Any) -> tuple[dict[str, Any], int]:
-    from diskpipe.formats import FormatError, inspect
-    from diskpipe.formats.policy import check
-
-    try:
-        info = inspect(path, allocation=args.allocation, details=args.details)
-    except FormatError as error:
-        return {"filename": path, "error": str(error), "safe": False}, EXIT_REFUSED
-    except OSError as error:
-        return {"filename": path, "error": f"{error.strerror or error}", "safe": False}, EXIT_USAGE
-    entry = info.to_json()
-    if not args.details:
-        entry.pop("details", None)
-    entry.update(check(info, policy).to_json())
-    return entry, EXIT_OK
-
-
 def cmd_info(args: argparse.Namespace) -> int:
+    from diskpipe.formats.batch import REFUSED, inspect_many
     from diskpipe.formats.policy import load_policy
 
-    policy = load_policy(args.policy)
-    entries: list[dict[str, Any]] = []
-    exit_code = EXIT_OK
-    for path in args.files:
-        entry, code = _inspect_one(path, args, policy)
-        entries.append(entry)
-        exit_code = max(exit_code, code)
+    results = inspect_many(
+        args.files, jobs=args.jobs, allocation=args.allocation, details=args.details, policy=load_policy(args.policy)
+    )
+    entries = [result.entry for result in results]
+    exit_code = max(
+        (EXIT_OK if result.problem is None else EXIT_REFUSED if result.problem == REFUSED else EXIT_USAGE)
+        for result in results
+    )
     if args.output == "json":
         print_json(entries[0] if len(entries) == 1 else entries)
     else:
@@ -177,6 +162,14 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     options.add_output(info, "qemu-img info's keys, one object (a list for several files)")
     info.add_argument("--allocation", action="store_true", help="read allocation tables: adds allocated-size")
     info.add_argument("--details", action="store_true", help="deeper facts (ISO volume via pycdlib, libmagic)")
+    info.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        metavar="N",
+        help="processes inspecting many files at once (default: automatic, from 64 files on the idle CPUs; "
+        "1: this process alone); the output keeps the order the files were given in",
+    )
     options.add_policy(info)
     info.set_defaults(handler=cmd_info)
 
