@@ -333,10 +333,12 @@ if ! "$venv/bin/glance-manage" --config-dir "$dir/etc" db_sync >"$dir/log/db_syn
 fi
 
 # setsid: Glance and whatever it runs (qemu-img) form one process group that
-# glance-stop.sh can end together.
+# glance-stop.sh can end together. --chdir: gunicorn puts its working
+# directory first on sys.path, and the checkout's own diskpipe must not
+# shadow the one installed in Glance's virtualenv.
 OS_GLANCE_CONFIG_DIR="$dir/etc" PYTHONPATH="$dir/lib" setsid "$venv/bin/gunicorn" \
     --bind "127.0.0.1:$port" --workers 1 --threads 4 --timeout 600 --graceful-timeout 10 \
-    --no-control-socket --pid "$dir/glance.pid" --error-logfile "$dir/log/gunicorn.log" \
+    --no-control-socket --pid "$dir/glance.pid" --error-logfile "$dir/log/gunicorn.log" --chdir "$dir" \
     glance.wsgi.api:application </dev/null >>"$dir/log/gunicorn.log" 2>&1 &
 echo $! >"$dir/glance.pid"
 

@@ -163,12 +163,15 @@ def process(staged: str, image_id: str, claimed: str, container_format: str, set
     try:
         info, verdict = judge(fd, claimed, settings.policy)
         if keeps_data(info, claimed, settings.output_format):
+            # Glance's rule for raw data: its virtual size is its byte count
+            # (Glance itself sets that when it stores a bare raw image; qemu
+            # would round a file that is no multiple of 512 up).
             return Accepted(
                 path=staged,
                 converted=False,
                 disk_format=claimed,
                 container_format=container_format,
-                virtual_size=info.virtual_size,
+                virtual_size=info.file_size,
                 size=info.file_size,
                 properties=found_properties(info, verdict),
             )
