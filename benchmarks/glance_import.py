@@ -39,8 +39,8 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -57,7 +57,9 @@ MAX_VIRTUAL_SIZE = 2 << 30
 RAW_FAMILY = ("ami", "aki", "ari")  # claims Glance also requires as container_format
 # The disk formats `openstack image create` offers (a fixed list in the
 # client); the `glance` client takes whatever the server's schema allows.
-OPENSTACK_CLIENT_FORMATS = frozenset({"ami", "ari", "aki", "vhd", "vmdk", "raw", "qcow2", "vhdx", "vdi", "iso", "ploop"})
+OPENSTACK_CLIENT_FORMATS = frozenset(
+    {"ami", "ari", "aki", "vhd", "vmdk", "raw", "qcow2", "vhdx", "vdi", "iso", "ploop"}
+)
 
 
 # -- a Glance API driven by its real clients ----------------------------------
@@ -160,7 +162,7 @@ class Glance:
             check=False,
         )
 
-    def import_all(self, uploads: Iterable[Upload], timeout: float = 1800) -> dict[str, Outcome]:
+    def import_all(self, uploads: Iterable[Upload], timeout: float = 900) -> dict[str, Outcome]:
         """Import each upload and wait for it to settle before the next;
         name -> outcome. `openstack image create --import` (glance-direct)
         for files in the formats that client offers; `glance
@@ -200,10 +202,11 @@ class Glance:
         return image
 
     def import_task(self, image_id: str) -> dict[str, Any]:
+        """The image's latest task (a copy-image comes after the import)."""
         tasks = self.get(f"/v2/images/{image_id}/tasks").get("tasks", [])
-        return tasks[-1] if tasks else {}
+        return max(tasks, key=lambda task: (task["created_at"], task["updated_at"])) if tasks else {}
 
-    def settle(self, name: str, client_output: str, timeout: float = 1800) -> Outcome:
+    def settle(self, name: str, client_output: str, timeout: float = 900) -> Outcome:
         """Wait until the import of image `name` (asked for by a client that
         has returned) is over: its task succeeded or failed, and the image is
         no longer uploading or importing. An image the client never got to

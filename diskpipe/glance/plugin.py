@@ -37,6 +37,9 @@ CONF = cfg.CONF
 options.register(CONF)
 
 FILE_SCHEME = "file://"
+# Import methods whose download task (run before this plugin) puts the image
+# back to `queued` in its own revert.
+DOWNLOAD_METHODS = frozenset({"web-download", "glance-download"})
 
 
 class _DiskpipeImport(task.Task):  # type: ignore[misc]  # taskflow is untyped
@@ -64,7 +67,6 @@ class _DiskpipeImport(task.Task):  # type: ignore[misc]  # taskflow is untyped
         with self.action_wrapper as action:
             claimed = str(action.image_disk_format or "")
             container_format = str(action.image_container_format or "bare")
-            size = action.image_size
         accepted = self._process(claimed, container_format)
         if accepted.converted:
             self.output = accepted.path
@@ -77,7 +79,7 @@ class _DiskpipeImport(task.Task):  # type: ignore[misc]  # taskflow is untyped
             )
             action.set_image_extra_properties(accepted.properties)
         # Recorded once saved: a revert restores only what was changed.
-        self.original = {"disk_format": claimed, "container_format": container_format, "size": size}
+        self.original = {"disk_format": claimed, "container_format": container_format}
         LOG.info(
             "diskpipe: image %s accepted as %s (%s), stored as %s, virtual size %d",
             self.image_id,
@@ -116,11 +118,14 @@ class _DiskpipeImport(task.Task):  # type: ignore[misc]  # taskflow is untyped
             remove_outputs(self.staged, self.image_id)
         with self.action_wrapper as action:
             if self.original is not None:
-                # virtual_size: Glance leaves it unset until data is stored.
-                action.set_image_attribute(virtual_size=None, **self.original)
+                action.set_image_attribute(**self.original)
                 for name in PROPERTY_NAMES:
                     action.pop_extra_property(name)
-            action.set_image_attribute(status="queued")
+            # Back to `queued` (Glance then clears size and virtual_size). Not
+            # twice: Glance refuses queued -> queued, and a download task's
+            # own revert, which comes after this one, sets it.
+            if self.method not in DOWNLOAD_METHODS and action.image_status != "queued":
+                action.set_image_attribute(status="queued")
             if self.stores:
                 action.remove_importing_stores(self.stores)
                 action.add_failed_stores(self.stores)
