@@ -199,7 +199,9 @@ log_file = $dir/log/glance-api.log
 image_cache_dir = $dir/data/cache
 
 [database]
-connection = sqlite:///$dir/glance.sqlite
+# timeout: SQLite lets one writer in at a time; wait up to 60 s for the lock
+# (default 5 s) on a busy machine.
+connection = sqlite:///$dir/glance.sqlite?timeout=60
 
 [glance_store]
 default_backend = local

@@ -23,6 +23,7 @@ import functools
 import http.server
 import os
 import re
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -47,6 +48,8 @@ GLANCE_PORT = int(os.environ.get("DISKPIPE_TEST_GLANCE_PORT", "9310"))
 # Glance refuses to store more than this (image_size_cap); the revert test
 # converts a small upload into a larger raw image to make storing fail.
 SIZE_CAP = 1536 << 20
+# [diskpipe] max_virtual_size in Glance's config (diskpipe's default: 2 TiB).
+POLICY_CAP_TEXT, POLICY_CAP = "1700M", 1700 << 20
 HONEST_SUBSET = (
     "raw-1m-random",
     "raw-513b",
@@ -81,7 +84,7 @@ def glance(tmp_path_factory: pytest.TempPathFactory, ceph: Ceph) -> Iterator[Gla
     the default) and `ceph` (rbd)."""
     state = tmp_path_factory.mktemp("glance")
     extra = state.parent / "glance-extra.conf"
-    extra.write_text(f"[DEFAULT]\nimage_size_cap = {SIZE_CAP}\n")
+    extra.write_text(f"[DEFAULT]\nimage_size_cap = {SIZE_CAP}\n\n[diskpipe]\nmax_virtual_size = {POLICY_CAP_TEXT}\n")
     try:
         started = Glance.start(state, port=GLANCE_PORT, plugins="diskpipe", rbd_conf=ceph.conf, extra_conf=extra)
     except GlanceError as error:
@@ -89,6 +92,8 @@ def glance(tmp_path_factory: pytest.TempPathFactory, ceph: Ceph) -> Iterator[Gla
             pytest.skip(f"Glance cannot be installed on this machine, its tests are skipped: {error}")
         raise
     yield started
+    # Keep Glance's logs beside the test's temporary files (stop removes the state).
+    shutil.copytree(state / "log", state.parent / "glance-log", dirs_exist_ok=True)
     started.stop()
 
 
@@ -306,3 +311,15 @@ def test_a_failure_while_storing_reverts_what_the_plugin_set(glance: Glance, tmp
     assert image["os_glance_failed_import"] == "local"
     assert not [key for key in image if key.startswith("diskpipe_")]
     assert staged_files(glance) == []
+
+
+def test_the_diskpipe_section_of_glances_config_sets_the_policy(glance: Glance, tmp_path: Path) -> None:
+    """`[diskpipe] max_virtual_size` in glance-image-import.conf means what
+    `[policy] max_virtual_size` means in diskpipe's TOML."""
+    large = tmp_path / "large.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(large), str(POLICY_CAP + (1 << 20))], check=True)
+    outcome = glance.import_all([Upload("p-large", "qcow2", large)])["p-large"]
+    assert outcome.status == "queued"
+    assert f"virtual_size: virtual size {POLICY_CAP + (1 << 20)} exceeds the limit of {POLICY_CAP} bytes" in (
+        outcome.message
+    )
