@@ -5,7 +5,7 @@
 Each benchmark runs in its own interpreter (a crash or a leaked cluster of
 one cannot skew the next) and writes benchmarks/results/NAME.{md,json}
 (space also .csv and .png). Then this script writes
-benchmarks/results/summary.{md,png} — the headline numbers of all four,
+benchmarks/results/summary.{md,png} — the headline numbers of all five,
 with the machine, versions and date — and puts the summary table and the
 charts into README.md between the `benchmarks:start`/`benchmarks:end`
 markers. Nothing else runs meanwhile: the timings are only as good as the
@@ -24,7 +24,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, ROOT, machine, machine_markdown, timing_cell
 
-BENCHMARKS = ("inspect_speed", "convert_speed", "pipeline_overhead", "space")
+BENCHMARKS = ("inspect_speed", "convert_speed", "pipeline_overhead", "space", "glance_import")
 README = ROOT / "README.md"
 START_MARK = "<!-- benchmarks:start -->"
 END_MARK = "<!-- benchmarks:end -->"
@@ -140,6 +140,18 @@ def space_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def glance_lines(data: dict[str, Any]) -> list[str]:
+    from benchmarks.glance_import import table
+
+    return [
+        f"**Inside a real Glance** (the samples and the guest disk imported with the `openstack` client; "
+        f"[details]({HERE}glance_import.md)):",
+        "",
+        *table(data),
+        "",
+    ]
+
+
 def summary_chart(inspect: dict[str, Any] | None, convert: dict[str, Any] | None, out: Path) -> bool:
     """Two panels: images/s per inspector (log scale) and conversion time
     per source and candidate. Returns False when there is nothing to plot."""
@@ -185,7 +197,7 @@ def summary_chart(inspect: dict[str, Any] | None, convert: dict[str, Any] | None
 
 def summary(runs: dict[str, dict[str, Any]]) -> str:
     inspect, convert = load("inspect_speed"), load("convert_speed")
-    pipeline, space = load("pipeline_overhead"), load("space")
+    pipeline, space, glance = load("pipeline_overhead"), load("space"), load("glance_import")
     lines = ["# Benchmark summary", "", machine_markdown(machine()), ""]
     if runs:
         lines += [
@@ -197,6 +209,7 @@ def summary(runs: dict[str, dict[str, Any]]) -> str:
     lines += convert_lines(convert) if convert else []
     lines += pipeline_lines(pipeline) if pipeline else []
     lines += space_lines(space) if space else []
+    lines += glance_lines(glance) if glance else []
     if summary_chart(inspect, convert, RESULTS / "summary.png"):
         lines += [f"![inspection and conversion]({HERE}summary.png)", ""]
     if (RESULTS / "space.png").exists() and space:

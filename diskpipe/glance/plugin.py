@@ -100,7 +100,7 @@ class _DiskpipeImport(task.Task):  # type: ignore[misc]  # taskflow is untyped
         except ImageRefused as refusal:
             LOG.warning("diskpipe: image %s (claimed %s) %s", self.image_id, claimed, refusal)
             raise glance_exception.UploadException(str(refusal)) from refusal
-        except (ImportFailed, ConfigError) as error:
+        except (ImportFailed, ConfigError, cfg.Error) as error:  # cfg.Error: a bad [diskpipe] value
             LOG.error("diskpipe: import of image %s failed: %s", self.image_id, error)
             message = f"diskpipe could not import the image (no verdict on the image itself): {error}"
             raise glance_exception.UploadException(message) from error
