@@ -241,6 +241,17 @@ def test_web_download_goes_through_the_plugin_and_a_hostile_url_is_refused(
     assert "backing_file: qcow2 image names a backing file: '/etc/passwd'" in refused.message
     assert not [key for key in refused.image if key.startswith("diskpipe_")]
     assert staged_files(glance) == []
+    # The revert left the image importable: its lock is dropped (Glance 33's
+    # image_conversion leaves it held after a web-download refusal, setting
+    # `queued` twice, and the image then answers "409 Image has active task").
+    assert "os_glance_import_task" not in refused.image
+    with serving(samples_dir) as base:
+        again = glance.glance(
+            "image-import", "--import-method", "web-download", "--uri", f"{base}/{honest.file}", refused.image_id
+        )
+        assert again.returncode == 0, again.stderr
+        reimported = glance.settle(refused.name, again.stdout + again.stderr)
+    assert_stored_as_raw(honest, reimported, samples_dir, tmp_path)
 
 
 def test_the_rbd_store_gets_the_converted_image_as_a_protected_snapshot(
