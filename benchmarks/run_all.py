@@ -5,7 +5,7 @@
 Each benchmark runs in its own interpreter (a crash or a leaked cluster of
 one cannot skew the next) and writes benchmarks/results/NAME.{md,json}
 (space also .csv and .png). Then this script writes
-benchmarks/results/summary.{md,png} — the headline numbers of all four,
+benchmarks/results/summary.{md,png} — the headline numbers of all five,
 with the machine, versions and date — and puts the summary table and the
 charts into README.md between the `benchmarks:start`/`benchmarks:end`
 markers. Nothing else runs meanwhile: the timings are only as good as the
@@ -24,7 +24,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, ROOT, machine, machine_markdown, timing_cell
 
-BENCHMARKS = ("inspect_speed", "convert_speed", "pipeline_overhead", "space", "scale_out")
+BENCHMARKS = ("inspect_speed", "convert_speed", "pipeline_overhead", "space", "scale_out", "glance_import")
 README = ROOT / "README.md"
 START_MARK = "<!-- benchmarks:start -->"
 END_MARK = "<!-- benchmarks:end -->"
@@ -181,6 +181,18 @@ def space_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def glance_lines(data: dict[str, Any]) -> list[str]:
+    from benchmarks.glance_import import table
+
+    return [
+        f"**Inside a real Glance** (the samples and the guest disk imported with the `openstack` client; "
+        f"[details]({HERE}glance_import.md)):",
+        "",
+        *table(data),
+        "",
+    ]
+
+
 def summary_chart(inspect: dict[str, Any] | None, convert: dict[str, Any] | None, out: Path) -> bool:
     """Two panels: images/s per inspector and conversion time per source and
     candidate, both on linear axes (a log axis made a 20x gap look like 2x);
@@ -238,6 +250,7 @@ def _conversion_panel(axis: Any, convert: dict[str, Any]) -> None:
 def summary(runs: dict[str, dict[str, Any]]) -> str:
     inspect, convert = load("inspect_speed"), load("convert_speed")
     pipeline, space, scale_out = load("pipeline_overhead"), load("space"), load("scale_out")
+    glance = load("glance_import")
     lines = ["# Benchmark summary", "", machine_markdown(machine()), ""]
     if runs:
         lines += [
@@ -250,6 +263,7 @@ def summary(runs: dict[str, dict[str, Any]]) -> str:
     lines += pipeline_lines(pipeline) if pipeline else []
     lines += scale_out_lines(scale_out) if scale_out else []
     lines += space_lines(space) if space else []
+    lines += glance_lines(glance) if glance else []
     if summary_chart(inspect, convert, RESULTS / "summary.png"):
         lines += [f"![inspection and conversion]({HERE}summary.png)", ""]
     if (RESULTS / "space.png").exists() and space:
