@@ -130,7 +130,7 @@ def test_up_imports_into_rbd_and_down_leaves_nothing(state: Path) -> None:
         timeout=RECOVERY_TIMEOUT,
     )
     assert admin.returncode == 0, admin.stdout + admin.stderr
-    assert re.search(r"location +rbd://[^ ]+/rbd/second/snap", admin.stdout), admin.stdout
+    assert re.search(r"locations? +rbd://[^ ]+/rbd/second/snap", admin.stdout), admin.stdout
     assert image_id in admin.stdout
 
     status_run = cluster("status", state)

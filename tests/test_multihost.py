@@ -313,6 +313,16 @@ def small_source(cluster: Cluster, tmp_path: Path) -> str:
     return stage(cluster.imports, path)
 
 
+def _converting(pid: int) -> bool:
+    """A `qemu-img convert` (not the short `qemu-img info` of a cross-check,
+    which may be gone by the time the test signals it)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return b"\0convert\0" in handle.read()
+    except OSError:
+        return False
+
+
 def _writer_on(cluster: Cluster, image_id: str) -> tuple[str, int, str] | None:
     """(host, qemu-img pid, temporary image) once a host's qemu-img is
     writing the job's temporary image (it holds the image's lock)."""
@@ -320,7 +330,7 @@ def _writer_on(cluster: Cluster, image_id: str) -> tuple[str, int, str] | None:
     host = cluster.host_of(record or {})
     if record is None or record["status"] != "saving" or host is None:
         return None
-    pids = cluster.hosts.processes(host, "qemu-img")
+    pids = [pid for pid in cluster.hosts.processes(host, "qemu-img") if _converting(pid)]
     try:
         names = [name for name in cluster.temporaries(image_id) if name.endswith(record["owner"])]
         if not pids or not names:

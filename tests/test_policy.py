@@ -284,7 +284,7 @@ def test_policy_from_file_and_environment(
     bochs = next(entry for entry in manifest if entry.name == "bochs-growing")
     assert check(inspect(samples_dir / bochs.file), loaded).safe
     config.write_text("[policy]\nno_such_key = 1\n")
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown key"):
         load_policy(str(config))
 
 
