@@ -160,13 +160,15 @@ def render(data: dict[str, Any]) -> list[str]:
         f"16 MiB per call, nothing read or copied; measured on {rate['bytes'] / GiB:.0f} GiB in this run), "
         f"so 1 TiB costs about {data['projected_1t_hash_seconds'] / 60:.0f} minutes of two cores"
         + (
-            f"; the measured 1 TiB conversion with hashes took {timings['1 TiB, diskpipe Glance hashes']['median'] / 60:.0f} minutes."
+            f"; the measured 1 TiB conversion with hashes took {timings['1 TiB, diskpipe Glance hashes']['median'] / 60:.0f} minutes"
+            + (f" ({data['hashed_run_from']})" if data.get("hashed_run_from") else "")
+            + "."
             if "1 TiB, diskpipe Glance hashes" in timings
             else "."
         ),
-        "md5 cannot be split across cores, so this is as fast as the machine goes. For such images, import with "
-        "`--no-hashes` and publish the sparse digest (`diskpipe_sparse_hash_*`, which costs a read of the "
-        "allocated data only).",
+        "Neither digest can be split across cores, so the slower of the two on its own core bounds it: this is as "
+        "fast as the machine goes. For such images, import with `--no-hashes` and publish the sparse digest "
+        "(`--sparse-hash`: `diskpipe_sparse_hash_*`, which costs a read of the allocated data only).",
         "",
     ]
     return lines

@@ -171,9 +171,18 @@ class RbdTarget:
         return self._image
 
     def extents(self) -> Iterator[Extent]:
+        """The objects that hold data, whole. whole_object=True answers from
+        the object map (fast-diff) without touching an object; a per-object
+        listing costs a round per object of the virtual size (16 s for an
+        empty TiB). Reading whole objects reads their zeros too, which hash
+        as zeros: the digests are the same."""
         found: list[Extent] = []
         self._open().diff_iterate(
-            0, self.size, None, lambda offset, length, exists: found.append((offset, length, bool(exists)))
+            0,
+            self.size,
+            None,
+            lambda offset, length, exists: found.append((offset, length, bool(exists))),
+            whole_object=True,
         )
         yield from sorted(found)
 
