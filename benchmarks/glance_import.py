@@ -226,11 +226,16 @@ class Glance:
         """Why Glance failed the current import, from its log: a failure
         that is no UploadException reaches the task only as "Task failed due
         to Internal Error" (image_conversion's refusals among them)."""
-        for line in self.log_since_mark().splitlines():
+        text = self.log_since_mark()
+        # A command's error output (image_conversion's qemu-img) says the most.
+        stderr = re.search(r"Stderr: (['\"])(.+?)\1", text)
+        if stderr:
+            return stderr.group(2).removesuffix("\\n")
+        for line in text.splitlines():
             found = re.search(r" (?:ERROR|WARNING) glance\.async_\.flows\.plugins\.\w+ \[[^\]]*\] (.*)", line)
             if found:
                 return found.group(1)
-        for line in self.log_since_mark().splitlines():
+        for line in text.splitlines():
             found = re.search(r"(RuntimeError|\w+Error|\w+Exception): (.*)$", line)
             if found:
                 return f"{found.group(1)}: {found.group(2)}"
