@@ -7,8 +7,8 @@ from __future__ import annotations
 from diskpipe import __version__
 from diskpipe.config import ConfigError, parse_size
 from diskpipe.converter.convert import ConversionFailed, ConvertRequest, convert_image, open_source
-from diskpipe.converter.stores.base import StoreError
-from diskpipe.converter.stores.file import FileStore
+from diskpipe.converter.stores.base import Location, StoreError
+from diskpipe.converter.stores.file import FileStore, FileTarget
 from diskpipe.formats import FormatError, ImageInfo
 from diskpipe.formats.api import inspect_fd
 from diskpipe.formats.policy import Issue, Policy, Verdict, check, load_policy
@@ -19,9 +19,11 @@ __all__ = [
     "ConversionFailed",
     "ConvertRequest",
     "FileStore",
+    "FileTarget",
     "FormatError",
     "ImageInfo",
     "Issue",
+    "Location",
     "Policy",
     "StoreError",
     "UnsafeImage",

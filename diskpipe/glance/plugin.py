@@ -64,13 +64,14 @@ class _DiskpipeImport(task.Task):  # type: ignore[misc]  # taskflow is untyped
         if not file_path.startswith(FILE_SCHEME):
             raise glance_exception.UploadException(f"diskpipe imports staged files only, not {file_path!r}")
         self.staged = file_path[len(FILE_SCHEME) :]
+        # One read and one save of the image, as image_conversion does: the
+        # changes are saved when the block ends, and not at all if it raises.
         with self.action_wrapper as action:
             claimed = str(action.image_disk_format or "")
             container_format = str(action.image_container_format or "bare")
-        accepted = self._process(claimed, container_format)
-        if accepted.converted:
-            self.output = accepted.path
-        with self.action_wrapper as action:
+            accepted = self._process(claimed, container_format)
+            if accepted.converted:
+                self.output = accepted.path
             action.set_image_attribute(
                 disk_format=accepted.disk_format,
                 container_format=accepted.container_format,

@@ -19,9 +19,11 @@ from diskpipe.glance.parts import (
     ConversionFailed,
     ConvertRequest,
     FileStore,
+    FileTarget,
     FormatError,
     ImageInfo,
     Issue,
+    Location,
     Policy,
     StoreError,
     Verdict,
@@ -53,6 +55,24 @@ PROPERTY_NAMES = (
 # never dropped: every failed check stays named.
 MESSAGE_LIMIT = 4000
 PROPERTY_LIMIT = 255  # Glance's API limit for the values it validates
+
+
+class StagingStore(FileStore):
+    """diskpipe's file store without its fsyncs, for the converted file in
+    Glance's staging directory: a temporary that Glance copies into its own
+    store at once and then removes. After a crash the import is lost either
+    way, so making the file durable first would only cost time (the data's
+    write-back, a large part of a conversion's time on a slow disk)."""
+
+    def seal(self, target: FileTarget) -> None:
+        """Nothing to make durable (see the class)."""
+
+    def finalize(self, target: FileTarget) -> Location:
+        target.close()
+        # The import holds Glance's lock on the image and leftovers are
+        # removed first: the final name is free, a rename suffices.
+        os.rename(target.path, target.final_path)
+        return self.location(target.image_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +208,7 @@ def _convert(
             timeout=settings.convert_timeout,
             source_fd=fd,
         )
-        result = convert_image(request, FileStore(Path(staged).parent), inspected=info)
+        result = convert_image(request, StagingStore(Path(staged).parent), inspected=info)
     except ConversionFailed as error:
         raise ImportFailed(f"the conversion failed: {error}") from error
     except (StoreError, OSError, ValueError) as error:
