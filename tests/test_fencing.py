@@ -140,3 +140,26 @@ def test_a_delivery_that_lost_its_lease_stops_and_writes_nothing_more(
     assert client.get(Lease.PREFIX + job.image_id) == b"second-owner"
     assert not store.exists(job.image_id)
     assert not [entry.name for entry in (tmp_path / "store").iterdir()]
+
+
+def test_a_lost_lease_is_reported_once_and_the_beat_goes_on(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A lease that expires while its owner still beats is said once (not at
+    every beat, as it used to be: "lost to None" every few seconds), and the
+    beat keeps calling `on_tick` (the job's cancellation check)."""
+    client = redis_client(redis_url)
+    lease = Lease(client, f"lease-{uuid.uuid4().hex}", "owner", ttl=30.0)
+    assert lease.try_acquire()
+    ticks: list[float] = []
+    client.delete(lease.key)  # the lease is gone: expired, nobody holds it
+    with caplog.at_level("WARNING", logger="diskpipe.jobs.lease"):
+        lease.start_heartbeat(on_tick=lambda: ticks.append(time.monotonic()), interval=0.05)
+        wait_until(lambda: None if len(ticks) >= 10 else f"{len(ticks)} ticks", "ten heartbeats", timeout=60)
+        client.set(lease.key, "someone-else")  # taken over later: still the one warning
+        count = len(ticks)
+        wait_until(lambda: None if len(ticks) >= count + 5 else "waiting", "five more heartbeats", timeout=60)
+        lease.release()
+    warnings = [record.getMessage() for record in caplog.records if record.name == "diskpipe.jobs.lease"]
+    assert warnings == [f"lease {lease.key} expired"]
+    assert lease.lost.is_set()
+    assert lease.holder() == "someone-else"  # release never deletes another owner's lease
+    client.delete(lease.key)

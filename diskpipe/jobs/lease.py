@@ -76,8 +76,13 @@ class Lease:
         def beat() -> None:
             while not self._stop.wait(every):
                 try:
-                    if not self._renew(keys=[self.key], args=[self.owner, int(self.ttl * 1000)]):
-                        log.warning("lease %s lost to %s", self.key, self.holder())
+                    # Once lost a lease stays lost (the job is fenced and ends at its next
+                    # step): one warning, not one per beat; the beat goes on for `on_tick`.
+                    if not self.lost.is_set() and not self._renew(
+                        keys=[self.key], args=[self.owner, int(self.ttl * 1000)]
+                    ):
+                        holder = self.holder()
+                        log.warning("lease %s %s", self.key, f"taken over by {holder}" if holder else "expired")
                         self.lost.set()
                     if on_tick is not None:
                         on_tick()
