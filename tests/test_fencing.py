@@ -57,6 +57,17 @@ def test_a_stale_attempt_cannot_move_the_record(records: Any, wanted: str) -> No
     assert records.transition(image_id, SAVING, wanted, fence=2)["status"] == wanted
 
 
+def test_a_stale_attempt_cannot_update_the_record(records: Any) -> None:
+    """Field updates (the sealed checksums a later delivery adopts) are fenced
+    like transitions: the first attempt's write is refused, the record kept."""
+    image_id = _taken_over(records)
+    before = records.get(image_id)
+    with pytest.raises(StaleAttempt, match="attempt 1 is stale"):
+        records.update(image_id, fence=1, sealed_checksums={"size": 1})
+    assert records.get(image_id) == before
+    assert records.update(image_id, fence=2, sealed_checksums={"size": 1})["sealed_checksums"] == {"size": 1}
+
+
 def test_the_redis_swap_itself_checks_the_attempt(redis_url: str) -> None:
     """The takeover lands after the stale writer read the record (status
     still `saving`, as it expects) and before its compare-and-set."""

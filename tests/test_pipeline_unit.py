@@ -10,6 +10,7 @@ that is unavailable, a bug at a step).
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -216,3 +217,56 @@ def test_protect_reaches_the_store_so_a_delete_around_the_records_is_refused(tmp
     assert not env.store.is_protected("kept")
     assert delete_image("kept", env)["status"] == "deleted"
     assert not env.store.exists("kept")
+
+
+class TakenOverAt(CountingStore):
+    """The real file store; at one step (`seal` or `finalize`) another
+    delivery takes the job over first (the record moves to a newer attempt),
+    as when this worker's lease expired while it worked."""
+
+    def __init__(self, store: FileStore, records: SqliteRecords, image_id: str, step: str) -> None:
+        super().__init__(store)
+        self._records, self._image_id, self._step = records, image_id, step
+
+    def _take_over(self) -> None:
+        current = self._records.get(self._image_id)
+        assert current is not None
+        self._records.transition(self._image_id, "saving", "saving", attempts=current["attempts"] + 1, owner="next")
+
+    def seal(self, target: Any) -> None:
+        super().seal(target)
+        if self._step == "seal":
+            self._take_over()
+
+    def finalize(self, target: Any) -> Any:
+        location = super().finalize(target)
+        if self._step == "finalize":
+            self._take_over()
+            # ... and the image under the name is no longer the one this
+            # delivery hashed (the successor's, being written): verify fails.
+            final = getattr(target, "_target", target).final_path
+            with open(final, "r+b") as handle:
+                handle.truncate(MiB)
+        return location
+
+
+def test_a_delivery_taken_over_before_it_records_its_checksums_leaves_nothing(tmp_path: Path) -> None:
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    env = _environment(tmp_path)
+    store = TakenOverAt(env.store, env.records, "late", "seal")  # type: ignore[arg-type]
+    record = run_import(ImportJob("late", str(source)), dataclasses.replace(env, store=store), "a1")
+    assert record["status"] == "saving" and record["attempts"] == 2 and record["owner"] == "next", record
+    assert record.get("sealed_checksums") is None, "a stale delivery left checksums for the next one to adopt"
+    assert "finalize" not in store.calls and "abort" in store.calls, store.calls
+    assert not FileStore(tmp_path / "store").exists("late")
+    assert list((tmp_path / "store").iterdir()) == [], "the stale delivery's temporary is left"
+
+
+def test_a_stale_delivery_whose_verify_fails_does_not_delete_its_successors_image(tmp_path: Path) -> None:
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    env = _environment(tmp_path)
+    store = TakenOverAt(env.store, env.records, "kept", "finalize")  # type: ignore[arg-type]
+    record = run_import(ImportJob("kept", str(source)), dataclasses.replace(env, store=store), "a1")
+    assert record["status"] == "saving" and record["attempts"] == 2, record
+    assert "delete" not in store.calls, store.calls
+    assert FileStore(tmp_path / "store").exists("kept")

@@ -316,13 +316,20 @@ def _steps(
         progress=progress,
         cancel=cancel,
         inspected=info,
-        on_sealed=lambda sums: records.update(job.image_id, sealed_checksums=sealed_fields(sums)),
+        # Fenced: a delivery taken over while it converted must not leave its
+        # checksums for the next one to adopt (StaleAttempt: the converter
+        # removes its own temporary and the stored image stays the successor's).
+        on_sealed=lambda sums: records.update(job.image_id, fence=step.attempt, sealed_checksums=sealed_fields(sums)),
     )
     step.name, step.stored = "verify", True
     progress("verify", 0.0)
     try:
         verify(store, result)
     except ConversionFailed:
+        # Only the attempt that still owns the record removes what it stored:
+        # a stale one would delete its successor's image (an empty update is
+        # the fenced check; StaleAttempt ends this delivery).
+        records.update(job.image_id, fence=step.attempt)
         delete_quietly(store, job.image_id)
         raise
     if delivery.lease is not None and delivery.lease.lost.is_set():

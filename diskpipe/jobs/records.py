@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from diskpipe.jobs.states import NEW, QUEUED, IllegalTransition, StaleAttempt, check_transition
+from diskpipe.jobs.states import NEW, QUEUED, SAVING, IllegalTransition, StaleAttempt, check_transition
 
 
 def now() -> str:
@@ -66,8 +66,9 @@ class RecordStore(Protocol):
         `attempts` is still that number; else StaleAttempt."""
         ...
 
-    def update(self, image_id: str, **changes: Any) -> dict[str, Any]:
-        """Change fields other than the status."""
+    def update(self, image_id: str, *, fence: int | None = None, **changes: Any) -> dict[str, Any]:
+        """Change fields other than the status; with `fence`, only while the
+        record's `attempts` is still that number, else StaleAttempt."""
         ...
 
     def set_progress(self, image_id: str, progress: dict[str, Any]) -> None: ...
@@ -145,8 +146,7 @@ class SqliteRecords:
                 current = json.loads(row[0]) if row else None
                 if current is None or current["status"] != expected:
                     raise IllegalTransition(image_id, current["status"] if current else NEW, wanted)
-                if fence is not None and current.get("attempts") != fence:
-                    raise StaleAttempt(image_id, wanted, fence, current.get("attempts"))
+                _check_fence(image_id, current, fence, wanted)
                 merged = _merge(current, changes, wanted)
                 db.execute(
                     "UPDATE images SET status = ?, record = ? WHERE id = ?", (wanted, json.dumps(merged), image_id)
@@ -157,7 +157,7 @@ class SqliteRecords:
                 raise
         return merged
 
-    def update(self, image_id: str, **changes: Any) -> dict[str, Any]:
+    def update(self, image_id: str, *, fence: int | None = None, **changes: Any) -> dict[str, Any]:
         if "status" in changes:
             raise ValueError("status changes go through transition()")
         with self._connection() as db:
@@ -166,7 +166,9 @@ class SqliteRecords:
                 row = db.execute("SELECT record FROM images WHERE id = ?", (image_id,)).fetchone()
                 if row is None:
                     raise KeyError(image_id)
-                merged = _merge(json.loads(row[0]), changes)
+                current = json.loads(row[0])
+                _check_fence(image_id, current, fence)
+                merged = _merge(current, changes)
                 db.execute("UPDATE images SET record = ? WHERE id = ?", (json.dumps(merged), image_id))
                 db.execute("COMMIT")
             except BaseException:
@@ -267,7 +269,7 @@ class RedisRecords:
             raise IllegalTransition(image_id, found, wanted)
         return merged
 
-    def update(self, image_id: str, **changes: Any) -> dict[str, Any]:
+    def update(self, image_id: str, *, fence: int | None = None, **changes: Any) -> dict[str, Any]:
         if "status" in changes:
             raise ValueError("status changes go through transition()")
         from redis.exceptions import WatchError
@@ -281,7 +283,9 @@ class RedisRecords:
                     raw = pipe.get(key)
                     if raw is None:
                         raise KeyError(image_id)
-                    merged = _merge(json.loads(raw), changes)
+                    current = json.loads(raw)
+                    _check_fence(image_id, current, fence)  # WATCH: a takeover meanwhile fails the EXEC
+                    merged = _merge(current, changes)
                     pipe.multi()
                     pipe.set(key, json.dumps(merged))
                     pipe.execute()
@@ -304,3 +308,10 @@ class RedisRecords:
 
     def cancel_requested(self, image_id: str) -> bool:
         return bool(self.redis.exists(self.CANCEL_PREFIX + image_id))
+
+
+def _check_fence(image_id: str, current: dict[str, Any], fence: int | None, wanted: str = SAVING) -> None:
+    """A write fenced by an attempt number goes through only while the record
+    is still at that attempt (a delivery taken over writes nothing more)."""
+    if fence is not None and current.get("attempts") != fence:
+        raise StaleAttempt(image_id, wanted, fence, current.get("attempts"))
