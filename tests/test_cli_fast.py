@@ -183,3 +183,34 @@ def test_the_info_command_loads_none_of_the_costly_modules(names: dict[str, str]
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1].split() == []
+
+
+# The parser's path, as a process: the short path switched off.
+WITHOUT_SHORT_PATH = (
+    "import sys\n"
+    "from diskpipe.cli import fast, main\n"
+    "fast.info_args = lambda words: None\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.parametrize(
+    "environment",
+    [
+        {"DISKPIPE_LOG_LEVEL": "bogus"},
+        {"DISKPIPE_LOG_LEVEL": "info", "DISKPIPE_POLICY_MAX_VIRTUAL_SIZ": "1T"},
+        {"DISKPIPE_POLICY_MAX_VIRTUAL_SIZ": "1T"},
+        {"DISKPIPE_POLICY_MAX_VIRTUAL_SIZE": "1K"},
+        {"DISKPIPE_CONFIG": "/nonexistent/diskpipe.toml"},
+    ],
+    ids=lambda environment: " ".join(f"{key}={value}" for key, value in environment.items()),
+)
+def test_the_environment_is_read_alike_on_both_paths(environment: dict[str, str], names: dict[str, str]) -> None:
+    """Logging and policy variables, a missing configuration file: the
+    process-wide set-up after the parsing is the same for both paths."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DISKPIPE_")} | environment
+    words = ["info", names["qcow2"]]
+    short = subprocess.run([sys.executable, "-m", "diskpipe", *words], env=env, capture_output=True, check=False)
+    full = subprocess.run([sys.executable, "-c", WITHOUT_SHORT_PATH, *words], env=env, capture_output=True, check=False)
+    assert (short.returncode, short.stdout, short.stderr) == (full.returncode, full.stdout, full.stderr)
+    assert short.stdout or short.stderr  # something was said
