@@ -576,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--runs", type=int, help="interleaved runs of each CLI command (default 30, --quick 10)")
     args = parser.parse_args(argv)
+    if args.corpus is not None:  # the CLI runs from NEUTRAL_CWD: a relative path would miss
+        args.corpus = args.corpus.resolve()
     cli_repeat = args.runs or (10 if args.quick else 30)
     if cli_repeat < 1:
         parser.error("--runs must be at least 1")
