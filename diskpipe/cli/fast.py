@@ -1,10 +1,11 @@
 """`diskpipe info FILE...` read without argparse, for the lines people type.
 
-Why it exists: importing argparse (with re, enum, gettext and locale
-behind it) and building the parser cost a `diskpipe info` start about
-12 ms of CPU on the reference machine, where a bare `python -c pass`
-takes about 15 ms; the call was 3.1x a bare start, the goal is 2x
-(benchmarks/inspect_speed.py, issue 13).
+Why it exists: the full parser costs a `diskpipe info` start about 18 ms
+of CPU (importing argparse with re, enum, gettext, locale and typing behind
+it, building the parser, parsing), measured on the 2-core test machine
+where a bare `python -c pass` takes about 15 ms: the call is 3.0x a bare
+start with the parser and 1.8-1.9x without it; the goal is 2x
+(`python -m benchmarks.inspect_speed --startup`, issue 13).
 
 It knows exactly one shape: `info` as the first word, then FILE operands in
 one run and info's own options spelled out in full (--output human|json,
