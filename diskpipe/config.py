@@ -233,12 +233,13 @@ def load_section(
 ) -> Section:
     """Build section `cls` from `file_values` (the file's `[name]` table),
     the environment and the overrides; `load` is the usual way in."""
-    from collections.abc import Mapping
-
     if file_values is None:
         file_values = load_file().get(name, {})
-    if not isinstance(file_values, Mapping):
-        raise ConfigError(f"{source}: [{name}] must be a table: a line [{name}], then key = value lines")
+    if not isinstance(file_values, dict):  # TOML's tables are; collections.abc loads for other mappings only
+        from collections.abc import Mapping
+
+        if not isinstance(file_values, Mapping):
+            raise ConfigError(f"{source}: [{name}] must be a table: a line [{name}], then key = value lines")
     hints: dict[str, Any] | None = None  # the fields' types, looked up when a value needs one
     fields = _field_names(cls)
     unknown = set(file_values) - fields

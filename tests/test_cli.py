@@ -169,8 +169,8 @@ def test_the_inspection_commands_do_not_load_the_job_commands_or_logging(
         ["info", str(path)],
         "m for m in sys.modules if m.startswith(('diskpipe.cli.', 'diskpipe.jobs', 'logging', 'json'))",
     )
-    assert loaded == "['diskpipe.cli.exits', 'diskpipe.cli.inspection', 'diskpipe.cli.options', " + (
-        "'diskpipe.cli.output', 'diskpipe.cli.parser']"
+    assert loaded == "['diskpipe.cli.exits', 'diskpipe.cli.fast', 'diskpipe.cli.inspection', " + (
+        "'diskpipe.cli.logchoice', 'diskpipe.cli.options', 'diskpipe.cli.output']"
     )
 
 
@@ -208,7 +208,7 @@ def test_logging_options_are_taken_before_and_after_the_command(
 
 def test_verbosity_adds_up_across_the_command_name() -> None:
     from diskpipe.cli import build_parser
-    from diskpipe.cli.parser import logging_choice
+    from diskpipe.cli.logchoice import logging_choice
 
     def choice(*words: str) -> tuple[str, str, bool]:
         return logging_choice(build_parser().parse_args(list(words)))

@@ -19,7 +19,8 @@ from diskpipe.formats.tuples import NamedTuple as LightNamedTuple
 ROOT = Path(__file__).resolve().parent.parent
 # Each costs milliseconds at start-up; none is needed to inspect and judge a file.
 NOT_ON_THE_INFO_PATH = (
-    "typing", "re", "enum", "functools", "dataclasses", "inspect", "argparse", "logging", "json",
+    "typing", "re", "enum", "functools", "dataclasses", "inspect", "argparse", "gettext", "locale", "logging",
+    "json", "importlib", "warnings", "collections.abc",
     "numpy", "magic", "pycdlib", "zstandard", "google_crc32c", "tqdm", "celery", "redis", "rados", "rbd",
 )  # fmt: skip
 

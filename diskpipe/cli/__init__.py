@@ -12,15 +12,20 @@ Celery, Redis, Ceph, numpy behind them) are not even imported for them.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Sequence
 
-from diskpipe.cli import inspection
+from diskpipe.cli import fast, inspection
 from diskpipe.cli.exits import EXIT_OK, EXIT_USAGE
+from diskpipe.cli.logchoice import logging_choice
 from diskpipe.cli.output import printable
-from diskpipe.cli.parser import Parser, VersionAction, add_logging_options, command_in, logging_choice
+
+# argparse and the parser's module load only when the full parser runs:
+# `diskpipe info FILE` usually never needs them (cli/fast.py).
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see formats/tuples.py)
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
 
 __all__ = ["build_parser", "main"]
 
@@ -39,6 +44,8 @@ DISKPIPE_<SECTION>_<KEY> overrides one key; an option overrides both.
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; given the command about to run and it is
     info or validate, only those (the job commands' modules stay unloaded)."""
+    from diskpipe.cli.parser import Parser, VersionAction, add_logging_options
+
     after_command = Parser(add_help=False)
     add_logging_options(after_command, after_command=True)
     parser = Parser(prog="diskpipe", description=DESCRIPTION, epilog=EPILOG)
@@ -79,7 +86,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(command_in(words)).parse_args(words)
+    args = fast.info_args(words)
+    if args is None:
+        from diskpipe.cli.parser import command_in
+
+        args = build_parser(command_in(words)).parse_args(words)
     try:
         prepare_process(args)
         result: int = _run(args)

@@ -3,7 +3,9 @@ under each sub-command's `--help`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see formats/tuples.py)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 EXIT_OK = 0
 EXIT_REFUSED = 1  # refused, unsafe or malformed image

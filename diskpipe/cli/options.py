@@ -4,7 +4,9 @@ option wins over both, the variable over the file)."""
 
 from __future__ import annotations
 
-import argparse
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; argparse is for the annotations only
+if TYPE_CHECKING:
+    import argparse
 
 CONFIG_FILE = "DISKPIPE_CONFIG, else /etc/diskpipe/diskpipe.toml"
 BROKER_HELP = (
@@ -17,10 +19,11 @@ POLICY_HELP = (
 )
 
 
+OUTPUTS = ("human", "json")
+
+
 def add_output(parser: argparse.ArgumentParser, json_text: str) -> None:
-    parser.add_argument(
-        "--output", choices=("human", "json"), default="human", help=f"human (default) or json: {json_text}"
-    )
+    parser.add_argument("--output", choices=OUTPUTS, default="human", help=f"human (default) or json: {json_text}")
 
 
 def add_policy(parser: argparse.ArgumentParser) -> None:

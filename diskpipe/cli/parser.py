@@ -10,17 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from diskpipe.cli.exits import EXIT_USAGE
+from diskpipe.cli.logchoice import FORMAT_VARIABLE, LEVEL_VARIABLE, LOG_FORMATS, LOG_LEVELS
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-LOG_FORMATS = ("text", "json")
-LEVEL_VARIABLE = "DISKPIPE_LOG_LEVEL"
-FORMAT_VARIABLE = "DISKPIPE_LOG_FORMAT"
 # Global options that take a value: the word after them is not the command.
 OPTIONS_WITH_VALUE = frozenset({"--log-level", "--log-format"})
-
-
-class LoggingSetupError(ValueError):
-    """A logging environment variable names no level or format (exit 2)."""
 
 
 def _terminal_width() -> int:
@@ -94,7 +87,7 @@ def add_logging_options(parser: argparse.ArgumentParser, *, after_command: bool)
     (`after_command`) again on each sub-command, so `diskpipe -v list` and
     `diskpipe list -v` mean the same. After the command a value is set only
     when given (SUPPRESS), so it never resets one given before; -v counts
-    into its own name and the two counts are added (logging_choice)."""
+    into its own name and the two counts are added (logchoice.logging_choice)."""
     unset: dict[str, Any] = {"default": argparse.SUPPRESS} if after_command else {}
     group = parser.add_argument_group("logging")
     group.add_argument("--debug", action="store_true", help="show tracebacks, and log at DEBUG", **unset)
@@ -120,29 +113,6 @@ def add_logging_options(parser: argparse.ArgumentParser, *, after_command: bool)
         help=f"json: one JSON object per log line, for log shippers (env {FORMAT_VARIABLE}; default text)",
         **unset,
     )
-
-
-def logging_choice(args: argparse.Namespace) -> tuple[str, str, bool]:
-    """(level, format, asked) for this run; `asked` is False when no option
-    and no environment variable said anything about logging."""
-    level = getattr(args, "log_level", None) or _from_environment(LEVEL_VARIABLE, LOG_LEVELS)
-    log_format = getattr(args, "log_format", None) or _from_environment(FORMAT_VARIABLE, LOG_FORMATS)
-    verbose = getattr(args, "verbose", 0) + getattr(args, "verbose_after", 0)
-    debug = bool(getattr(args, "debug", False))
-    asked = bool(level or log_format or verbose or debug)
-    if level is None:
-        level = "DEBUG" if debug or verbose >= 2 else "INFO" if verbose == 1 else "WARNING"
-    return level, log_format or "text", asked
-
-
-def _from_environment(variable: str, allowed: tuple[str, ...]) -> str | None:
-    value = os.environ.get(variable, "").strip()
-    if not value:
-        return None
-    matching = [choice for choice in allowed if choice.lower() == value.lower()]
-    if not matching:
-        raise LoggingSetupError(f"environment variable {variable}: {value!r} is not one of {', '.join(allowed)}")
-    return matching[0]
 
 
 def command_in(argv: Sequence[str]) -> str | None:
