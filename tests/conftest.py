@@ -33,9 +33,12 @@ RECOVERY_TIMEOUT = float(os.environ.get("DISKPIPE_TEST_RECOVERY_TIMEOUT", "600")
 FAULT_TEST_TIMEOUT = int(5 * RECOVERY_TIMEOUT + 600)
 
 
-def wait_until(condition: Callable[[], str | None], what: str, timeout: float = RECOVERY_TIMEOUT) -> None:
-    """Poll `condition` (None: satisfied, else what is still wrong) until it
-    holds; fail with the last complaint after `timeout` seconds."""
+def wait_until(
+    condition: Callable[[], str | None], what: str, timeout: float = RECOVERY_TIMEOUT, interval: float = 1
+) -> None:
+    """Poll `condition` (None: satisfied, else what is still wrong) every
+    `interval` seconds until it holds; fail with the last complaint after
+    `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         problem = condition()
@@ -43,7 +46,7 @@ def wait_until(condition: Callable[[], str | None], what: str, timeout: float = 
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not within {timeout:.0f}s: {problem}")
-        time.sleep(1)
+        time.sleep(interval)
 
 
 def process_alive(pid: int) -> bool:
@@ -163,6 +166,57 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = _parse_env(started.stdout)["DISKPIPE_BROKER_URL"]
     yield url
     subprocess.run(["bash", str(SCRIPTS / "redis-stop.sh"), str(state)], env=env, capture_output=True, check=False)
+
+
+def redis_problem(url: str) -> str | None:
+    """What keeps the Redis at `url` from answering PING (None: it answers)."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10).ping()
+    except redis.RedisError as error:
+        return f"no PONG: {error}"
+    return None
+
+
+def redis_config_file(url: str) -> Path:
+    """The redis.conf of the running Redis (redis-start.sh keeps it in the
+    data dir), to start the same instance again after a restart."""
+    import redis
+
+    return Path(redis.Redis.from_url(url).config_get("dir")["dir"]) / "redis.conf"
+
+
+def restart_redis(url: str) -> None:
+    """SHUTDOWN the tests' Redis (append-only: jobs and records survive) and
+    start the same instance again from its own redis.conf."""
+    import redis
+
+    plain = redis.Redis.from_url(url)  # no automatic retries around SHUTDOWN
+    old_pid = int(plain.info("server")["process_id"])
+    config_file = redis_config_file(url)
+    with contextlib.suppress(redis.ConnectionError):
+        plain.shutdown()
+    # The old server must be gone (its port free) before the new one binds.
+    wait_until(lambda: f"redis-server {old_pid} still running" if process_alive(old_pid) else None, "Redis down")
+    subprocess.run(["redis-server", str(config_file)], check=True, capture_output=True)
+    wait_until(lambda: redis_problem(url), "Redis answering after the restart")
+
+
+def ensure_redis(url: str, config_file: Path) -> None:
+    """Start the Redis again from its own config (append-only: jobs and
+    records survive) if a test left it down, and wait for PING."""
+    if redis_problem(url) is not None:
+        subprocess.run(["redis-server", str(config_file)], check=False, capture_output=True)
+    wait_until(lambda: redis_problem(url), f"Redis at {url} answering")
+
+
+@pytest.fixture
+def redis_recovers(redis_url: str) -> Iterator[None]:
+    """For tests that stop Redis: the next test gets it answering again."""
+    config_file = redis_config_file(redis_url)
+    yield
+    ensure_redis(redis_url, config_file)
 
 
 class CephDown(AssertionError):

@@ -14,7 +14,6 @@ most of these tests fast.
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
 import logging
@@ -36,7 +35,8 @@ import pytest
 
 from diskpipe.jobs.connection import redis_client
 from diskpipe.jobs.records import RedisRecords
-from tests.conftest import FAULT_TEST_TIMEOUT, RECOVERY_TIMEOUT, ROOT, Ceph, process_alive, wait_until
+from tests.conftest import FAULT_TEST_TIMEOUT, RECOVERY_TIMEOUT, ROOT, Ceph, restart_redis, wait_until
+from tests.workers import Worker, answers_ping, start_worker
 
 pytestmark = pytest.mark.timeout(FAULT_TEST_TIMEOUT)
 
@@ -69,75 +69,15 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
+def run_python(args: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """`python *args`, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=RECOVERY_TIMEOUT, check=False
+    )
+
+
 def on_db(url: str, db: int) -> str:
     return url.rsplit("/", 1)[0] + f"/{db}"
-
-
-@dataclass
-class Worker:
-    """One `celery worker` process group and its log."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """Celery's warm shutdown (SIGTERM to the main process), then the
-        whole group killed if it lingers."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-def answers_ping(broker: str, name: str) -> bool:
-    from celery import Celery
-    from kombu.exceptions import OperationalError
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
-    client = Celery(broker=broker)
-    try:
-        return bool(client.control.ping(destination=[f"{name}@{socket.gethostname()}"], timeout=5))
-    except (OSError, OperationalError, RedisConnectionError):
-        return False
-    finally:
-        client.close()
-
-
-def start_worker(command: list[str], env: dict[str, str], log: Path, name: str, broker: str) -> Worker:
-    """Start `command` (a celery worker named `name`) and wait until it
-    consumes: its log says ready and it answers a ping through `broker`."""
-    handle = log.open("ab")
-    process = subprocess.Popen(
-        [*command, "-n", f"{name}@%h"],
-        cwd=ROOT,
-        env=env,
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    worker = Worker(name, process, log)
-
-    def ready() -> str | None:
-        if process.poll() is not None:
-            raise AssertionError(f"worker {name} exited:\n{worker.text()[-3000:]}")
-        if " ready." not in worker.text():
-            return "no 'ready.' in its log"
-        return None if answers_ping(broker, name) else "no answer to ping"
-
-    try:
-        wait_until(ready, f"worker {name} consuming")
-    except BaseException:
-        worker.stop()
-        raise
-    return worker
 
 
 CELERY = [sys.executable, "-m", "celery", "-A", "diskpipe.tasks"]
@@ -378,15 +318,8 @@ def test_task_states_results_and_events_tell_the_truth(
         "error = result.get(propagate=False); "
         "print(result.state, type(error).__name__, error.args[1]['outcome'], 'diskpipe' in sys.modules)"
     )
-    shown = subprocess.run(
-        [sys.executable, "-c", plain, setup.broker, refused.id],
-        cwd=setup.base,  # not the checkout: diskpipe is not importable from here by accident
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    # Not from the checkout: diskpipe is not importable there by accident.
+    shown = run_python(["-c", plain, setup.broker, refused.id], clean_env(), cwd=setup.base)
     assert shown.stdout.split() == ["FAILURE", "ImageRefused", "refused", "False"], shown.stderr[-3000:]
 
 
@@ -428,15 +361,7 @@ def test_diskpipe_tasks_app_is_the_celery_app_and_routes_by_name(worker: Worker,
     )
     source = str(small_image(setup.imports, "module-app.qcow2"))
     env = clean_env(DISKPIPE_CONFIG=str(setup.config), CELERY_BROKER_URL=setup.broker)
-    done = subprocess.run(
-        [sys.executable, "-c", script, new_id("module-app"), source],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=RECOVERY_TIMEOUT,
-        check=False,
-    )
+    done = run_python(["-c", script, new_id("module-app"), source], env)
     assert done.stdout.split() == ["DiskpipeCelery", setup.broker, "active"], done.stderr[-3000:]
 
 
@@ -447,14 +372,8 @@ def test_the_command_line_submits_a_task_whose_id_is_a_plain_uuid(
 
     source = small_image(setup.imports, "cli.qcow2")
     env = clean_env(DISKPIPE_CONFIG=str(setup.config))
-    done = subprocess.run(
-        [sys.executable, "-m", "diskpipe", "import", str(source), "--broker", setup.broker, "--output=json", "--quiet"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=RECOVERY_TIMEOUT,
-        check=False,
+    done = run_python(
+        ["-m", "diskpipe", "import", str(source), "--broker", setup.broker, "--output=json", "--quiet"], env
     )
     assert done.returncode == 0, done.stderr[-3000:]
     record = records.get(json.loads(done.stdout)["id"])
@@ -677,42 +596,6 @@ def test_a_bug_in_a_retried_attempt_ends_the_record_with_the_retry_cleared(
 
 
 # -- a Redis restart ---------------------------------------------------------------
-
-
-def redis_problem(url: str) -> str | None:
-    import redis
-
-    try:
-        redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10).ping()
-    except redis.RedisError as error:
-        return f"no PONG: {error}"
-    return None
-
-
-def restart_redis(url: str) -> None:
-    """SHUTDOWN the tests' Redis (append-only: nothing is lost) and start the
-    same instance again from its own redis.conf."""
-    import redis
-
-    plain = redis.Redis.from_url(url)
-    old_pid = int(plain.info("server")["process_id"])
-    config_file = Path(plain.config_get("dir")["dir"]) / "redis.conf"
-    with contextlib.suppress(redis.ConnectionError):
-        plain.shutdown()
-    wait_until(lambda: f"redis-server {old_pid} still running" if process_alive(old_pid) else None, "Redis down")
-    subprocess.run(["redis-server", str(config_file)], check=True, capture_output=True)
-    wait_until(lambda: redis_problem(url), "Redis answering after the restart")
-
-
-@pytest.fixture
-def redis_recovers(redis_url: str) -> Iterator[None]:
-    import redis
-
-    config_file = Path(redis.Redis.from_url(redis_url).config_get("dir")["dir"]) / "redis.conf"
-    yield
-    if redis_problem(redis_url) is not None:
-        subprocess.run(["redis-server", str(config_file)], check=False, capture_output=True)
-    wait_until(lambda: redis_problem(redis_url), f"Redis at {redis_url} answering")
 
 
 def wait_running(records: RedisRecords, image_id: str) -> None:

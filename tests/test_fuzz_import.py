@@ -17,8 +17,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -121,6 +121,28 @@ def mutated(draw: st.DrawFn, containers: Seeds) -> Mutant:
     return mutant
 
 
+# Per hypothesis example: a mutant drawn from the containers, and a fresh
+# directory for it, removed after the example.
+MutantExample = Callable[[st.DataObject], AbstractContextManager[tuple[Mutant, Path]]]
+
+
+@pytest.fixture
+def mutant_example(containers: Seeds, tmp_path_factory: pytest.TempPathFactory) -> MutantExample:
+    """(The examples share one test call, and so its tmp_path: each needs
+    a directory of its own.)"""
+
+    @contextmanager
+    def example(data: st.DataObject) -> Iterator[tuple[Mutant, Path]]:
+        mutant = data.draw(mutated(containers))
+        directory = tmp_path_factory.mktemp("example")
+        try:
+            yield mutant, directory
+        finally:
+            shutil.rmtree(directory)
+
+    return example
+
+
 @contextmanager
 def growth_bounded(limit: int) -> Iterator[None]:
     """The peak RSS of this process may grow by at most `limit` inside."""
@@ -151,16 +173,12 @@ def unpack_checked(path: Path, staging: Path) -> None:
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_mutated_containers_unpack_or_refuse_and_leave_nothing(
-    containers: Seeds, data: st.DataObject, tmp_path_factory: pytest.TempPathFactory
+    mutant_example: MutantExample, data: st.DataObject
 ) -> None:
-    mutant = data.draw(mutated(containers))
-    directory = tmp_path_factory.mktemp("unpack")
-    try:
+    with mutant_example(data) as (mutant, directory):
         path = directory / "upload"
         path.write_bytes(mutant)
         unpack_checked(path, directory / "staging")
-    finally:
-        shutil.rmtree(directory)
 
 
 def unpack_upload(tmp_path: Path, data: bytes, label: str) -> tuple[sources.Staged, sources.ImageInfo]:
@@ -286,12 +304,8 @@ def test_a_corrupt_upload_is_a_refused_record_not_a_setup_error(
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 @given(data=st.data())
-def test_mutated_containers_through_the_embedded_import(
-    containers: Seeds, data: st.DataObject, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    mutant = data.draw(mutated(containers))
-    home = tmp_path_factory.mktemp("home")
-    try:
+def test_mutated_containers_through_the_embedded_import(mutant_example: MutantExample, data: st.DataObject) -> None:
+    with mutant_example(data) as (mutant, home):
         upload = home / f"upload.{mutant.label}"
         upload.write_bytes(mutant)
         code, stdout, stderr, peak = embedded_import(upload, home, "fuzzed")
@@ -307,5 +321,3 @@ def test_mutated_containers_through_the_embedded_import(
         images = home / "data" / "diskpipe" / "images"  # made by the first store
         stored = sorted(os.listdir(images)) if images.exists() else []
         assert stored == (["fuzzed.raw"] if record["status"] == "active" else []), stored
-    finally:
-        shutil.rmtree(home)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from diskpipe.glance.staged import (
 from diskpipe.refusal import UnsafeImage
 
 IMAGE_ID = "6f1c1d2e-4a7b-4c55-9d0e-0123456789ab"
+# A sample's name -> (its manifest entry, the path it is staged at)
+StageSample = Callable[[str], tuple[Any, str]]
 
 
 def stage(sample: Any, samples_dir: Path, staging: Path) -> str:
@@ -42,12 +45,27 @@ def by_name(manifest: list[Any], name: str) -> Any:
     return next(sample for sample in manifest if sample.name == name)
 
 
+@pytest.fixture
+def staging(tmp_path: Path) -> Path:
+    return tmp_path / "staging"
+
+
+@pytest.fixture
+def stage_sample(manifest: list[Any], samples_dir: Path, staging: Path) -> StageSample:
+    """Stage the sample of that name in `staging`: (its manifest entry, the staged path)."""
+
+    def stage_named(name: str) -> tuple[Any, str]:
+        sample = by_name(manifest, name)
+        return sample, stage(sample, samples_dir, staging)
+
+    return stage_named
+
+
 def test_every_hostile_staged_file_is_refused_naming_its_checks_and_nothing_is_written(
-    manifest: list[Any], samples_dir: Path, tmp_path: Path
+    manifest: list[Any], samples_dir: Path, staging: Path
 ) -> None:
     hostile = [sample for sample in manifest if sample.group == "hostile"]
     assert len(hostile) >= 40
-    staging = tmp_path / "staging"
     for sample in hostile:
         staged = stage(sample, samples_dir, staging)
         with pytest.raises(UnsafeImage) as refused:
@@ -59,11 +77,9 @@ def test_every_hostile_staged_file_is_refused_naming_its_checks_and_nothing_is_w
 
 
 def test_an_accepted_container_is_converted_beside_the_staged_file(
-    manifest: list[Any], samples_dir: Path, tmp_path: Path
+    stage_sample: StageSample, staging: Path, tmp_path: Path
 ) -> None:
-    sample = by_name(manifest, "vmdk-stream-data")
-    staging = tmp_path / "staging"
-    staged = stage(sample, samples_dir, staging)
+    _, staged = stage_sample("vmdk-stream-data")
     accepted = process(staged, IMAGE_ID, "vmdk", "ovf", Settings(Policy()))
     assert accepted.converted
     assert accepted.path == str(staging / f"{IMAGE_ID}.diskpipe.raw")
@@ -78,10 +94,8 @@ def test_an_accepted_container_is_converted_beside_the_staged_file(
     assert sorted(entry.name for entry in staging.iterdir()) == sorted([IMAGE_ID, f"{IMAGE_ID}.diskpipe.raw"])
 
 
-def test_a_leftover_of_a_crashed_attempt_is_replaced(manifest: list[Any], samples_dir: Path, tmp_path: Path) -> None:
-    sample = by_name(manifest, "qcow2-v3-c64k")
-    staging = tmp_path / "staging"
-    staged = stage(sample, samples_dir, staging)
+def test_a_leftover_of_a_crashed_attempt_is_replaced(stage_sample: StageSample, staging: Path) -> None:
+    sample, staged = stage_sample("qcow2-v3-c64k")
     (staging / f"{IMAGE_ID}.diskpipe.raw").write_bytes(b"stale output")
     (staging / f".{IMAGE_ID}.diskpipe.tmp.deadhost-1").write_bytes(b"stale temporary")
     accepted = process(staged, IMAGE_ID, "qcow2", "bare", Settings(Policy()))
@@ -94,10 +108,9 @@ def test_a_leftover_of_a_crashed_attempt_is_replaced(manifest: list[Any], sample
     [("aki-bzimage", "aki"), ("iso-eltorito", "bare"), ("raw-513b", "bare"), ("ami-ext4", "ami")],
 )
 def test_raw_data_is_handed_on_as_uploaded_with_its_claim(
-    name: str, container_format: str, manifest: list[Any], samples_dir: Path, tmp_path: Path
+    name: str, container_format: str, stage_sample: StageSample
 ) -> None:
-    sample = by_name(manifest, name)
-    staged = stage(sample, samples_dir, tmp_path / "staging")
+    sample, staged = stage_sample(name)
     accepted = process(staged, IMAGE_ID, claim(sample), container_format, Settings(Policy()))
     assert not accepted.converted
     assert accepted.path == staged
@@ -106,9 +119,8 @@ def test_raw_data_is_handed_on_as_uploaded_with_its_claim(
     assert accepted.size == accepted.virtual_size == size  # Glance's rule for raw data: its byte count
 
 
-def test_raw_data_is_converted_when_qcow2_is_the_output(manifest: list[Any], samples_dir: Path, tmp_path: Path) -> None:
-    sample = by_name(manifest, "raw-1m-random")
-    staged = stage(sample, samples_dir, tmp_path / "staging")
+def test_raw_data_is_converted_when_qcow2_is_the_output(stage_sample: StageSample) -> None:
+    _, staged = stage_sample("raw-1m-random")
     accepted = process(staged, IMAGE_ID, "raw", "bare", Settings(Policy(), output_format="qcow2"))
     assert accepted.converted and accepted.disk_format == "qcow2"
     assert accepted.path.endswith(".diskpipe.qcow2")
@@ -118,12 +130,8 @@ def test_raw_data_is_converted_when_qcow2_is_the_output(manifest: list[Any], sam
     assert compared.returncode == 0, compared.stdout
 
 
-def test_an_encrypted_image_is_refused_for_want_of_its_key(
-    manifest: list[Any], samples_dir: Path, tmp_path: Path
-) -> None:
-    sample = by_name(manifest, "qcow2-encrypt-luks")
-    staging = tmp_path / "staging"
-    staged = stage(sample, samples_dir, staging)
+def test_an_encrypted_image_is_refused_for_want_of_its_key(stage_sample: StageSample, staging: Path) -> None:
+    _, staged = stage_sample("qcow2-encrypt-luks")
     with pytest.raises(UnsafeImage, match="encrypted: "):
         process(staged, IMAGE_ID, "qcow2", "bare", Settings(Policy()))
     assert [entry.name for entry in staging.iterdir()] == [IMAGE_ID]

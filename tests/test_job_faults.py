@@ -14,11 +14,9 @@ import gzip
 import http.server
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +30,9 @@ from diskpipe.jobs import pipeline, sources, unpacking
 from diskpipe.jobs.admission import ensure_record
 from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
 from diskpipe.jobs.records import SqliteRecords
+from samples import tools
 from tests.conftest import ROOT
+from tests.workers import start_worker
 
 
 class Injected(Exception):
@@ -44,12 +44,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A qcow2 with data, and the same gzip-compressed."""
     base = tmp_path_factory.mktemp("images")
     path = base / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True)
-    subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 2M", "-c", "write -P 0x3c 8M 1M", str(path)],
-        check=True,
-        capture_output=True,
-    )
+    tools.create(path, "qcow2", 16 << 20)
+    tools.write(path, "qcow2", [(0, 2 << 20, 0x5A), (8 << 20, 1 << 20, 0x3C)])
     (base / "disk.qcow2.gz").write_bytes(gzip.compress(path.read_bytes()))
     return base
 
@@ -274,30 +270,11 @@ retry_backoff_max = 1
         DISKPIPE_TEST_FAULT_FILE=str(fault_file),
         PYTHONUNBUFFERED="1",
     )
-    log = base / "worker.log"
-    with log.open("ab") as handle:
-        worker = subprocess.Popen(
-            [*CELERY_WORKER, "-n", f"faults-{os.getpid()}@%h"],
-            cwd=ROOT,
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    worker = start_worker(CELERY_WORKER, env, base / "worker.log", f"faults-{os.getpid()}", redis_url)
     try:
-        deadline = time.monotonic() + 90
-        while b" ready." not in log.read_bytes():
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"fault worker did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
         yield env, fault_file, base
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        worker.stop()
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:

@@ -28,6 +28,7 @@ import pytest
 
 from diskpipe.jobs.connection import redis_client
 from diskpipe.jobs.records import RedisRecords
+from samples import tools
 from tests.conftest import (
     FAULT_TEST_TIMEOUT,
     RECOVERY_TIMEOUT,
@@ -297,19 +298,15 @@ def healed(cluster: Cluster) -> Iterator[Cluster]:
 def long_source(cluster: Cluster, tmp_path: Path) -> str:
     """A qcow2 whose conversion takes seconds at QEMU_RATE (96 MiB of data)."""
     path = tmp_path / "long.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "1G"], check=True)
-    subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 0 64M", "-c", "write -P 0x5a 512M 32M", str(path)],
-        check=True,
-        capture_output=True,
-    )
+    tools.create(path, "qcow2", 1 << 30)
+    tools.write(path, "qcow2", [(0, 64 << 20, 0x3C), (512 << 20, 32 << 20, 0x5A)])
     return stage(cluster.imports, path)
 
 
 def small_source(cluster: Cluster, tmp_path: Path) -> str:
     path = tmp_path / "small.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 2M", str(path)], check=True, capture_output=True)
+    tools.create(path, "qcow2", 64 << 20)
+    tools.write(path, "qcow2", [(0, 2 << 20, 0x11)])
     return stage(cluster.imports, path)
 
 

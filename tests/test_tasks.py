@@ -8,17 +8,15 @@ leave no half image; 50 jobs at once all end active.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,16 @@ import pytest
 
 from diskpipe.jobs.connection import redis_client
 from diskpipe.jobs.records import RedisRecords
-from tests.conftest import FAULT_TEST_TIMEOUT, RECOVERY_TIMEOUT, ROOT, Ceph, process_alive, wait_until
+from samples import tools
+from tests.conftest import (
+    FAULT_TEST_TIMEOUT,
+    RECOVERY_TIMEOUT,
+    Ceph,
+    ensure_redis,
+    redis_config_file,
+    restart_redis,
+)
+from tests.workers import Worker, start_worker, write_config
 
 # Every test here waits for jobs with RECOVERY_TIMEOUT deadlines, some for
 # several in a row: the hang guard must sit above them.
@@ -55,73 +62,36 @@ class Workers:
         self.config = config
         self.broker = broker
         self.logs = logs
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.running: dict[str, Worker] = {}
+
+    @property
+    def processes(self) -> dict[str, subprocess.Popen[bytes]]:
+        return {name: worker.process for name, worker in self.running.items()}
 
     def env(self) -> dict[str, str]:
         return dict(os.environ, DISKPIPE_CONFIG=str(self.config), DISKPIPE_BROKER_URL=self.broker, PYTHONUNBUFFERED="1")
 
     def start(self, name: str, concurrency: int = 2) -> None:
-        log = self.logs / f"{name}.log"
-        handle = log.open("ab")
-        process = subprocess.Popen(
-            [*CELERY_WORKER, "-c", str(concurrency), "-n", f"{name}@%h"],
-            cwd=ROOT,
-            env=self.env(),
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.processes[name] = process
-        deadline = time.monotonic() + RECOVERY_TIMEOUT
-        while b" ready." not in log.read_bytes() or not self.answers_ping(name):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker {name} did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-
-    def answers_ping(self, name: str) -> bool:
-        """The worker takes control messages through the broker: it is
-        consuming, not just started."""
-        from celery import Celery
-        from kombu.exceptions import OperationalError
-        from redis.exceptions import ConnectionError as RedisConnectionError
-
-        client = Celery(broker=self.broker)
-        try:
-            return bool(client.control.ping(destination=[f"{name}@{socket.gethostname()}"], timeout=5))
-        except (OSError, OperationalError, RedisConnectionError):
-            # A connection Redis dropped (a restart earlier in the session,
-            # a busy machine): not an answer yet; the caller asks again.
-            return False
-        finally:
-            client.close()
+        command = [*CELERY_WORKER, "-c", str(concurrency)]
+        self.running[name] = start_worker(command, self.env(), self.logs / f"{name}.log", name, self.broker)
 
     def ensure_running(self, names: dict[str, int], restart: bool) -> None:
         """Every named worker (name -> concurrency) runs and answers; all are
         restarted when `restart` (e.g. the cluster they cache was rebuilt)."""
         for name, concurrency in names.items():
-            process = self.processes.get(name)
-            if process is not None and (restart or process.poll() is not None):
+            worker = self.running.get(name)
+            if worker is not None and (restart or worker.process.poll() is not None):
                 self.kill(name)
-                process = None
-            if process is None:
+                worker = None
+            if worker is None:
                 self.start(name, concurrency)
 
     def kill(self, name: str) -> None:
-        """SIGKILL the whole worker: main process and pool children."""
-        process = self.processes.pop(name)
-        with contextlib.suppress(ProcessLookupError):  # already gone with its whole group
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        self.running.pop(name).kill()
 
     def stop_all(self) -> None:
-        for name in list(self.processes):
-            process = self.processes.pop(name)
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        for name in list(self.running):
+            self.running.pop(name).stop()
 
 
 @pytest.fixture(scope="module")
@@ -132,24 +102,19 @@ def imports(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory, redis_url: str, ceph: Ceph, imports: Path) -> Iterator[Workers]:
     base = tmp_path_factory.mktemp("workers")
-    config = base / "diskpipe.toml"
-    config.write_text(
-        f"""
-[store]
-kind = "rbd"
-[rbd]
-conf = "{ceph.conf}"
-connect_timeout = 5
-op_timeout = 6
-[import]
-allowed_dirs = ["{imports}"]
-staging_dir = "{base / "staging"}"
-[celery]
-visibility_timeout = {VISIBILITY_TIMEOUT}
-lease_ttl = 6
-max_retries = 2
-retry_backoff_max = 2
-"""
+    config = write_config(
+        base / "diskpipe.toml",
+        {
+            "store": {"kind": "rbd"},
+            "rbd": {"conf": ceph.conf, "connect_timeout": 5, "op_timeout": 6},
+            "import": {"allowed_dirs": [str(imports)], "staging_dir": str(base / "staging")},
+            "celery": {
+                "visibility_timeout": VISIBILITY_TIMEOUT,
+                "lease_ttl": 6,
+                "max_retries": 2,
+                "retry_backoff_max": 2,
+            },
+        },
     )
     pool = Workers(config, redis_url, base)
     pool.start("w1")
@@ -168,32 +133,6 @@ def recovers(workers: Workers, redis_url: str, ceph: Ceph) -> Iterator[None]:
     generation = ceph.generation
     ceph.ensure_healthy()
     workers.ensure_running({"w1": 2}, restart=ceph.generation != generation)
-
-
-def redis_config_file(url: str) -> Path:
-    """The redis.conf of the running broker (redis-start.sh keeps it in the
-    data dir), to start the same instance again after a restart test."""
-    import redis
-
-    return Path(redis.Redis.from_url(url).config_get("dir")["dir"]) / "redis.conf"
-
-
-def redis_problem(url: str) -> str | None:
-    import redis
-
-    try:
-        redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10).ping()
-    except redis.RedisError as error:
-        return f"no PONG: {error}"
-    return None
-
-
-def ensure_redis(url: str, config_file: Path) -> None:
-    """Start the broker again from its own config (append-only: jobs and
-    records survive) if a test left it down, and wait for PING."""
-    if redis_problem(url) is not None:
-        subprocess.run(["redis-server", str(config_file)], check=False, capture_output=True)
-    wait_until(lambda: redis_problem(url), f"Redis at {url} answering")
 
 
 @pytest.fixture
@@ -241,6 +180,19 @@ def stage(imports: Path, source: Path, name: str | None = None) -> str:
     return str(target)
 
 
+# A sample's name, the name to stage it under -> its path in the import directory
+StageSample = Callable[[str, str], str]
+
+
+@pytest.fixture
+def stage_sample(imports: Path, samples_dir: Path, manifest: list[Any]) -> StageSample:
+    def stage_named(sample: str, name: str) -> str:
+        entry = next(entry for entry in manifest if entry.name == sample)
+        return stage(imports, samples_dir / entry.file, name)
+
+    return stage_named
+
+
 def reference_md5(path: Path, fmt: str, tmp_path: Path) -> str:
     out = tmp_path / f"ref-{uuid.uuid4().hex[:6]}.raw"
     subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(out)], check=True)
@@ -256,12 +208,8 @@ def rbd_names(ceph: Ceph) -> list[str]:
 def long_source(tmp_path: Path, imports: Path, name: str) -> str:
     """A job that takes several seconds: 3 GiB to hash, some data to convert."""
     path = tmp_path / f"{name}.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "3G"], check=True)
-    subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 0 32M", "-c", "write -P 0x5a 2G 16M", str(path)],
-        check=True,
-        capture_output=True,
-    )
+    tools.create(path, "qcow2", 3 << 30)
+    tools.write(path, "qcow2", [(0, 32 << 20, 0x3C), (2 << 30, 16 << 20, 0x5A)])
     return stage(imports, path)
 
 
@@ -300,22 +248,11 @@ def test_every_source_format_reaches_active(
 
 
 def test_hostile_and_forbidden_sources_end_killed_with_nothing_stored(
-    workers: Workers,
-    records: RedisRecords,
-    redis_url: str,
-    ceph: Ceph,
-    imports: Path,
-    samples_dir: Path,
-    manifest: list[Any],
+    workers: Workers, records: RedisRecords, redis_url: str, ceph: Ceph, stage_sample: StageSample
 ) -> None:
-    backing = next(entry for entry in manifest if entry.name == "hostile-qcow2-backing-passwd")
-    refused = submit(redis_url, stage(imports, samples_dir / backing.file))
+    refused = submit(redis_url, stage_sample("hostile-qcow2-backing-passwd", "backing.qcow2"))
     outside = submit(redis_url, "/etc/shadow")
-    mismatch = submit(
-        redis_url,
-        stage(imports, samples_dir / next(e for e in manifest if e.name == "qcow2-v3-c64k").file, "claimed.img"),
-        claimed_format="raw",
-    )
+    mismatch = submit(redis_url, stage_sample("qcow2-v3-c64k", "claimed.img"), claimed_format="raw")
     for image_id, reason in (
         (refused, "backing_file"),
         (outside, "outside the import directories"),
@@ -329,10 +266,9 @@ def test_hostile_and_forbidden_sources_end_killed_with_nothing_stored(
 
 
 def test_idempotent_by_image_id(
-    workers: Workers, records: RedisRecords, redis_url: str, imports: Path, samples_dir: Path, manifest: list[Any]
+    workers: Workers, records: RedisRecords, redis_url: str, stage_sample: StageSample
 ) -> None:
-    entry = next(entry for entry in manifest if entry.name == "qcow2-v3-c64k")
-    source = stage(imports, samples_dir / entry.file, "idem.qcow2")
+    source = stage_sample("qcow2-v3-c64k", "idem.qcow2")
     image_id = submit(redis_url, source)
     first = wait_final(records, image_id)
     assert first["status"] == "active"
@@ -397,16 +333,7 @@ def test_a_redis_restart_mid_job_does_not_lose_it(
     source = long_source(tmp_path, imports, "long-redis")
     image_id = submit(redis_url, source)
     wait_stage(records, image_id, ("convert", "checksum"))
-    import redis
-
-    plain = redis.Redis.from_url(redis_url)  # no automatic retries around SHUTDOWN
-    old_pid = int(plain.info("server")["process_id"])
-    config_file = redis_config_file(redis_url)
-    plain.shutdown()  # append-only: the jobs and records survive the restart
-    # The old server must be gone (its port free) before the new one binds.
-    wait_until(lambda: f"redis-server {old_pid} still running" if process_alive(old_pid) else None, "Redis shut down")
-    subprocess.run(["redis-server", str(config_file)], check=True, capture_output=True)
-    wait_until(lambda: redis_problem(redis_url), "Redis answering after the restart")
+    restart_redis(redis_url)  # append-only: the jobs and records survive the restart
     final = wait_final(records, image_id)
     assert final["status"] == "active", final
     # The worker rode out the restart and still takes jobs.
@@ -417,18 +344,11 @@ def test_a_redis_restart_mid_job_does_not_lose_it(
 
 @pytest.mark.usefixtures("recovers")
 def test_a_paused_ceph_ends_the_job_killed_with_a_clear_reason_and_nothing_left(
-    workers: Workers,
-    records: RedisRecords,
-    redis_url: str,
-    ceph: Ceph,
-    imports: Path,
-    samples_dir: Path,
-    manifest: list[Any],
+    workers: Workers, records: RedisRecords, redis_url: str, ceph: Ceph, stage_sample: StageSample
 ) -> None:
     from celery import Celery
 
-    entry = next(entry for entry in manifest if entry.name == "qcow2-data-offsets")
-    source = stage(imports, samples_dir / entry.file, "paused.qcow2")
+    source = stage_sample("qcow2-data-offsets", "paused.qcow2")
     (osd,) = ceph.pids("osd")
     os.kill(osd, signal.SIGSTOP)
     try:
@@ -456,17 +376,10 @@ def test_a_paused_ceph_ends_the_job_killed_with_a_clear_reason_and_nothing_left(
 
 
 def test_fifty_jobs_at_once_on_two_workers(
-    workers: Workers,
-    records: RedisRecords,
-    redis_url: str,
-    ceph: Ceph,
-    imports: Path,
-    samples_dir: Path,
-    manifest: list[Any],
+    workers: Workers, records: RedisRecords, redis_url: str, ceph: Ceph, stage_sample: StageSample
 ) -> None:
     workers.start("w2", concurrency=1)
-    entry = next(entry for entry in manifest if entry.name == "qcow2-v3-c64k")
-    source = stage(imports, samples_dir / entry.file, "load.qcow2")
+    source = stage_sample("qcow2-v3-c64k", "load.qcow2")
     ids = [submit(redis_url, source, f"load-{index:02d}-{uuid.uuid4().hex[:6]}") for index in range(50)]
     finals = [wait_final(records, image_id, timeout=600) for image_id in ids]
     assert [record["status"] for record in finals] == ["active"] * 50
@@ -484,8 +397,7 @@ def test_cancel_and_delete_through_the_cli(
     ceph: Ceph,
     imports: Path,
     tmp_path: Path,
-    samples_dir: Path,
-    manifest: list[Any],
+    stage_sample: StageSample,
 ) -> None:
     env = workers.env()
 
@@ -502,8 +414,7 @@ def test_cancel_and_delete_through_the_cli(
     assert json.loads(cancelled.stdout)["status"] == "killed"
     assert not [name for name in rbd_names(ceph) if name.startswith(image_id)]
 
-    entry = next(entry for entry in manifest if entry.name == "qcow2-v3-c64k")
-    done = cli("import", stage(imports, samples_dir / entry.file, "cli.qcow2"), "--output=json", "--quiet")
+    done = cli("import", stage_sample("qcow2-v3-c64k", "cli.qcow2"), "--output=json", "--quiet")
     assert done.returncode == 0, done.stderr
     stored = json.loads(done.stdout)["id"]
     assert cli("status", stored, "--output=json").returncode == 0
