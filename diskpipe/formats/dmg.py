@@ -13,14 +13,16 @@ from diskpipe.formats.layout import Layout
 
 NAME = "dmg"
 TRAILER_SIZE = 512
-TRAILER = Layout(NAME, "koly trailer", ">", [
-    (0, "4s", "signature"),
-    (4, "I", "version"),
-    (8, "I", "header_size"),
-    (216, "Q", "xml_offset"),
-    (224, "Q", "xml_length"),
-    (492, "Q", "sector_count"),
-])  # fmt: skip
+TRAILER = Layout(NAME, "koly trailer", ">", """
+    0    4s    signature
+    4    I     version
+    8    I     header_size
+    12   204x  flags_forks_and_data_checksum
+    216  Q     xml_offset
+    224  Q     xml_length
+    232  260x  reserved_checksum_and_variant
+    492  Q     sector_count
+""")  # fmt: skip
 
 
 def probe_name(filename: str | None) -> bool:

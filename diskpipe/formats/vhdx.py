@@ -33,50 +33,52 @@ REGION_TABLE_SIZE = 64 * KiB
 METADATA_TABLE_SIZE = 64 * KiB
 MAX_ENTRIES = 2047
 
-HEADER = Layout(NAME, "header", "<", [
-    (0, "4s", "signature"),
-    (4, "I", "checksum"),
-    (8, "Q", "sequence_number"),
-    (16, "16s", "file_write_guid"),
-    (32, "16s", "data_write_guid"),
-    (48, "16s", "log_guid"),
-    (64, "H", "log_version"),
-    (66, "H", "version"),
-    (68, "I", "log_length"),
-    (72, "Q", "log_offset"),
-])  # fmt: skip
-TABLE_HEADER = Layout(NAME, "region table header", "<", [
-    (0, "4s", "signature"),
-    (4, "I", "checksum"),
-    (8, "I", "entry_count"),
-])  # fmt: skip
-REGION_ENTRY = Layout(NAME, "region table entry", "<", [
-    (0, "16s", "guid"),
-    (16, "Q", "file_offset"),
-    (24, "I", "length"),
-    (28, "I", "flags"),
-])  # fmt: skip
-METADATA_HEADER = Layout(NAME, "metadata table header", "<", [
-    (0, "8s", "signature"),
-    (10, "H", "entry_count"),
-])  # fmt: skip
-METADATA_ENTRY = Layout(NAME, "metadata table entry", "<", [
-    (0, "16s", "guid"),
-    (16, "I", "offset"),
-    (20, "I", "length"),
-    (24, "I", "flags"),
-])  # fmt: skip
+HEADER = Layout(NAME, "header", "<", """
+    0   4s   signature
+    4   I    checksum
+    8   Q    sequence_number
+    16  16s  file_write_guid
+    32  16s  data_write_guid
+    48  16s  log_guid
+    64  H    log_version
+    66  H    version
+    68  I    log_length
+    72  Q    log_offset
+""")  # fmt: skip
+TABLE_HEADER = Layout(NAME, "region table header", "<", """
+    0  4s  signature
+    4  I   checksum
+    8  I   entry_count
+""")  # fmt: skip
+REGION_ENTRY = Layout(NAME, "region table entry", "<", """
+    0   16s  guid
+    16  Q    file_offset
+    24  I    length
+    28  I    flags
+""")  # fmt: skip
+METADATA_HEADER = Layout(NAME, "metadata table header", "<", """
+    0   8s  signature
+    8   2x  reserved
+    10  H   entry_count
+""")  # fmt: skip
+METADATA_ENTRY = Layout(NAME, "metadata table entry", "<", """
+    0   16s  guid
+    16  I    offset
+    20  I    length
+    24  I    flags
+""")  # fmt: skip
 METADATA_ENTRY_SIZE = 32  # the entry is padded past its last field
-PARENT_LOCATOR_HEADER = Layout(NAME, "parent locator header", "<", [
-    (0, "16s", "locator_type"),
-    (18, "H", "key_value_count"),
-])  # fmt: skip
-PARENT_LOCATOR_ENTRY = Layout(NAME, "parent locator entry", "<", [
-    (0, "I", "key_offset"),
-    (4, "I", "value_offset"),
-    (8, "H", "key_length"),
-    (10, "H", "value_length"),
-])  # fmt: skip
+PARENT_LOCATOR_HEADER = Layout(NAME, "parent locator header", "<", """
+    0   16s  locator_type
+    16  2x   reserved
+    18  H    key_value_count
+""")  # fmt: skip
+PARENT_LOCATOR_ENTRY = Layout(NAME, "parent locator entry", "<", """
+    0   I  key_offset
+    4   I  value_offset
+    8   H  key_length
+    10  H  value_length
+""")  # fmt: skip
 
 
 def guid(text: str) -> bytes:
