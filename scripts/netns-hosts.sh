@@ -34,17 +34,13 @@
 set -Eeuo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+# shellcheck source=scripts/lib.sh
+source "$here/lib.sh"
 prefix="${DISKPIPE_NETNS_PREFIX:-dpn}"
 subnet="${DISKPIPE_NETNS_SUBNET:-10.213.0.0/24}"
 count="${DISKPIPE_NETNS_HOSTS:-3}"
 state="${DISKPIPE_NETNS_STATE:-/tmp/diskpipe-netns-$prefix}"
 services="${DISKPIPE_NETNS_SERVICES:-1}"
-
-die() {
-    echo "netns-hosts: ERROR: $*" >&2
-    exit 1
-}
-log() { echo "netns-hosts: $*" >&2; }
 
 # Interface names have at most 15 characters: <prefix>-h9 must fit.
 [[ "$prefix" =~ ^[a-z][a-z0-9]{0,7}$ ]] || die "DISKPIPE_NETNS_PREFIX must be 1-8 lowercase letters/digits, got '$prefix'"
