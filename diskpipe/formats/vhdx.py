@@ -230,16 +230,22 @@ def _disk_geometry(items: dict[str, Any], details: dict[str, Any]) -> tuple[int,
     return block_size, logical_sector, items["virtual_disk_size"]
 
 
+def _entries_read(table: str, count: int, anomalies: list[dict[str, str]]) -> int:
+    """How many of a table's `count` entries are read: at most MAX_ENTRIES,
+    and a claim of more is an anomaly."""
+    if count <= MAX_ENTRIES:
+        return count
+    anomalies.append(
+        {"name": f"{table}_table_limits", "message": f"{table} table has {count} entries (limit {MAX_ENTRIES})"}
+    )
+    return MAX_ENTRIES
+
+
 def _parse_regions(raw: bytes, anomalies: list[dict[str, str]]) -> dict[bytes, dict[str, Any]]:
     table = TABLE_HEADER.parse(raw, file_offset=REGION_TABLE_OFFSET)
     if table["signature"] != b"regi" or not _valid_checksum(raw, REGION_TABLE_SIZE):
         raise FormatError(NAME, "region table is corrupt (signature or CRC-32C)", offset=REGION_TABLE_OFFSET)
-    count = table["entry_count"]
-    if count > MAX_ENTRIES:
-        anomalies.append(
-            {"name": "region_table_limits", "message": f"region table has {count} entries (limit {MAX_ENTRIES})"}
-        )
-        count = MAX_ENTRIES
+    count = _entries_read("region", table["entry_count"], anomalies)
     regions: dict[bytes, dict[str, Any]] = {}
     for index in range(entries_in_use(raw, 16, REGION_ENTRY.size, count)):
         entry = REGION_ENTRY.parse(raw, 16 + index * REGION_ENTRY.size)
@@ -313,12 +319,7 @@ def _metadata_entries(
     table = METADATA_HEADER.parse(raw, file_offset=start)
     if table["signature"] != b"metadata":
         raise FormatError(NAME, "metadata table signature missing", offset=start)
-    count = table["entry_count"]
-    if count > MAX_ENTRIES:
-        anomalies.append(
-            {"name": "metadata_table_limits", "message": f"metadata table has {count} entries (limit {MAX_ENTRIES})"}
-        )
-        count = MAX_ENTRIES
+    count = _entries_read("metadata", table["entry_count"], anomalies)
     wanted: dict[bytes, dict[str, Any]] = {}
     for index in range(entries_in_use(raw, 32, METADATA_ENTRY_SIZE, count)):
         entry = METADATA_ENTRY.parse(
