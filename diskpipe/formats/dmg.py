@@ -12,7 +12,7 @@ from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout
 
 NAME = "dmg"
-TRAILER_SIZE = 512
+# The whole 512-byte block at the end of the file.
 TRAILER = Layout(NAME, "koly trailer", ">", """
     0    4s    signature
     4    I     version
@@ -22,7 +22,9 @@ TRAILER = Layout(NAME, "koly trailer", ">", """
     224  Q     xml_length
     232  260x  reserved_checksum_and_variant
     492  Q     sector_count
+    500  12x   reserved
 """)  # fmt: skip
+TRAILER_SIZE = TRAILER.size  # 512, also the trailer's own header_size
 
 
 def probe_name(filename: str | None) -> bool:
