@@ -29,7 +29,7 @@ def format_layouts() -> list[Any]:
 def test_every_format_table_tiles(layout: Layout) -> None:
     layout.check()
     # The structure ends where its last row does: no padding past the table.
-    assert layout.size == int(layout.rows[-3], 0) + struct.calcsize(layout.endian + layout.rows[-2])
+    assert layout.size == int(layout.cells[-3], 0) + struct.calcsize(layout.endian + layout.cells[-2])
 
 
 def test_fields_are_read_at_their_offsets() -> None:

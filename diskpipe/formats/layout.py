@@ -40,13 +40,13 @@ class Layout:
         self.format = fmt
         self.name = name
         self.endian = endian
-        self.rows = rows.replace(",", " ").split()
-        codes = self.rows[1::3]
-        fields = self.rows[2::3]
+        self.cells = rows.replace(",", " ").split()  # offset, code, name, offset, code, name, ...
+        codes = self.cells[1::3]
+        fields = self.cells[2::3]
         packed = "".join(codes)
         if "x" in packed:  # padding rows name no field
             fields = [field for field, code in zip(fields, codes, strict=False) if code[-1] != "x"]
-        start = int(self.rows[0], 0) if self.rows else 0
+        start = int(self.cells[0], 0) if self.cells else 0
         self._struct = struct.Struct(f"{endian}{start}x{packed}" if start else endian + packed)
         self._names = tuple(fields)
         self.size = self._struct.size
@@ -54,8 +54,8 @@ class Layout:
     def check(self) -> None:
         """ValueError unless the rows tile the structure: each field starts where
         the one before it ends, at the offset its row states."""
-        words = self.rows
-        if len(words) % 3 or self.endian not in ("<", ">"):
+        words = self.cells
+        if not words or len(words) % 3 or self.endian not in ("<", ">"):
             raise ValueError(f"{self.name}: rows are offset, code and name, in '<' or '>' byte order")
         cursor = int(words[0], 0)
         for offset, code, field in zip(words[::3], words[1::3], words[2::3], strict=True):
