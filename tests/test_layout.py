@@ -71,3 +71,16 @@ def test_a_short_buffer_is_a_format_error() -> None:
     header = Layout("demo", "header", "<", "0 4s magic, 4 I version")
     with pytest.raises(FormatError, match="header truncated: 6 of 8 bytes present"):
         header.parse(bytes(6))
+
+
+@pytest.mark.parametrize(
+    ("endian", "rows"),
+    [
+        ("<", ""),  # no row at all
+        ("<", "0 4s magic, 4 I"),  # a row without its name
+        ("=", "0 4s magic, 4 I version"),  # native order: sizes and alignment of this machine
+    ],
+)
+def test_a_table_that_is_not_rows_of_three_in_a_fixed_order_fails_the_check(endian: str, rows: str) -> None:
+    with pytest.raises(ValueError, match="rows are offset, code and name"):
+        Layout("demo", "header", endian, rows).check()
