@@ -34,7 +34,7 @@ HEADER = Layout(NAME, "header", "<", """
     52  I    flags
     56  Q    ext_off
 """)  # fmt: skip
-HEADER_SIZE = 64
+HEADER_SIZE = HEADER.size  # 64
 INUSE_MAGIC = 0x746F6E59  # "Ynot": the image was not closed cleanly
 
 

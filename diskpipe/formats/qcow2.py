@@ -49,7 +49,7 @@ HEADER_V3 = Layout(NAME, "version 3 header", ">", """
     96   I  refcount_order
     100  I  header_length
 """)  # fmt: skip
-V2_HEADER_LENGTH = 72
+V2_HEADER_LENGTH = HEADER_V2.size  # 72
 MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21  # qemu: 512 bytes to 2 MiB
 V3_MIN_HEADER_LENGTH = 104
 
