@@ -49,12 +49,6 @@ memstore_bytes="${DISKPIPE_CEPH_MEMSTORE_BYTES:-$((4 * 1024 * 1024 * 1024))}"
 cephx="${DISKPIPE_CEPH_CEPHX:-0}"
 timeout_s="${DISKPIPE_CEPH_TIMEOUT:-60}"
 
-die() {
-    echo "ceph-start: ERROR: $*" >&2
-    exit 1
-}
-log() { echo "ceph-start: $*" >&2; }
-
 [[ "$dir" != *[[:space:]]* ]] || die "state dir must not contain whitespace: '$dir'"
 [[ "$port" =~ ^[0-9]+$ ]] || die "DISKPIPE_CEPH_PORT must be a number, got '$port'"
 [[ "$addr" =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]] || die "DISKPIPE_CEPH_ADDR must be an IPv4 address, got '$addr'"

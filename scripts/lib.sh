@@ -1,6 +1,16 @@
 # shellcheck shell=bash
-# What the start and stop scripts of the throw-away Redis and Ceph share.
-# Sourced by them, never run; `die` is the sourcing script's own.
+# What the scripts that start and stop the throw-away services (Redis, Ceph,
+# its gateway, the network namespaces) share.
+# Sourced by them, never run.
+
+# log / die MESSAGE: to stderr, after the name of the script that was run
+# ("ceph-start: ..."); die says ERROR and exits 1.
+script_name="$(basename "${BASH_SOURCE[-1]}" .sh)"
+log() { echo "$script_name: $*" >&2; }
+die() {
+    echo "$script_name: ERROR: $*" >&2
+    exit 1
+}
 
 # Alive = /proc entry exists and it is not a fully-exited zombie. After
 # SIGKILL the thread-group leader turns Z at once while the other threads still

@@ -34,24 +34,21 @@
 set -Eeuo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+# shellcheck source=scripts/lib.sh
+source "$here/lib.sh"
+# Each setting is checked where it is read: the state dir's default is
+# built from the prefix. Interface names have at most 15 characters:
+# <prefix>-h9 must fit.
 prefix="${DISKPIPE_NETNS_PREFIX:-dpn}"
-subnet="${DISKPIPE_NETNS_SUBNET:-10.213.0.0/24}"
-count="${DISKPIPE_NETNS_HOSTS:-3}"
-state="${DISKPIPE_NETNS_STATE:-/tmp/diskpipe-netns-$prefix}"
-services="${DISKPIPE_NETNS_SERVICES:-1}"
-
-die() {
-    echo "netns-hosts: ERROR: $*" >&2
-    exit 1
-}
-log() { echo "netns-hosts: $*" >&2; }
-
-# Interface names have at most 15 characters: <prefix>-h9 must fit.
 [[ "$prefix" =~ ^[a-z][a-z0-9]{0,7}$ ]] || die "DISKPIPE_NETNS_PREFIX must be 1-8 lowercase letters/digits, got '$prefix'"
+subnet="${DISKPIPE_NETNS_SUBNET:-10.213.0.0/24}"
 [[ "$subnet" =~ ^([0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3})\.0/24$ ]] || die "DISKPIPE_NETNS_SUBNET must be a /24 like 10.213.0.0/24, got '$subnet'"
 net="${BASH_REMATCH[1]}"
+count="${DISKPIPE_NETNS_HOSTS:-3}"
 [[ "$count" =~ ^[1-9]$ ]] || die "DISKPIPE_NETNS_HOSTS must be 1-9, got '$count'"
+state="${DISKPIPE_NETNS_STATE:-/tmp/diskpipe-netns-$prefix}"
 [[ "$state" != *[[:space:]]* ]] || die "state dir must not contain whitespace: '$state'"
+services="${DISKPIPE_NETNS_SERVICES:-1}"
 
 bridge="${prefix}br"
 ceph_ip="$net.1"

@@ -29,11 +29,6 @@ port="${DISKPIPE_REDIS_PORT:-6379}"
 addr="${DISKPIPE_REDIS_ADDR:-127.0.0.1}"
 timeout_s="${DISKPIPE_REDIS_TIMEOUT:-15}"
 
-die() {
-    echo "redis-start: ERROR: $*" >&2
-    exit 1
-}
-
 [[ "$dir" != *[[:space:]]* ]] || die "state dir must not contain whitespace: '$dir'"
 [[ "$port" =~ ^[0-9]+$ ]] || die "DISKPIPE_REDIS_PORT must be a number, got '$port'"
 [[ "$addr" =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]] || die "DISKPIPE_REDIS_ADDR must be an IPv4 address, got '$addr'"

@@ -24,6 +24,9 @@
 # for a RAM-backed OSD.
 set -Eeuo pipefail
 
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 dir="${1:?usage: rgw-start.sh STATE_DIR}"
 port="${DISKPIPE_RGW_PORT:-7481}"
 access_key="${DISKPIPE_RGW_ACCESS_KEY:-diskpipe-test}"
@@ -31,11 +34,6 @@ secret_key="${DISKPIPE_RGW_SECRET_KEY:-diskpipe-test-secret}"
 timeout_s="${DISKPIPE_RGW_TIMEOUT:-120}"
 name=client.rgw.diskpipe
 
-die() {
-    echo "rgw-start: ERROR: $*" >&2
-    exit 1
-}
-log() { echo "rgw-start: $*" >&2; }
 trap 'echo "rgw-start: ERROR: line $LINENO: $BASH_COMMAND failed (see $dir/log/rgw-setup.log)" >&2' ERR
 
 [[ "$port" =~ ^[0-9]+$ ]] || die "DISKPIPE_RGW_PORT must be a number, got '$port'"

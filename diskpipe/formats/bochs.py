@@ -13,16 +13,16 @@ if TYPE_CHECKING:
     from diskpipe.formats.base import Inspection
 
 NAME = "bochs"
-HEADER = Layout(NAME, "header", "<", [
-    (0, "32s", "magic"),
-    (32, "16s", "type"),
-    (48, "16s", "subtype"),
-    (64, "I", "version"),
-    (68, "I", "header_size"),
-    (72, "I", "catalog"),
-    (76, "I", "bitmap"),
-    (80, "I", "extent"),
-])  # fmt: skip
+HEADER = Layout(NAME, "header", "<", """
+    0   32s  magic
+    32  16s  type
+    48  16s  subtype
+    64  I    version
+    68  I    header_size
+    72  I    catalog
+    76  I    bitmap
+    80  I    extent
+""")  # fmt: skip
 # The disk size sits in a union: right after `extent` in version 1, after a
 # reserved word in version 2.
 DISK_OFFSET = {0x00010000: 84, 0x00020000: 88}

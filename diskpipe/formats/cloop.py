@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 NAME = "cloop"
 PREAMBLE = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
-HEADER = Layout(NAME, "header", ">", [(128, "I", "block_size"), (132, "I", "n_blocks")])
+HEADER = Layout(NAME, "header", ">", "128 I block_size, 132 I n_blocks")
 MAX_BLOCK_SIZE = 64 * 1024 * 1024
 MAX_OFFSETS_BYTES = 512 * 1024 * 1024
 

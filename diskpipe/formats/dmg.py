@@ -12,15 +12,19 @@ from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout
 
 NAME = "dmg"
-TRAILER_SIZE = 512
-TRAILER = Layout(NAME, "koly trailer", ">", [
-    (0, "4s", "signature"),
-    (4, "I", "version"),
-    (8, "I", "header_size"),
-    (216, "Q", "xml_offset"),
-    (224, "Q", "xml_length"),
-    (492, "Q", "sector_count"),
-])  # fmt: skip
+# The whole 512-byte block at the end of the file.
+TRAILER = Layout(NAME, "koly trailer", ">", """
+    0    4s    signature
+    4    I     version
+    8    I     header_size
+    12   204x  flags_forks_and_data_checksum
+    216  Q     xml_offset
+    224  Q     xml_length
+    232  260x  reserved_checksum_and_variant
+    492  Q     sector_count
+    500  12x   reserved
+""")  # fmt: skip
+TRAILER_SIZE = TRAILER.size  # 512, also the trailer's own header_size
 
 
 def probe_name(filename: str | None) -> bool:

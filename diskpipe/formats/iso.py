@@ -17,17 +17,22 @@ SECTOR = 2048
 DESCRIPTORS_START = 16 * SECTOR  # sectors 0-15 are the system area
 MAX_DESCRIPTORS = 32
 TYPE_BOOT_RECORD, TYPE_PRIMARY, TYPE_SUPPLEMENTARY, TYPE_PARTITION, TYPE_TERMINATOR = 0, 1, 2, 3, 255
-PRIMARY = Layout("iso", "primary volume descriptor", "<", [
-    (0, "B", "type"),
-    (1, "5s", "identifier"),
-    (6, "B", "version"),
-    (8, "32s", "system_id"),
-    (40, "32s", "volume_id"),
-    (80, "I", "space_size"),
-    (120, "H", "set_size"),
-    (128, "H", "block_size"),
-    (813, "17s", "creation_date"),
-])  # fmt: skip
+PRIMARY = Layout("iso", "primary volume descriptor", "<", """
+    0    B     type
+    1    5s    identifier
+    6    B     version
+    7    1x    unused
+    8    32s   system_id
+    40   32s   volume_id
+    72   8x    unused
+    80   I     space_size
+    84   36x   space_size_msb_and_unused
+    120  H     set_size
+    122  6x    set_size_msb_and_sequence
+    128  H     block_size
+    130  683x  block_size_msb_to_bibliographic_file
+    813  17s   creation_date
+""")  # fmt: skip
 EL_TORITO_ID = b"EL TORITO SPECIFICATION"
 UDF_IDENTIFIERS = (b"BEA01", b"NSR02", b"NSR03", b"TEA01")
 

@@ -10,15 +10,20 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tupl
 if TYPE_CHECKING:
     from typing import Any
 
-X86_SETUP = Layout("aki", "x86 setup header", "<", [
-    (0x1F1, "B", "setup_sects"),
-    (0x1F4, "I", "syssize"),
-    (0x1FE, "H", "boot_flag"),
-    (0x202, "4s", "header"),
-    (0x206, "H", "version"),
-    (0x20E, "H", "kernel_version"),
-    (0x211, "B", "loadflags"),
-])  # fmt: skip
+X86_SETUP = Layout("aki", "x86 setup header", "<", """
+    0x1F1  B   setup_sects
+    0x1F2  2x  root_flags
+    0x1F4  I   syssize
+    0x1F8  6x  ram_size_vid_mode_root_dev
+    0x1FE  H   boot_flag
+    0x200  2x  jump
+    0x202  4s  header
+    0x206  H   version
+    0x208  6x  realmode_swtch_start_sys_seg
+    0x20E  H   kernel_version
+    0x210  1x  type_of_loader
+    0x211  B   loadflags
+""")  # fmt: skip
 # The "Image" header shared by arm64 and RISC-V (Linux's
 # Documentation/arch/riscv/boot-image-header.rst): image size at 16, magic at 56.
 IMAGE_MAGICS = {b"ARM\x64": "arm64-image", b"RSC\x05": "riscv-image"}

@@ -1,8 +1,21 @@
-"""On-disk layouts written as data: (offset, struct code, field name) rows.
+"""On-disk layouts written as data: "offset code name" rows.
 
-Each format module writes its headers as a table close to the spec's own, and
-`Layout.parse` turns bytes into a dict of named fields with one precompiled
-`struct` call.
+Each format module writes its headers as a table close to the spec's own,
+a string passed to `Layout` (here a big-endian header of 16 bytes):
+
+    0   4s  magic
+    4   I   version
+    8   Q   size
+
+one field a row: its byte offset, its `struct` code and its name. The rows
+must tile the structure: each field starts where the one before it ends
+(from the first row's offset on), and bytes the code does not read are a
+row of their own with an `x` code ("12 4x reserved"), named as the spec
+names them. `Layout.check` holds the offsets against the codes, and the
+tests run it on every format's tables (tests/test_layout.py), so a mistyped
+offset or code fails there instead of reading the wrong bytes.
+`Layout.parse` turns bytes into a dict of the named fields with one
+precompiled `struct` call.
 """
 
 from __future__ import annotations
@@ -19,23 +32,36 @@ if TYPE_CHECKING:
 class Layout:
     """A fixed-size structure with named fields at fixed offsets."""
 
-    def __init__(self, fmt: str, name: str, endian: str, fields: list[tuple[int, str, str]]) -> None:
+    def __init__(self, fmt: str, name: str, endian: str, rows: str) -> None:
+        """`rows`: "offset code name" fields, one a line (or separated by commas).
+        Building a layout reads only the codes and names: `check` (run by the
+        tests over every format's tables) holds the offsets against them,
+        which keeps the parsing of a few hundred numbers out of start-up."""
         self.format = fmt
         self.name = name
-        parts = [endian]
-        names: list[str] = []
-        cursor = 0
-        for offset, code, field_name in sorted(fields):
-            if offset < cursor:
-                raise ValueError(f"{name}: field {field_name} overlaps the one before it")
-            if offset > cursor:
-                parts.append(f"{offset - cursor}x")
-            parts.append(code)
-            names.append(field_name)
-            cursor = offset + struct.calcsize(endian + code)
-        self._struct = struct.Struct("".join(parts))
-        self._names = tuple(names)
+        self.endian = endian
+        self.cells = rows.replace(",", " ").split()  # offset, code, name, offset, code, name, ...
+        codes = self.cells[1::3]
+        fields = self.cells[2::3]
+        packed = "".join(codes)
+        if "x" in packed:  # padding rows name no field
+            fields = [field for field, code in zip(fields, codes, strict=False) if code[-1] != "x"]
+        start = int(self.cells[0], 0) if self.cells else 0
+        self._struct = struct.Struct(f"{endian}{start}x{packed}" if start else endian + packed)
+        self._names = tuple(fields)
         self.size = self._struct.size
+
+    def check(self) -> None:
+        """ValueError unless the rows tile the structure: each field starts where
+        the one before it ends, at the offset its row states."""
+        words = self.cells
+        if not words or len(words) % 3 or self.endian not in ("<", ">"):
+            raise ValueError(f"{self.name}: rows are offset, code and name, in '<' or '>' byte order")
+        cursor = int(words[0], 0)
+        for offset, code, field in zip(words[::3], words[1::3], words[2::3], strict=True):
+            if int(offset, 0) != cursor:
+                raise ValueError(f"{self.name}: {field} is at {offset}, the field before it ends at {cursor}")
+            cursor += struct.calcsize(self.endian + code)
 
     def parse(
         self, data: bytes | bytearray | memoryview, offset: int = 0, *, file_offset: int | None = None

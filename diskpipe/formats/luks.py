@@ -21,36 +21,38 @@ if TYPE_CHECKING:
 NAME = "luks"
 MAGIC = b"LUKS\xba\xbe"
 MAGIC2_SECONDARY = b"SKUL\xba\xbe"
-HEADER = Layout(NAME, "LUKS1 header", ">", [
-    (0, "6s", "magic"),
-    (6, "H", "version"),
-    (8, "32s", "cipher_name"),
-    (40, "32s", "cipher_mode"),
-    (72, "32s", "hash_spec"),
-    (104, "I", "payload_offset"),
-    (108, "I", "key_bytes"),
-    (112, "20s", "mk_digest"),
-    (132, "32s", "mk_digest_salt"),
-    (164, "I", "mk_digest_iterations"),
-    (168, "40s", "uuid"),
-])  # fmt: skip
-KEY_SLOT = Layout(NAME, "key slot", ">", [
-    (0, "I", "active"),
-    (4, "I", "iterations"),
-    (8, "32s", "salt"),
-    (40, "I", "key_offset"),
-    (44, "I", "stripes"),
-])  # fmt: skip
-LUKS2_HEADER = Layout(NAME, "LUKS2 header", ">", [
-    (0, "6s", "magic"),
-    (6, "H", "version"),
-    (8, "Q", "header_size"),
-    (16, "Q", "sequence_id"),
-    (24, "48s", "label"),
-    (72, "32s", "checksum_algorithm"),
-    (168, "40s", "uuid"),
-    (256, "Q", "header_offset"),
-])  # fmt: skip
+HEADER = Layout(NAME, "LUKS1 header", ">", """
+    0    6s   magic
+    6    H    version
+    8    32s  cipher_name
+    40   32s  cipher_mode
+    72   32s  hash_spec
+    104  I    payload_offset
+    108  I    key_bytes
+    112  20s  mk_digest
+    132  32s  mk_digest_salt
+    164  I    mk_digest_iterations
+    168  40s  uuid
+""")  # fmt: skip
+KEY_SLOT = Layout(NAME, "key slot", ">", """
+    0   I    active
+    4   I    iterations
+    8   32s  salt
+    40  I    key_offset
+    44  I    stripes
+""")  # fmt: skip
+LUKS2_HEADER = Layout(NAME, "LUKS2 header", ">", """
+    0    6s   magic
+    6    H    version
+    8    Q    header_size
+    16   Q    sequence_id
+    24   48s  label
+    72   32s  checksum_algorithm
+    104  64x  salt
+    168  40s  uuid
+    208  48x  subsystem
+    256  Q    header_offset
+""")  # fmt: skip
 SLOTS_OFFSET = 208
 SLOT_COUNT = 8
 HEADER_SIZE = SLOTS_OFFSET + SLOT_COUNT * KEY_SLOT.size  # 592

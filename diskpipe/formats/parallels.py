@@ -21,20 +21,20 @@ NAME = "parallels"
 MAGIC_OLD = b"WithoutFreeSpace"
 MAGIC_EXT = b"WithouFreSpacExt"
 VERSION = 2
-HEADER = Layout(NAME, "header", "<", [
-    (0, "16s", "magic"),
-    (16, "I", "version"),
-    (20, "I", "heads"),
-    (24, "I", "cylinders"),
-    (28, "I", "tracks"),
-    (32, "I", "bat_entries"),
-    (36, "Q", "nb_sectors"),
-    (44, "I", "inuse"),
-    (48, "I", "data_off"),
-    (52, "I", "flags"),
-    (56, "Q", "ext_off"),
-])  # fmt: skip
-HEADER_SIZE = 64
+HEADER = Layout(NAME, "header", "<", """
+    0   16s  magic
+    16  I    version
+    20  I    heads
+    24  I    cylinders
+    28  I    tracks
+    32  I    bat_entries
+    36  Q    nb_sectors
+    44  I    inuse
+    48  I    data_off
+    52  I    flags
+    56  Q    ext_off
+""")  # fmt: skip
+HEADER_SIZE = HEADER.size  # 64
 INUSE_MAGIC = 0x746F6E59  # "Ynot": the image was not closed cleanly
 
 

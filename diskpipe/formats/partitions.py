@@ -18,37 +18,38 @@ if TYPE_CHECKING:
 
 MBR_SIGNATURE = b"\x55\xaa"
 MBR_ENTRIES_OFFSET = 446
-MBR_ENTRY = Layout("mbr", "partition entry", "<", [
-    (0, "B", "status"),
-    (1, "3s", "start_chs"),
-    (4, "B", "type"),
-    (5, "3s", "end_chs"),
-    (8, "I", "start_lba"),
-    (12, "I", "sectors"),
-])  # fmt: skip
-GPT_HEADER = Layout("gpt", "GPT header", "<", [
-    (0, "8s", "signature"),
-    (8, "I", "revision"),
-    (12, "I", "header_size"),
-    (16, "I", "header_crc"),
-    (24, "Q", "current_lba"),
-    (32, "Q", "backup_lba"),
-    (40, "Q", "first_usable"),
-    (48, "Q", "last_usable"),
-    (56, "16s", "disk_guid"),
-    (72, "Q", "entries_lba"),
-    (80, "I", "entry_count"),
-    (84, "I", "entry_size"),
-    (88, "I", "entries_crc"),
-])  # fmt: skip
-GPT_ENTRY = Layout("gpt", "GPT entry", "<", [
-    (0, "16s", "type_guid"),
-    (16, "16s", "unique_guid"),
-    (32, "Q", "first_lba"),
-    (40, "Q", "last_lba"),
-    (48, "Q", "attributes"),
-    (56, "72s", "name"),
-])  # fmt: skip
+MBR_ENTRY = Layout("mbr", "partition entry", "<", """
+    0   B   status
+    1   3s  start_chs
+    4   B   type
+    5   3s  end_chs
+    8   I   start_lba
+    12  I   sectors
+""")  # fmt: skip
+GPT_HEADER = Layout("gpt", "GPT header", "<", """
+    0   8s   signature
+    8   I    revision
+    12  I    header_size
+    16  I    header_crc
+    20  4x   reserved
+    24  Q    current_lba
+    32  Q    backup_lba
+    40  Q    first_usable
+    48  Q    last_usable
+    56  16s  disk_guid
+    72  Q    entries_lba
+    80  I    entry_count
+    84  I    entry_size
+    88  I    entries_crc
+""")  # fmt: skip
+GPT_ENTRY = Layout("gpt", "GPT entry", "<", """
+    0   16s  type_guid
+    16  16s  unique_guid
+    32  Q    first_lba
+    40  Q    last_lba
+    48  Q    attributes
+    56  72s  name
+""")  # fmt: skip
 UNUSED_GUID = bytes(16)  # the type GUID of an empty GPT slot
 PROTECTIVE_TYPE = 0xEE
 MAX_REPORTED_PARTITIONS = 16

@@ -21,18 +21,19 @@ if TYPE_CHECKING:
 
 NAME = "qcow"
 MAGIC = b"QFI\xfb"
-HEADER = Layout(NAME, "header", ">", [
-    (0, "4s", "magic"),
-    (4, "I", "version"),
-    (8, "Q", "backing_file_offset"),
-    (16, "I", "backing_file_size"),
-    (20, "I", "mtime"),
-    (24, "Q", "size"),
-    (32, "B", "cluster_bits"),
-    (33, "B", "l2_bits"),
-    (36, "I", "crypt_method"),
-    (40, "Q", "l1_table_offset"),
-])  # fmt: skip
+HEADER = Layout(NAME, "header", ">", """
+    0   4s  magic
+    4   I   version
+    8   Q   backing_file_offset
+    16  I   backing_file_size
+    20  I   mtime
+    24  Q   size
+    32  B   cluster_bits
+    33  B   l2_bits
+    34  2x  padding
+    36  I   crypt_method
+    40  Q   l1_table_offset
+""")  # fmt: skip
 MAX_BACKING_NAME = 1023
 
 

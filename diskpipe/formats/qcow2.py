@@ -27,29 +27,29 @@ if TYPE_CHECKING:
 NAME = "qcow2"
 MAGIC = b"QFI\xfb"
 
-HEADER_V2 = Layout(NAME, "header", ">", [
-    (0, "4s", "magic"),
-    (4, "I", "version"),
-    (8, "Q", "backing_file_offset"),
-    (16, "I", "backing_file_size"),
-    (20, "I", "cluster_bits"),
-    (24, "Q", "size"),
-    (32, "I", "crypt_method"),
-    (36, "I", "l1_size"),
-    (40, "Q", "l1_table_offset"),
-    (48, "Q", "refcount_table_offset"),
-    (56, "I", "refcount_table_clusters"),
-    (60, "I", "nb_snapshots"),
-    (64, "Q", "snapshots_offset"),
-])  # fmt: skip
-HEADER_V3 = Layout(NAME, "version 3 header", ">", [
-    (72, "Q", "incompatible_features"),
-    (80, "Q", "compatible_features"),
-    (88, "Q", "autoclear_features"),
-    (96, "I", "refcount_order"),
-    (100, "I", "header_length"),
-])  # fmt: skip
-V2_HEADER_LENGTH = 72
+HEADER_V2 = Layout(NAME, "header", ">", """
+    0   4s  magic
+    4   I   version
+    8   Q   backing_file_offset
+    16  I   backing_file_size
+    20  I   cluster_bits
+    24  Q   size
+    32  I   crypt_method
+    36  I   l1_size
+    40  Q   l1_table_offset
+    48  Q   refcount_table_offset
+    56  I   refcount_table_clusters
+    60  I   nb_snapshots
+    64  Q   snapshots_offset
+""")  # fmt: skip
+HEADER_V3 = Layout(NAME, "version 3 header", ">", """
+    72   Q  incompatible_features
+    80   Q  compatible_features
+    88   Q  autoclear_features
+    96   I  refcount_order
+    100  I  header_length
+""")  # fmt: skip
+V2_HEADER_LENGTH = HEADER_V2.size  # 72
 MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21  # qemu: 512 bytes to 2 MiB
 V3_MIN_HEADER_LENGTH = 104
 
@@ -69,22 +69,23 @@ EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
 EXT_CRYPTO = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
-EXT_HEADER = Layout(NAME, "header extension", ">", [(0, "I", "type"), (4, "I", "length")])
-BITMAPS_EXT = Layout(NAME, "bitmaps extension", ">", [
-    (0, "I", "nb_bitmaps"),
-    (8, "Q", "directory_size"),
-    (16, "Q", "directory_offset"),
-])  # fmt: skip
-BITMAP_ENTRY = Layout(NAME, "bitmap directory entry", ">", [
-    (0, "Q", "table_offset"),
-    (8, "I", "table_size"),
-    (12, "I", "flags"),
-    (16, "B", "type"),
-    (17, "B", "granularity_bits"),
-    (18, "H", "name_size"),
-    (20, "I", "extra_data_size"),
-])  # fmt: skip
-CRYPTO_EXT = Layout(NAME, "crypto extension", ">", [(0, "Q", "offset"), (8, "Q", "length")])
+EXT_HEADER = Layout(NAME, "header extension", ">", "0 I type, 4 I length")
+BITMAPS_EXT = Layout(NAME, "bitmaps extension", ">", """
+    0   I   nb_bitmaps
+    4   4x  reserved
+    8   Q   directory_size
+    16  Q   directory_offset
+""")  # fmt: skip
+BITMAP_ENTRY = Layout(NAME, "bitmap directory entry", ">", """
+    0   Q  table_offset
+    8   I  table_size
+    12  I  flags
+    16  B  type
+    17  B  granularity_bits
+    18  H  name_size
+    20  I  extra_data_size
+""")  # fmt: skip
+CRYPTO_EXT = Layout(NAME, "crypto extension", ">", "0 Q offset, 8 Q length")
 
 MAX_BACKING_NAME = 1023  # qemu: "Backing file name too long" at 1024
 MAX_BACKING_FORMAT = 15  # qemu requires the extension length < 16

@@ -18,19 +18,19 @@ if TYPE_CHECKING:
 
 NAME = "qed"
 MAGIC = b"QED\0"
-HEADER = Layout(NAME, "header", "<", [
-    (0, "4s", "magic"),
-    (4, "I", "cluster_size"),
-    (8, "I", "table_size"),
-    (12, "I", "header_size"),
-    (16, "Q", "features"),
-    (24, "Q", "compat_features"),
-    (32, "Q", "autoclear_features"),
-    (40, "Q", "l1_table_offset"),
-    (48, "Q", "image_size"),
-    (56, "I", "backing_filename_offset"),
-    (60, "I", "backing_filename_size"),
-])  # fmt: skip
+HEADER = Layout(NAME, "header", "<", """
+    0   4s  magic
+    4   I   cluster_size
+    8   I   table_size
+    12  I   header_size
+    16  Q   features
+    24  Q   compat_features
+    32  Q   autoclear_features
+    40  Q   l1_table_offset
+    48  Q   image_size
+    56  I   backing_filename_offset
+    60  I   backing_filename_size
+""")  # fmt: skip
 FEATURE_BACKING_FILE = 1 << 0
 FEATURE_NEED_CHECK = 1 << 1
 FEATURE_BACKING_RAW = 1 << 2

@@ -20,34 +20,37 @@ NAME = "vdi"
 SIGNATURE = 0xBEDA107F
 SIGNATURE_OFFSET = 0x40
 VERSION_1_1 = 0x00010001
-PRE_HEADER = Layout(NAME, "pre-header", "<", [(0x40, "I", "signature"), (0x44, "I", "version")])
-HEADER_V1 = Layout(NAME, "header", "<", [
-    (0x48, "I", "header_size"),
-    (0x4C, "I", "image_type"),
-    (0x50, "I", "flags"),
-    (0x154, "I", "offset_bmap"),
-    (0x158, "I", "offset_data"),
-    (0x15C, "I", "cylinders"),
-    (0x160, "I", "heads"),
-    (0x164, "I", "sectors"),
-    (0x168, "I", "sector_size"),
-    (0x170, "Q", "disk_size"),
-    (0x178, "I", "block_size"),
-    (0x17C, "I", "block_extra"),
-    (0x180, "I", "blocks_in_image"),
-    (0x184, "I", "blocks_allocated"),
-    (0x188, "16s", "uuid_image"),
-    (0x198, "16s", "uuid_last_snap"),
-    (0x1A8, "16s", "uuid_link"),
-    (0x1B8, "16s", "uuid_parent"),
-])  # fmt: skip
+PRE_HEADER = Layout(NAME, "pre-header", "<", "0x40 I signature, 0x44 I version")
+HEADER_V1 = Layout(NAME, "header", "<", """
+    0x48   I     header_size
+    0x4C   I     image_type
+    0x50   I     flags
+    0x54   256x  comment
+    0x154  I     offset_bmap
+    0x158  I     offset_data
+    0x15C  I     cylinders
+    0x160  I     heads
+    0x164  I     sectors
+    0x168  I     sector_size
+    0x16C  4x    unused_translation
+    0x170  Q     disk_size
+    0x178  I     block_size
+    0x17C  I     block_extra
+    0x180  I     blocks_in_image
+    0x184  I     blocks_allocated
+    0x188  16s   uuid_image
+    0x198  16s   uuid_last_snap
+    0x1A8  16s   uuid_link
+    0x1B8  16s   uuid_parent
+""")  # fmt: skip
 # Version 0.x keeps a shorter body after the 72-byte pre-header.
-HEADER_V0 = Layout(NAME, "version 0 header", "<", [
-    (72, "I", "image_type"),
-    (352, "Q", "disk_size"),
-    (360, "I", "block_size"),
-    (364, "I", "blocks_in_image"),
-])  # fmt: skip
+HEADER_V0 = Layout(NAME, "version 0 header", "<", """
+    72   I     image_type
+    76   276x  flags_comment_geometry
+    352  Q     disk_size
+    360  I     block_size
+    364  I     blocks_in_image
+""")  # fmt: skip
 BLOCK_SIZE = 1024 * 1024
 BLOCKS_IN_IMAGE_MAX = 0x7FFFFFFF // 4 // 512 * 512  # keeps the block map below 2 GiB
 FIRST_UNALLOCATED = 0xFFFFFFFE  # 0xFFFFFFFE discarded (reads zero), 0xFFFFFFFF free

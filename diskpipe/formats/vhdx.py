@@ -33,50 +33,52 @@ REGION_TABLE_SIZE = 64 * KiB
 METADATA_TABLE_SIZE = 64 * KiB
 MAX_ENTRIES = 2047
 
-HEADER = Layout(NAME, "header", "<", [
-    (0, "4s", "signature"),
-    (4, "I", "checksum"),
-    (8, "Q", "sequence_number"),
-    (16, "16s", "file_write_guid"),
-    (32, "16s", "data_write_guid"),
-    (48, "16s", "log_guid"),
-    (64, "H", "log_version"),
-    (66, "H", "version"),
-    (68, "I", "log_length"),
-    (72, "Q", "log_offset"),
-])  # fmt: skip
-TABLE_HEADER = Layout(NAME, "region table header", "<", [
-    (0, "4s", "signature"),
-    (4, "I", "checksum"),
-    (8, "I", "entry_count"),
-])  # fmt: skip
-REGION_ENTRY = Layout(NAME, "region table entry", "<", [
-    (0, "16s", "guid"),
-    (16, "Q", "file_offset"),
-    (24, "I", "length"),
-    (28, "I", "flags"),
-])  # fmt: skip
-METADATA_HEADER = Layout(NAME, "metadata table header", "<", [
-    (0, "8s", "signature"),
-    (10, "H", "entry_count"),
-])  # fmt: skip
-METADATA_ENTRY = Layout(NAME, "metadata table entry", "<", [
-    (0, "16s", "guid"),
-    (16, "I", "offset"),
-    (20, "I", "length"),
-    (24, "I", "flags"),
-])  # fmt: skip
+HEADER = Layout(NAME, "header", "<", """
+    0   4s   signature
+    4   I    checksum
+    8   Q    sequence_number
+    16  16s  file_write_guid
+    32  16s  data_write_guid
+    48  16s  log_guid
+    64  H    log_version
+    66  H    version
+    68  I    log_length
+    72  Q    log_offset
+""")  # fmt: skip
+TABLE_HEADER = Layout(NAME, "region table header", "<", """
+    0  4s  signature
+    4  I   checksum
+    8  I   entry_count
+""")  # fmt: skip
+REGION_ENTRY = Layout(NAME, "region table entry", "<", """
+    0   16s  guid
+    16  Q    file_offset
+    24  I    length
+    28  I    flags
+""")  # fmt: skip
+METADATA_HEADER = Layout(NAME, "metadata table header", "<", """
+    0   8s  signature
+    8   2x  reserved
+    10  H   entry_count
+""")  # fmt: skip
+METADATA_ENTRY = Layout(NAME, "metadata table entry", "<", """
+    0   16s  guid
+    16  I    offset
+    20  I    length
+    24  I    flags
+""")  # fmt: skip
 METADATA_ENTRY_SIZE = 32  # the entry is padded past its last field
-PARENT_LOCATOR_HEADER = Layout(NAME, "parent locator header", "<", [
-    (0, "16s", "locator_type"),
-    (18, "H", "key_value_count"),
-])  # fmt: skip
-PARENT_LOCATOR_ENTRY = Layout(NAME, "parent locator entry", "<", [
-    (0, "I", "key_offset"),
-    (4, "I", "value_offset"),
-    (8, "H", "key_length"),
-    (10, "H", "value_length"),
-])  # fmt: skip
+PARENT_LOCATOR_HEADER = Layout(NAME, "parent locator header", "<", """
+    0   16s  locator_type
+    16  2x   reserved
+    18  H    key_value_count
+""")  # fmt: skip
+PARENT_LOCATOR_ENTRY = Layout(NAME, "parent locator entry", "<", """
+    0   I  key_offset
+    4   I  value_offset
+    8   H  key_length
+    10  H  value_length
+""")  # fmt: skip
 
 
 def guid(text: str) -> bytes:
@@ -228,16 +230,22 @@ def _disk_geometry(items: dict[str, Any], details: dict[str, Any]) -> tuple[int,
     return block_size, logical_sector, items["virtual_disk_size"]
 
 
+def _entries_read(table: str, count: int, anomalies: list[dict[str, str]]) -> int:
+    """How many of a table's `count` entries are read: at most MAX_ENTRIES,
+    and a claim of more is an anomaly."""
+    if count <= MAX_ENTRIES:
+        return count
+    anomalies.append(
+        {"name": f"{table}_table_limits", "message": f"{table} table has {count} entries (limit {MAX_ENTRIES})"}
+    )
+    return MAX_ENTRIES
+
+
 def _parse_regions(raw: bytes, anomalies: list[dict[str, str]]) -> dict[bytes, dict[str, Any]]:
     table = TABLE_HEADER.parse(raw, file_offset=REGION_TABLE_OFFSET)
     if table["signature"] != b"regi" or not _valid_checksum(raw, REGION_TABLE_SIZE):
         raise FormatError(NAME, "region table is corrupt (signature or CRC-32C)", offset=REGION_TABLE_OFFSET)
-    count = table["entry_count"]
-    if count > MAX_ENTRIES:
-        anomalies.append(
-            {"name": "region_table_limits", "message": f"region table has {count} entries (limit {MAX_ENTRIES})"}
-        )
-        count = MAX_ENTRIES
+    count = _entries_read("region", table["entry_count"], anomalies)
     regions: dict[bytes, dict[str, Any]] = {}
     for index in range(entries_in_use(raw, 16, REGION_ENTRY.size, count)):
         entry = REGION_ENTRY.parse(raw, 16 + index * REGION_ENTRY.size)
@@ -311,12 +319,7 @@ def _metadata_entries(
     table = METADATA_HEADER.parse(raw, file_offset=start)
     if table["signature"] != b"metadata":
         raise FormatError(NAME, "metadata table signature missing", offset=start)
-    count = table["entry_count"]
-    if count > MAX_ENTRIES:
-        anomalies.append(
-            {"name": "metadata_table_limits", "message": f"metadata table has {count} entries (limit {MAX_ENTRIES})"}
-        )
-        count = MAX_ENTRIES
+    count = _entries_read("metadata", table["entry_count"], anomalies)
     wanted: dict[bytes, dict[str, Any]] = {}
     for index in range(entries_in_use(raw, 32, METADATA_ENTRY_SIZE, count)):
         entry = METADATA_ENTRY.parse(

@@ -23,33 +23,33 @@ if TYPE_CHECKING:
 NAME = "vmdk"
 MAGIC_VMDK4 = b"KDMV"
 MAGIC_VMDK3 = b"COWD"
-HEADER = Layout(NAME, "sparse extent header", "<", [
-    (0, "4s", "magic"),
-    (4, "I", "version"),
-    (8, "I", "flags"),
-    (12, "Q", "capacity"),
-    (20, "Q", "grain_size"),
-    (28, "Q", "descriptor_offset"),
-    (36, "Q", "descriptor_size"),
-    (44, "I", "gtes_per_gt"),
-    (48, "Q", "rgd_offset"),
-    (56, "Q", "gd_offset"),
-    (64, "Q", "overhead"),
-    (72, "B", "unclean_shutdown"),
-    (73, "4s", "newline_chars"),
-    (77, "H", "compress_algorithm"),
-])  # fmt: skip
-COWD_HEADER = Layout(NAME, "COWD header", "<", [
-    (0, "4s", "magic"),
-    (4, "I", "version"),
-    (8, "I", "flags"),
-    (12, "I", "capacity"),
-    (16, "I", "granularity"),
-    (20, "I", "l1dir_offset"),
-    (24, "I", "l1dir_size"),
-    (28, "I", "file_sectors"),
-])  # fmt: skip
-MARKER = Layout(NAME, "stream marker", "<", [(0, "Q", "value"), (8, "I", "size"), (12, "I", "type")])
+HEADER = Layout(NAME, "sparse extent header", "<", """
+    0   4s  magic
+    4   I   version
+    8   I   flags
+    12  Q   capacity
+    20  Q   grain_size
+    28  Q   descriptor_offset
+    36  Q   descriptor_size
+    44  I   gtes_per_gt
+    48  Q   rgd_offset
+    56  Q   gd_offset
+    64  Q   overhead
+    72  B   unclean_shutdown
+    73  4s  newline_chars
+    77  H   compress_algorithm
+""")  # fmt: skip
+COWD_HEADER = Layout(NAME, "COWD header", "<", """
+    0   4s  magic
+    4   I   version
+    8   I   flags
+    12  I   capacity
+    16  I   granularity
+    20  I   l1dir_offset
+    24  I   l1dir_size
+    28  I   file_sectors
+""")  # fmt: skip
+MARKER = Layout(NAME, "stream marker", "<", "0 Q value, 8 I size, 12 I type")
 GD_AT_END = 0xFFFFFFFFFFFFFFFF
 MARKER_END_OF_STREAM, MARKER_FOOTER = 0, 3
 FLAG_ZEROED_GRAIN = 1 << 2

@@ -25,44 +25,46 @@ NAME = "vpc"
 COOKIE = b"conectix"
 DYNAMIC_COOKIE = b"cxsparse"
 FOOTER_SIZE = 512
-FOOTER = Layout(NAME, "footer", ">", [
-    (0, "8s", "cookie"),
-    (8, "I", "features"),
-    (12, "I", "version"),
-    (16, "Q", "data_offset"),
-    (24, "I", "timestamp"),
-    (28, "4s", "creator_app"),
-    (32, "I", "creator_version"),
-    (36, "4s", "creator_os"),
-    (40, "Q", "original_size"),
-    (48, "Q", "current_size"),
-    (56, "H", "cylinders"),
-    (58, "B", "heads"),
-    (59, "B", "sectors_per_track"),
-    (60, "I", "disk_type"),
-    (64, "I", "checksum"),
-    (68, "16s", "unique_id"),
-    (84, "B", "saved_state"),
-])  # fmt: skip
-DYNAMIC_HEADER = Layout(NAME, "dynamic disk header", ">", [
-    (0, "8s", "cookie"),
-    (8, "Q", "data_offset"),
-    (16, "Q", "table_offset"),
-    (24, "I", "version"),
-    (28, "I", "max_table_entries"),
-    (32, "I", "block_size"),
-    (36, "I", "checksum"),
-    (40, "16s", "parent_uuid"),
-    (56, "I", "parent_timestamp"),
-    (64, "512s", "parent_name"),
-])  # fmt: skip
+FOOTER = Layout(NAME, "footer", ">", """
+    0   8s   cookie
+    8   I    features
+    12  I    version
+    16  Q    data_offset
+    24  I    timestamp
+    28  4s   creator_app
+    32  I    creator_version
+    36  4s   creator_os
+    40  Q    original_size
+    48  Q    current_size
+    56  H    cylinders
+    58  B    heads
+    59  B    sectors_per_track
+    60  I    disk_type
+    64  I    checksum
+    68  16s  unique_id
+    84  B    saved_state
+""")  # fmt: skip
+DYNAMIC_HEADER = Layout(NAME, "dynamic disk header", ">", """
+    0   8s    cookie
+    8   Q     data_offset
+    16  Q     table_offset
+    24  I     version
+    28  I     max_table_entries
+    32  I     block_size
+    36  I     checksum
+    40  16s   parent_uuid
+    56  I     parent_timestamp
+    60  4x    reserved
+    64  512s  parent_name
+""")  # fmt: skip
 DYNAMIC_HEADER_SIZE = 1024
-PARENT_LOCATOR = Layout(NAME, "parent locator", ">", [
-    (0, "4s", "platform_code"),
-    (4, "I", "data_space"),
-    (8, "I", "data_length"),
-    (16, "Q", "data_offset"),
-])  # fmt: skip
+PARENT_LOCATOR = Layout(NAME, "parent locator", ">", """
+    0   4s  platform_code
+    4   I   data_space
+    8   I   data_length
+    12  4x  reserved
+    16  Q   data_offset
+""")  # fmt: skip
 PARENT_LOCATORS_OFFSET = 576
 PARENT_LOCATOR_COUNT = 8
 DISK_FIXED, DISK_DYNAMIC, DISK_DIFFERENCING = 2, 3, 4

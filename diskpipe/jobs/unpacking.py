@@ -86,32 +86,18 @@ class CapExceeded(SourceRefused):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """The caps of one unpacking, from `[import]` and the policy."""
+    """The caps of one unpacking: `[import]`'s, read by their own names, with
+    the size cap lowered to the policy's max_virtual_size where that is less."""
 
+    config: ImportConfig
     max_size: int  # bytes unpacked, zeros included
-    max_size_key: str
-    ratio: int
-    staging_cap: int
-    layers: int
-    members: int
-    timeout: float
-    cpu_time: float
+    max_size_key: str  # the setting max_size comes from, for the refusal
 
     @classmethod
     def of(cls, config: ImportConfig, max_virtual_size: int | None) -> Limits:
-        size, key = config.max_decompressed, "max_decompressed"
-        if max_virtual_size is not None and max_virtual_size < size:
-            size, key = max_virtual_size, "[policy] max_virtual_size"
-        return cls(
-            max_size=size,
-            max_size_key=key,
-            ratio=config.max_expansion_ratio,
-            staging_cap=config.staging_cap,
-            layers=config.max_unpack_layers,
-            members=config.max_ova_members,
-            timeout=config.unpack_timeout,
-            cpu_time=config.unpack_cpu_time,
-        )
+        if max_virtual_size is not None and max_virtual_size < config.max_decompressed:
+            return cls(config, max_virtual_size, "[policy] max_virtual_size")
+        return cls(config, config.max_decompressed, "max_decompressed")
 
 
 class Clock:
@@ -119,16 +105,19 @@ class Clock:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.deadline = time.monotonic() + limits.timeout
+        self.deadline = time.monotonic() + limits.config.unpack_timeout
         # Decoding runs in this thread: its CPU time is what the upload costs.
         self.cpu_start = time.thread_time()
 
     def check(self) -> None:
         if time.monotonic() > self.deadline:
-            raise CapExceeded("unpack_timeout", f"unpacking exceeds the cap unpack_timeout = {self.limits.timeout:g} s")
-        if time.thread_time() - self.cpu_start > self.limits.cpu_time:
             raise CapExceeded(
-                "unpack_cpu_time", f"unpacking exceeds the cap unpack_cpu_time = {self.limits.cpu_time:g} s of CPU"
+                "unpack_timeout", f"unpacking exceeds the cap unpack_timeout = {self.limits.config.unpack_timeout:g} s"
+            )
+        if time.thread_time() - self.cpu_start > self.limits.config.unpack_cpu_time:
+            raise CapExceeded(
+                "unpack_cpu_time",
+                f"unpacking exceeds the cap unpack_cpu_time = {self.limits.config.unpack_cpu_time:g} s of CPU",
             )
 
 
@@ -372,7 +361,7 @@ class CappedSparseWriter:
             self._io(self.staged.claim, self.data)
 
     def _check_data(self) -> None:
-        ratio = self.limits.ratio
+        ratio = self.limits.config.max_expansion_ratio
         for packed in (self.packed(), self.upload_size):
             if self.nonzero > ratio * packed + RATIO_GRACE:
                 raise CapExceeded(
@@ -387,18 +376,18 @@ class CappedSparseWriter:
                     f" ({self.data} bytes of non-zero blocks from {packed} packed bytes,"
                     f" above {WRITTEN_RATIO_FACTOR} times the ratio)",
                 )
-        if self.own_staged + self.data > self.limits.staging_cap:
+        if self.own_staged + self.data > self.limits.config.staging_cap:
             raise CapExceeded(
                 "staging_cap",
-                f"unpacked data exceeds the cap staging_cap = {self.limits.staging_cap} bytes on its own",
+                f"unpacked data exceeds the cap staging_cap = {self.limits.config.staging_cap} bytes on its own",
             )
         if self.data - self._data_at_scan >= STAGING_RESCAN:
             self._scan_staging()
-        if self._others + self.own_staged + self.data > self.limits.staging_cap:
+        if self._others + self.own_staged + self.data > self.limits.config.staging_cap:
             self._scan_staging()
-            if self._others + self.own_staged + self.data > self.limits.staging_cap:
+            if self._others + self.own_staged + self.data > self.limits.config.staging_cap:
                 raise SourceUnavailable(
-                    f"staging directory {self.staging_dir} is full (staging_cap = {self.limits.staging_cap} bytes)"
+                    f"staging directory {self.staging_dir} is full (staging_cap = {self.limits.config.staging_cap} bytes)"
                 )
 
     def _scan_staging(self) -> None:
@@ -694,8 +683,10 @@ def _ova_disk_member(tar: tarfile.TarFile, limits: Limits) -> tarfile.TarInfo:
         # tarfile keeps every member it has read; the walk needs none of them.
         tar.members.clear()  # type: ignore[attr-defined]
         count += 1
-        if count > limits.members:
-            raise CapExceeded("max_ova_members", f"the OVA exceeds the cap max_ova_members = {limits.members}")
+        if count > limits.config.max_ova_members:
+            raise CapExceeded(
+                "max_ova_members", f"the OVA exceeds the cap max_ova_members = {limits.config.max_ova_members}"
+            )
         if member.name.removeprefix("./") == disk:
             if not member.isfile():
                 raise SourceRefused(f"the OVA's disk {disk!r} is not a regular file (a link or special file)")
@@ -818,10 +809,11 @@ def unpack(
             if packing is None:
                 current.unpacked = layers
                 return current, info
-            if len(layers) >= limits.layers:
+            if len(layers) >= limits.config.max_unpack_layers:
                 inside = "".join(f" inside {layer}" for layer in reversed(layers))
                 raise CapExceeded(
-                    "max_unpack_layers", f"{packing}{inside} exceeds the cap max_unpack_layers = {limits.layers}"
+                    "max_unpack_layers",
+                    f"{packing}{inside} exceeds the cap max_unpack_layers = {limits.config.max_unpack_layers}",
                 )
             if packing in ("ova", "tar"):
                 unpacked, packing = extract_ova(current, job), "ova"
