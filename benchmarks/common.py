@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +119,29 @@ def machine_markdown(info: dict[str, Any]) -> str:
 def timing_cell(timing: dict[str, Any]) -> str:
     """A Timing's JSON as a table cell: median (min–max), seconds."""
     return f"{timing['median']:.2f} s ({timing['min']:.2f}–{timing['max']:.2f})"
+
+
+Cell = Callable[[dict[str, Any]], str]
+
+
+def timing_of(key: str) -> Cell:
+    """A table cell: the entry's timing `key` (entry["timings"][key])."""
+    return lambda entry: timing_cell(entry["timings"][key])
+
+
+def ratio_of(key: str, *, bold: bool = True) -> Cell:
+    """A table cell: the entry's ratio `key`, as 1.23× (in bold for a headline ratio)."""
+
+    def cell(entry: dict[str, Any]) -> str:
+        text = f"{entry.get(key, float('nan')):.2f}×"
+        return f"**{text}**" if bold else text
+
+    return cell
+
+
+def table_rows(entries: dict[str, dict[str, Any]], cells: Sequence[Cell]) -> list[str]:
+    """One markdown table row per entry: its name, then each cell."""
+    return [f"| {name} | " + " | ".join(cell(entry) for cell in cells) + " |" for name, entry in entries.items()]
 
 
 def write_results(name: str, markdown: str, data: dict[str, Any]) -> Path:

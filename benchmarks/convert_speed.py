@@ -56,8 +56,10 @@ from benchmarks.common import (
     interleaved,
     machine,
     machine_markdown,
+    ratio_of,
     script_service,
-    timing_cell,
+    table_rows,
+    timing_of,
     write_results,
 )
 from benchmarks.guest import build
@@ -443,13 +445,9 @@ def render_s3(data: dict[str, Any]) -> list[str]:
         "diskpipe / script | no-hash / script |",
         "|---|---|---|---|---|---|",
     ]
-    for name, entry in data["s3"].items():
-        timings = entry["timings"]
-        lines.append(
-            f"| {name} | {timing_cell(timings['diskpipe'])} | {timing_cell(timings['diskpipe-no-full-hashes'])} | "
-            f"{timing_cell(timings['operator'])} | **{entry['ratio_diskpipe_to_operator']:.2f}×** | "
-            f"**{entry['ratio_no_hashes_to_operator']:.2f}×** |"
-        )
+    timings = [timing_of(key) for key in ("diskpipe", "diskpipe-no-full-hashes", "operator")]
+    ratios = [ratio_of("ratio_diskpipe_to_operator"), ratio_of("ratio_no_hashes_to_operator")]
+    lines += table_rows(data["s3"], timings + ratios)
     lines += [
         "",
         "diskpipe's steps (medians, seconds; the upload runs beside the hashing, in `seal`):",
@@ -471,6 +469,11 @@ def render_s3(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def sparse_read_back(entry: dict[str, Any]) -> str:
+    """The sparse digest's own read of the allocated data, as a table cell."""
+    return f"{entry['sparse_digest']['median']:.2f} s"
+
+
 def render_rbd(data: dict[str, Any]) -> list[str]:
     lines = [
         "## Into Ceph RBD",
@@ -484,18 +487,13 @@ def render_rbd(data: dict[str, Any]) -> list[str]:
         "sparse digest's read-back |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, entry in data["sources"].items():
-        timings = entry["timings"]
-
-        def cell(key: str, timings: dict[str, Any] = timings) -> str:
-            return timing_cell(timings[key])
-
-        lines.append(
-            f"| {name} | {cell('diskpipe')} | {cell('diskpipe-no-full-hashes')} | {cell('diskpipe-sparse-digest')} | "
-            f"{cell('glance')} | {cell('qemu-img')} | **{entry['ratio_diskpipe_to_glance']:.2f}×** | "
-            f"**{entry['ratio_no_hashes_to_qemu_img']:.2f}×** | {entry['ratio_sparse_digest_to_qemu_img']:.2f}× | "
-            f"{entry['sparse_digest']['median']:.2f} s |"
-        )
+    candidates = ("diskpipe", "diskpipe-no-full-hashes", "diskpipe-sparse-digest", "glance", "qemu-img")
+    ratios = [
+        ratio_of("ratio_diskpipe_to_glance"),
+        ratio_of("ratio_no_hashes_to_qemu_img"),
+        ratio_of("ratio_sparse_digest_to_qemu_img", bold=False),
+    ]
+    lines += table_rows(data["sources"], [*map(timing_of, candidates), *ratios, sparse_read_back])
     lines += [
         "",
         "Where diskpipe's time goes with `--no-hashes` (medians, seconds): after qemu-img, the image is sealed "

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, ROOT, machine, machine_markdown, timing_cell
+from benchmarks.common import RESULTS, ROOT, machine, machine_markdown, ratio_of, table_rows, timing_cell, timing_of
 
 BENCHMARKS = ("inspect_speed", "convert_speed", "pipeline_overhead", "space", "scale_out", "glance_import")
 README = ROOT / "README.md"
@@ -102,15 +102,16 @@ def convert_lines(data: dict[str, Any]) -> list[str]:
         "| ratio with the sparse digest |",
         "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for name, entry in data["sources"].items():
-        timings = entry["timings"]
-        lines.append(
-            f"| {name} | {timing_cell(timings['diskpipe'])} | {timing_cell(timings['glance'])} | "
-            f"**{entry['ratio_diskpipe_to_glance']:.2f}×** | {timing_cell(timings['diskpipe-no-full-hashes'])} | "
-            f"{timing_cell(timings['qemu-img'])} | **{entry['ratio_no_hashes_to_qemu_img']:.2f}×** | "
-            f"{entry.get('ratio_sparse_digest_to_qemu_img', float('nan')):.2f}× |"
-        )
-    lines.append("")
+    cells = [
+        timing_of("diskpipe"),
+        timing_of("glance"),
+        ratio_of("ratio_diskpipe_to_glance"),
+        timing_of("diskpipe-no-full-hashes"),
+        timing_of("qemu-img"),
+        ratio_of("ratio_no_hashes_to_qemu_img"),
+        ratio_of("ratio_sparse_digest_to_qemu_img", bold=False),
+    ]
+    lines += [*table_rows(data["sources"], cells), ""]
     return lines
 
 
