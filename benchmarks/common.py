@@ -116,6 +116,11 @@ def machine_markdown(info: dict[str, Any]) -> str:
     )
 
 
+def report_head(title: str, info: dict[str, Any]) -> list[str]:
+    """The first lines of every results page: its title and the machine it ran on."""
+    return [f"# {title}", "", machine_markdown(info), ""]
+
+
 def timing_cell(timing: dict[str, Any]) -> str:
     """A Timing's JSON as a table cell: median (min–max), seconds."""
     return f"{timing['median']:.2f} s ({timing['min']:.2f}–{timing['max']:.2f})"

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, ROOT, WORK, machine, machine_markdown, write_results
+from benchmarks.common import RESULTS, ROOT, WORK, machine, report_head, write_results
 
 SCRIPTS = ROOT / "scripts"
 PLUGINS = ("image_conversion", "diskpipe")
@@ -689,10 +689,7 @@ def table(data: dict[str, Any]) -> list[str]:
 def markdown(data: dict[str, Any]) -> str:
     guest = data["guest"]
     lines = [
-        "# Glance import: image_conversion vs diskpipe",
-        "",
-        machine_markdown(data["machine"]),
-        "",
+        *report_head("Glance import: image_conversion vs diskpipe", data["machine"]),
         f"Glance 33.0.0 (gunicorn, SQLite, file store), one start per plugin and round. Samples imported with "
         f"`openstack image create --import`; the guest ({guest['virtual_size'] >> 20} MiB virtual, "
         f"{guest['source']}) as qcow2, median of {data['repeat']} interleaved rounds (min–max), each after one "

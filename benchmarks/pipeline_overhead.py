@@ -42,7 +42,7 @@ from benchmarks.common import (
     empty_pool,
     interleaved,
     machine,
-    machine_markdown,
+    report_head,
     script_service,
     write_results,
 )
@@ -270,10 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 def render(data: dict[str, Any]) -> str:
     big = data["big"]
     lines = [
-        "# Celery pipeline overhead",
-        "",
-        machine_markdown(data["machine"]),
-        "",
+        *report_head("Celery pipeline overhead", data["machine"]),
         f"A 4 GiB qcow2 holding 1.2 GiB of data, converted into RBD with Glance's hashes and verified; "
         f"median of {data['repeat']} interleaved runs (min–max).",
         "",

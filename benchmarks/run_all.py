@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, ROOT, machine, machine_markdown, ratio_of, table_rows, timing_cell, timing_of
+from benchmarks.common import RESULTS, ROOT, machine, ratio_of, report_head, table_rows, timing_cell, timing_of
 
 BENCHMARKS = ("inspect_speed", "convert_speed", "pipeline_overhead", "space", "scale_out", "glance_import")
 README = ROOT / "README.md"
@@ -261,7 +261,7 @@ def summary(runs: dict[str, dict[str, Any]]) -> str:
     inspect, convert = load("inspect_speed"), load("convert_speed")
     pipeline, space, scale_out = load("pipeline_overhead"), load("space"), load("scale_out")
     glance = load("glance_import")
-    lines = ["# Benchmark summary", "", machine_markdown(machine()), ""]
+    lines = report_head("Benchmark summary", machine())
     if runs:
         lines += [
             "This run: "

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, ROOT, WORK, BenchCeph, empty_pool, machine, machine_markdown, write_results
+from benchmarks.common import RESULTS, ROOT, WORK, BenchCeph, empty_pool, machine, report_head, write_results
 from diskpipe.jobs.connection import redis_client
 from diskpipe.jobs.records import RedisRecords
 
@@ -286,10 +286,7 @@ def render(data: dict[str, Any]) -> str:
     labels = [label for label in BATCHES if label in data["runs"]["1"]]
     hashes = "with" if data.get("full_hashes", True) else "without"
     lines = [
-        "# Scale-out over worker hosts",
-        "",
-        machine_markdown(data["machine"]),
-        "",
+        *report_head("Scale-out over worker hosts", data["machine"]),
         "Worker hosts are network namespaces on one bridge (scripts/netns-hosts.sh), one Celery worker "
         "process each; Redis and a one-node Ceph (memstore) on bridge addresses. Each batch is submitted "
         f"at once (`send_task`, {hashes} Glance's md5 + sha512 over every byte of the virtual disk): "
