@@ -167,6 +167,36 @@ class BenchCeph:
         return subprocess.run(["rbd", "-c", self.conf, *args], capture_output=True, text=True, check=True).stdout
 
 
+def netns_env(
+    overrides: str, state: Path, defaults: tuple[str, str, int, int], memstore_bytes: int, ceph_timeout: str
+) -> dict[str, str]:
+    """The environment of scripts/netns-hosts.sh: `defaults` are the namespace
+    prefix, the bridge subnet, Redis's and Ceph's ports; each can be overridden
+    by the variable OVERRIDES + NETNS_PREFIX, NETNS_SUBNET, REDIS_PORT, CEPH_PORT."""
+    prefix, subnet, redis_port, ceph_port = defaults
+    return dict(
+        os.environ,
+        DISKPIPE_NETNS_PREFIX=os.environ.get(f"{overrides}NETNS_PREFIX", prefix),
+        DISKPIPE_NETNS_SUBNET=os.environ.get(f"{overrides}NETNS_SUBNET", subnet),
+        DISKPIPE_NETNS_STATE=str(state),
+        DISKPIPE_REDIS_PORT=os.environ.get(f"{overrides}REDIS_PORT", str(redis_port)),
+        DISKPIPE_CEPH_PORT=os.environ.get(f"{overrides}CEPH_PORT", str(ceph_port)),
+        DISKPIPE_CEPH_MEMSTORE_BYTES=str(memstore_bytes),
+        DISKPIPE_CEPH_TIMEOUT=ceph_timeout,
+    )
+
+
+def netns_hosts(env: dict[str, str], *args: str) -> str:
+    """Run scripts/netns-hosts.sh ARGS (up, down, exec HOST -- ...) with `env`
+    (its prefix, subnet, ports); its stdout, or RuntimeError with its stderr."""
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "netns-hosts.sh"), *args], env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"netns-hosts.sh {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
 @contextmanager
 def script_service(name: str, state: Path, env: dict[str, str], announces: str) -> Iterator[str]:
     """Run scripts/NAME-start.sh STATE for the length of the block and stop it

@@ -35,7 +35,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, ROOT, WORK, BenchCeph, empty_pool, machine, report_head, write_results
+from benchmarks.common import (
+    RESULTS,
+    ROOT,
+    WORK,
+    BenchCeph,
+    empty_pool,
+    machine,
+    netns_env,
+    netns_hosts,
+    report_head,
+    write_results,
+)
 from diskpipe.jobs.connection import redis_client
 from diskpipe.jobs.records import RedisRecords
 
@@ -65,27 +76,14 @@ class Hosts:
     """The netns hosts and their services, built for the run and removed after."""
 
     def __init__(self) -> None:
-        self.env = dict(
-            os.environ,
-            DISKPIPE_NETNS_PREFIX=os.environ.get("DISKPIPE_BENCH_NETNS_PREFIX", "dpb"),
-            DISKPIPE_NETNS_SUBNET=os.environ.get("DISKPIPE_BENCH_NETNS_SUBNET", "10.213.1.0/24"),
-            DISKPIPE_NETNS_STATE=str(WORK / "scale-out-services"),
-            DISKPIPE_REDIS_PORT=os.environ.get("DISKPIPE_BENCH_REDIS_PORT", "6399"),
-            DISKPIPE_CEPH_PORT=os.environ.get("DISKPIPE_BENCH_CEPH_PORT", "6798"),
-            DISKPIPE_CEPH_MEMSTORE_BYTES=str(8 << 30),  # at most three 1 GiB images at a time
-            DISKPIPE_CEPH_TIMEOUT="300",
-        )
+        defaults = ("dpb", "10.213.1.0/24", 6399, 6798)
+        # memstore: at most three 1 GiB images at a time
+        self.env = netns_env("DISKPIPE_BENCH_", WORK / "scale-out-services", defaults, 8 << 30, "300")
         self.values: dict[str, str] = {}
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
 
-    def run(self, *args: str) -> str:
-        done = subprocess.run(["bash", str(NETNS), *args], env=self.env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"netns-hosts.sh {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-        return done.stdout
-
     def up(self) -> None:
-        self.values = _parse_env(self.run("up"))
+        self.values = _parse_env(netns_hosts(self.env, "up"))
 
     def down(self) -> None:
         for process in self.workers.values():
@@ -97,7 +95,7 @@ class Hosts:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         self.workers.clear()
-        self.run("down")
+        netns_hosts(self.env, "down")
 
     @property
     def broker(self) -> str:
