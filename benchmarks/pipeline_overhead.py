@@ -2,15 +2,15 @@
 
     python -m benchmarks.pipeline_overhead [--repeat N] [--quick]
 
-1. The same conversion of an image holding more than 1 GiB of data, run
-   directly (`convert_image` + verify, in this process), as the import
-   pipeline in this process (`run_import` with Redis records and a lease, as
-   a worker runs it, without Celery) and as a Celery job
-   (`send_task('diskpipe.import_image')` to a warm worker process, until the
-   record is `active`), interleaved. Goal: the job's overhead ≤ 2 %. The
-   job's record carries the conversion's own step timings, which split the
-   overhead into the conversion in the worker and the rest (queue, records,
-   lease, purge, verify).
+The same conversion of an image holding more than 1 GiB of data, run
+directly (`convert_image` + verify, in this process), as the import pipeline
+in this process (`run_import` with Redis records and a lease, as a worker
+runs it, without Celery) and as a Celery job
+(`send_task('diskpipe.import_image')` to a warm worker process, until the
+record is `active`), interleaved. Goal: the job's overhead ≤ 2 %. The job's
+record carries the conversion's own step timings, which split the overhead
+into the conversion in the worker and the rest (queue, records, lease,
+purge, verify).
 
 Small jobs per minute by number of workers (issue 13's "2 workers vs 1" row)
 is measured in one place, benchmarks.scale_out, with its conditions stated
