@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,9 +116,37 @@ def machine_markdown(info: dict[str, Any]) -> str:
     )
 
 
+def report_head(title: str, info: dict[str, Any]) -> list[str]:
+    """The first lines of every results page: its title and the machine it ran on."""
+    return [f"# {title}", "", machine_markdown(info), ""]
+
+
 def timing_cell(timing: dict[str, Any]) -> str:
     """A Timing's JSON as a table cell: median (min–max), seconds."""
     return f"{timing['median']:.2f} s ({timing['min']:.2f}–{timing['max']:.2f})"
+
+
+Cell = Callable[[dict[str, Any]], str]
+
+
+def timing_of(key: str) -> Cell:
+    """A table cell: the entry's timing `key` (entry["timings"][key])."""
+    return lambda entry: timing_cell(entry["timings"][key])
+
+
+def ratio_of(key: str, *, bold: bool = True) -> Cell:
+    """A table cell: the entry's ratio `key`, as 1.23× (in bold for a headline ratio)."""
+
+    def cell(entry: dict[str, Any]) -> str:
+        text = f"{entry.get(key, float('nan')):.2f}×"
+        return f"**{text}**" if bold else text
+
+    return cell
+
+
+def table_rows(entries: dict[str, dict[str, Any]], cells: Sequence[Cell]) -> list[str]:
+    """One markdown table row per entry: its name, then each cell."""
+    return [f"| {name} | " + " | ".join(cell(entry) for cell in cells) + " |" for name, entry in entries.items()]
 
 
 def write_results(name: str, markdown: str, data: dict[str, Any]) -> Path:
@@ -137,6 +165,36 @@ class BenchCeph:
 
     def rbd(self, *args: str) -> str:
         return subprocess.run(["rbd", "-c", self.conf, *args], capture_output=True, text=True, check=True).stdout
+
+
+def netns_env(
+    overrides: str, state: Path, defaults: tuple[str, str, int, int], memstore_bytes: int, ceph_timeout: str
+) -> dict[str, str]:
+    """The environment of scripts/netns-hosts.sh: `defaults` are the namespace
+    prefix, the bridge subnet, Redis's and Ceph's ports; each can be overridden
+    by the variable OVERRIDES + NETNS_PREFIX, NETNS_SUBNET, REDIS_PORT, CEPH_PORT."""
+    prefix, subnet, redis_port, ceph_port = defaults
+    return dict(
+        os.environ,
+        DISKPIPE_NETNS_PREFIX=os.environ.get(f"{overrides}NETNS_PREFIX", prefix),
+        DISKPIPE_NETNS_SUBNET=os.environ.get(f"{overrides}NETNS_SUBNET", subnet),
+        DISKPIPE_NETNS_STATE=str(state),
+        DISKPIPE_REDIS_PORT=os.environ.get(f"{overrides}REDIS_PORT", str(redis_port)),
+        DISKPIPE_CEPH_PORT=os.environ.get(f"{overrides}CEPH_PORT", str(ceph_port)),
+        DISKPIPE_CEPH_MEMSTORE_BYTES=str(memstore_bytes),
+        DISKPIPE_CEPH_TIMEOUT=ceph_timeout,
+    )
+
+
+def netns_hosts(env: dict[str, str], *args: str) -> str:
+    """Run scripts/netns-hosts.sh ARGS (up, down, exec HOST -- ...) with `env`
+    (its prefix, subnet, ports); its stdout, or RuntimeError with its stderr."""
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "netns-hosts.sh"), *args], env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"netns-hosts.sh {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
 
 
 @contextmanager

@@ -35,6 +35,7 @@ that hashes the whole terabyte, which takes about half an hour).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import statistics
@@ -43,6 +44,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +57,11 @@ from benchmarks.common import (
     empty_pool,
     interleaved,
     machine,
-    machine_markdown,
+    ratio_of,
+    report_head,
     script_service,
-    timing_cell,
+    table_rows,
+    timing_of,
     write_results,
 )
 from benchmarks.guest import build
@@ -132,15 +136,46 @@ def plain_qemu(source: Path, fmt: str, ceph: BenchCeph, options: list[str] | Non
 
 
 def diskpipe_way(
-    source: Path, store: RbdStore, *, hashes: bool, report: list[dict[str, float]], sparse: bool = False
+    source: Path,
+    store: RbdStore | S3Store,
+    *,
+    hashes: bool,
+    report: list[dict[str, float]],
+    sparse: bool = False,
+    verified: bool = True,
 ) -> None:
     image_id = f"dp-{uuid.uuid4().hex[:8]}"
     result = convert_image(ConvertRequest(str(source), image_id, full_hashes=hashes, sparse_hash=sparse), store)
-    started = time.perf_counter()
-    verify(store, result)
     timings = dict(result.timings)
-    timings["verify"] = time.perf_counter() - started
+    if verified:
+        started = time.perf_counter()
+        verify(store, result)
+        timings["verify"] = time.perf_counter() - started
     report.append(timings)
+
+
+# diskpipe's candidates in a row: name -> (Glance's full hashes, the sparse digest)
+DISKPIPE_VARIANTS = {
+    "diskpipe": (True, False),
+    "diskpipe-no-full-hashes": (False, False),
+    "diskpipe-sparse-digest": (False, True),
+}
+
+
+def diskpipe_candidates(
+    source: Path, store: RbdStore | S3Store, variants: tuple[str, ...], *, verified: bool
+) -> tuple[dict[str, Callable[[], None]], dict[str, list[dict[str, float]]]]:
+    """One timed candidate per diskpipe variant, and the lists where each
+    run's convert_image step timings land."""
+    steps: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    candidates = {
+        name: functools.partial(
+            diskpipe_way, source, store, hashes=DISKPIPE_VARIANTS[name][0], sparse=DISKPIPE_VARIANTS[name][1],
+            report=steps[name], verified=verified,
+        )
+        for name in variants
+    }  # fmt: skip
+    return candidates, steps
 
 
 def hash_costs() -> dict[str, float]:
@@ -250,11 +285,6 @@ def operator_upload(client: Any, path: Path, bucket: str) -> None:
     )
 
 
-def diskpipe_s3_way(source: Path, store: S3Store, *, hashes: bool, report: list[dict[str, float]]) -> None:
-    result = convert_image(ConvertRequest(str(source), f"dp-{uuid.uuid4().hex[:8]}", full_hashes=hashes), store)
-    report.append(dict(result.timings))
-
-
 def s3_rows(sources: dict[str, Path], ceph: BenchCeph, repeat: int, port: int, scratch: Path) -> dict[str, Any]:
     env = dict(
         ceph.env, DISKPIPE_RGW_PORT=str(port), DISKPIPE_RGW_ACCESS_KEY=S3_KEYS[0], DISKPIPE_RGW_SECRET_KEY=S3_KEYS[1]
@@ -287,23 +317,18 @@ def s3_rows(sources: dict[str, Path], ceph: BenchCeph, repeat: int, port: int, s
         )
         for name, source in sources.items():
             fmt = SOURCE_FORMAT[name]
-            with_hashes: list[dict[str, float]] = []
-            without_hashes: list[dict[str, float]] = []
+            diskpipe, steps = diskpipe_candidates(
+                source, store, ("diskpipe", "diskpipe-no-full-hashes"), verified=False
+            )
             timings = interleaved(
-                {
-                    "diskpipe": lambda s=source, r=with_hashes: diskpipe_s3_way(s, store, hashes=True, report=r),
-                    "diskpipe-no-full-hashes": lambda s=source, r=without_hashes: diskpipe_s3_way(
-                        s, store, hashes=False, report=r
-                    ),
-                    "operator": lambda s=source, f=fmt: operator_s3_way(s, f, client, bucket, scratch),
-                },
+                {**diskpipe, "operator": lambda s=source, f=fmt: operator_s3_way(s, f, client, bucket, scratch)},
                 repeat,
                 before=lambda: empty_bucket(client, bucket, ceph),
             )
             rows[name] = {
                 "timings": {key: value.to_json() for key, value in timings.items()},
-                "diskpipe_steps": with_hashes,
-                "diskpipe_no_hash_steps": without_hashes,
+                "diskpipe_steps": steps["diskpipe"],
+                "diskpipe_no_hash_steps": steps["diskpipe-no-full-hashes"],
                 "ratio_diskpipe_to_operator": timings["diskpipe"].median / timings["operator"].median,
                 "ratio_no_hashes_to_operator": timings["diskpipe-no-full-hashes"].median / timings["operator"].median,
             }
@@ -373,31 +398,23 @@ def measure_rbd(data: dict[str, Any], sources: dict[str, Path], ceph: BenchCeph,
     store = RbdStore(RbdConfig(conf=ceph.conf, op_timeout=120))
     for name, source in sources.items():
         fmt = SOURCE_FORMAT[name]
-        with_hashes: list[dict[str, float]] = []
-        without_hashes: list[dict[str, float]] = []
-        sparse_only: list[dict[str, float]] = []
+        diskpipe, steps = diskpipe_candidates(source, store, tuple(DISKPIPE_VARIANTS), verified=True)
         timings = interleaved(
             {
-                "diskpipe": lambda s=source, r=with_hashes: diskpipe_way(s, store, hashes=True, report=r),
-                "diskpipe-no-full-hashes": lambda s=source, r=without_hashes: diskpipe_way(
-                    s, store, hashes=False, report=r
-                ),
-                "diskpipe-sparse-digest": lambda s=source, r=sparse_only: diskpipe_way(
-                    s, store, hashes=False, sparse=True, report=r
-                ),
+                **diskpipe,
                 "glance": lambda s=source, f=fmt: glance_way(s, f, ceph, scratch),
                 "qemu-img": lambda s=source, f=fmt: plain_qemu(s, f, ceph),
             },
             repeat,
             before=lambda: empty_pool(ceph),
         )
-        sparse_digest = Timing(tuple(entry["checksum"] for entry in sparse_only))
+        sparse_digest = Timing(tuple(entry["checksum"] for entry in steps["diskpipe-sparse-digest"]))
         data["sources"][name] = {
             "file_size": source.stat().st_size,
             "timings": {key: value.to_json() for key, value in timings.items()},
-            "diskpipe_steps": with_hashes,
-            "diskpipe_no_hash_steps": without_hashes,
-            "diskpipe_sparse_digest_steps": sparse_only,
+            "diskpipe_steps": steps["diskpipe"],
+            "diskpipe_no_hash_steps": steps["diskpipe-no-full-hashes"],
+            "diskpipe_sparse_digest_steps": steps["diskpipe-sparse-digest"],
             "sparse_digest": sparse_digest.to_json(),
             "ratio_diskpipe_to_glance": timings["diskpipe"].median / timings["glance"].median,
             # --no-hashes: no digest at all (the sparse one costs a read of the allocated data).
@@ -421,7 +438,7 @@ def measure_rbd(data: dict[str, Any], sources: dict[str, Path], ceph: BenchCeph,
 
 
 def render(data: dict[str, Any]) -> str:
-    lines = ["# Conversion into Ceph RBD and S3", "", machine_markdown(data["machine"]), ""]
+    lines = report_head("Conversion into Ceph RBD and S3", data["machine"])
     if "s3" in data:
         lines += render_s3(data)
     if data["sources"]:
@@ -431,25 +448,28 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def guest_and_runs(data: dict[str, Any], guest_detail: str = "") -> str:
+    """The sentence every table's introduction starts with: the guest disk and how it is timed."""
+    return (
+        f"Guest disk: {data.get('guest_size', 4 * GiB) / GiB:.0f} GiB virtual{guest_detail}. "
+        f"Median wall time of {data['repeat']} interleaved runs (min–max)"
+    )
+
+
 def render_s3(data: dict[str, Any]) -> list[str]:
     lines = [
         "## Into S3 (Ceph's RADOS Gateway)",
         "",
-        f"Guest disk: {data.get('guest_size', 4 * GiB) / GiB:.0f} GiB virtual. Median wall time of "
-        f"{data['repeat']} interleaved runs (min–max). Both upload with {S3_PART >> 20} MiB parts, "
-        f"{S3_THREADS} in parallel, to a gateway on the same 2-core machine as the client.",
+        guest_and_runs(data) + f". Both upload with {S3_PART >> 20} MiB parts, {S3_THREADS} in parallel, "
+        "to a gateway on the same 2-core machine as the client.",
         "",
         "| source | diskpipe (Glance hashes) | diskpipe (no full hashes) | qemu-img + boto3 upload_file | "
         "diskpipe / script | no-hash / script |",
         "|---|---|---|---|---|---|",
     ]
-    for name, entry in data["s3"].items():
-        timings = entry["timings"]
-        lines.append(
-            f"| {name} | {timing_cell(timings['diskpipe'])} | {timing_cell(timings['diskpipe-no-full-hashes'])} | "
-            f"{timing_cell(timings['operator'])} | **{entry['ratio_diskpipe_to_operator']:.2f}×** | "
-            f"**{entry['ratio_no_hashes_to_operator']:.2f}×** |"
-        )
+    timings = [timing_of(key) for key in ("diskpipe", "diskpipe-no-full-hashes", "operator")]
+    ratios = [ratio_of("ratio_diskpipe_to_operator"), ratio_of("ratio_no_hashes_to_operator")]
+    lines += table_rows(data["s3"], timings + ratios)
     lines += [
         "",
         "diskpipe's steps (medians, seconds; the upload runs beside the hashing, in `seal`):",
@@ -471,31 +491,30 @@ def render_s3(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def sparse_read_back(entry: dict[str, Any]) -> str:
+    """The sparse digest's own read of the allocated data, as a table cell."""
+    return f"{entry['sparse_digest']['median']:.2f} s"
+
+
 def render_rbd(data: dict[str, Any]) -> list[str]:
     lines = [
         "## Into Ceph RBD",
         "",
-        f"Guest disk: {data['guest_size'] / GiB:.0f} GiB virtual, {data['guest']['source']}. Median wall time of "
-        f"{data['repeat']} interleaved runs (min–max); every candidate writes a thin raw image with a protected "
-        "snapshot into the same one-node Ceph.",
+        guest_and_runs(data, f", {data['guest']['source']}")
+        + "; every candidate writes a thin raw image with a protected snapshot into the same one-node Ceph.",
         "",
         "| source | diskpipe (Glance hashes) | diskpipe `--no-hashes` | diskpipe, sparse digest only | Glance's way "
         "| plain qemu-img | diskpipe / Glance | no-hashes / qemu-img | sparse digest / qemu-img | "
         "sparse digest's read-back |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, entry in data["sources"].items():
-        timings = entry["timings"]
-
-        def cell(key: str, timings: dict[str, Any] = timings) -> str:
-            return timing_cell(timings[key])
-
-        lines.append(
-            f"| {name} | {cell('diskpipe')} | {cell('diskpipe-no-full-hashes')} | {cell('diskpipe-sparse-digest')} | "
-            f"{cell('glance')} | {cell('qemu-img')} | **{entry['ratio_diskpipe_to_glance']:.2f}×** | "
-            f"**{entry['ratio_no_hashes_to_qemu_img']:.2f}×** | {entry['ratio_sparse_digest_to_qemu_img']:.2f}× | "
-            f"{entry['sparse_digest']['median']:.2f} s |"
-        )
+    candidates = ("diskpipe", "diskpipe-no-full-hashes", "diskpipe-sparse-digest", "glance", "qemu-img")
+    ratios = [
+        ratio_of("ratio_diskpipe_to_glance"),
+        ratio_of("ratio_no_hashes_to_qemu_img"),
+        ratio_of("ratio_sparse_digest_to_qemu_img", bold=False),
+    ]
+    lines += table_rows(data["sources"], [*map(timing_of, candidates), *ratios, sparse_read_back])
     lines += [
         "",
         "Where diskpipe's time goes with `--no-hashes` (medians, seconds): after qemu-img, the image is sealed "

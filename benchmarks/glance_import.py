@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, ROOT, WORK, machine, machine_markdown, write_results
+from benchmarks.common import RESULTS, ROOT, WORK, machine, report_head, write_results
 
 SCRIPTS = ROOT / "scripts"
 PLUGINS = ("image_conversion", "diskpipe")
@@ -686,20 +686,26 @@ def table(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+# What the timing columns mean (the same in every run).
+TIMING_NOTE = (
+    "The import is mostly Glance's own work: it reads, hashes (md5, sha512) and writes the 4 GiB raw image into "
+    "its store; the plugin's step is the time from the task's start to Glance's store step, from Glance's log. "
+    "Worker CPU: the Glance worker's CPU time with qemu-img's, less disturbed than wall-clock time by the rest of "
+    "a shared machine."
+)
+
+
 def markdown(data: dict[str, Any]) -> str:
     guest = data["guest"]
-    lines = [
-        "# Glance import: image_conversion vs diskpipe",
-        "",
-        machine_markdown(data["machine"]),
-        "",
+    setup = (
         f"Glance 33.0.0 (gunicorn, SQLite, file store), one start per plugin and round. Samples imported with "
         f"`openstack image create --import`; the guest ({guest['virtual_size'] >> 20} MiB virtual, "
         f"{guest['source']}) as qcow2, median of {data['repeat']} interleaved rounds (min–max), each after one "
-        "small import (a running Glance is warm). The import is mostly Glance's own work: it reads, hashes (md5, "
-        "sha512) and writes the 4 GiB raw image into its store; the plugin's step is the time from the task's start "
-        "to Glance's store step, from Glance's log. Worker CPU: the Glance worker's CPU time with qemu-img's, "
-        "less disturbed than wall-clock time by the rest of a shared machine.",
+        "small import (a running Glance is warm). "
+    )
+    lines = [
+        *report_head("Glance import: image_conversion vs diskpipe", data["machine"]),
+        setup + TIMING_NOTE,
         "",
         *table(data),
         "",

@@ -45,7 +45,7 @@ from typing import Any
 from oslo_utils.imageutils import format_inspector
 
 from benchmarks import many_files
-from benchmarks.common import ROOT, WORK, Timing, interleaved, machine, machine_markdown, write_results
+from benchmarks.common import ROOT, WORK, Timing, interleaved, machine, report_head, write_results
 from diskpipe.formats import inspect
 from samples.manifest import Sample, load_manifest
 
@@ -445,10 +445,7 @@ def cli_markdown(cli: dict[str, Any]) -> list[str]:
 
 def markdown_report(data: dict[str, Any]) -> str:
     lines = [
-        "# inspect speed: diskpipe vs oslo.utils vs qemu-img info",
-        "",
-        machine_markdown(data["machine"]),
-        "",
+        *report_head("inspect speed: diskpipe vs oslo.utils vs qemu-img info", data["machine"]),
         f"Corpus: {data['corpus']['images']} images ({data['corpus']['honest']} honest, "
         f"{data['corpus']['hostile']} hostile) in `{data['corpus']['path']}`"
         f"{' — quick subset' if data['quick'] else ''}; {data['repeat']} interleaved passes over the whole corpus "

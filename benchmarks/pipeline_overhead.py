@@ -1,18 +1,20 @@
 """What the Celery pipeline costs on top of the conversion itself.
 
-    python -m benchmarks.pipeline_overhead [--repeat N] [--jobs N] [--quick]
+    python -m benchmarks.pipeline_overhead [--repeat N] [--quick]
 
-1. The same conversion of an image holding more than 1 GiB of data, run
-   directly (`convert_image` + verify, in this process), as the import
-   pipeline in this process (`run_import` with Redis records and a lease, as
-   a worker runs it, without Celery) and as a Celery job
-   (`send_task('diskpipe.import_image')` to a warm worker process, until the
-   record is `active`), interleaved. Goal: the job's overhead ≤ 2 %. The
-   job's record carries the conversion's own step timings, which split the
-   overhead into the conversion in the worker and the rest (queue, records,
-   lease, purge, verify).
-2. Throughput for small images: N jobs submitted at once, with one and with
-   two worker processes, in jobs per minute.
+The same conversion of an image holding more than 1 GiB of data, run
+directly (`convert_image` + verify, in this process), as the import pipeline
+in this process (`run_import` with Redis records and a lease, as a worker
+runs it, without Celery) and as a Celery job
+(`send_task('diskpipe.import_image')` to a warm worker process, until the
+record is `active`), interleaved. Goal: the job's overhead ≤ 2 %. The job's
+record carries the conversion's own step timings, which split the overhead
+into the conversion in the worker and the rest (queue, records, lease,
+purge, verify).
+
+Small jobs per minute by number of workers (issue 13's "2 workers vs 1" row)
+is measured in one place, benchmarks.scale_out, with its conditions stated
+there.
 
 Real parts: a one-node Ceph and a Redis started for the run, `celery worker`
 processes started with the project's configuration file.
@@ -40,7 +42,7 @@ from benchmarks.common import (
     empty_pool,
     interleaved,
     machine,
-    machine_markdown,
+    report_head,
     script_service,
     write_results,
 )
@@ -230,19 +232,16 @@ def measure_big(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=30, help="small jobs per throughput run")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ceph-port", type=int, default=CEPH_PORT, help="mon port of the benchmark's Ceph")
     parser.add_argument("--redis-port", type=int, default=REDIS_PORT, help="port of the benchmark's Redis")
     args = parser.parse_args(argv)
     repeat = 1 if args.quick else args.repeat
-    jobs = 8 if args.quick else args.jobs
     WORK.mkdir(parents=True, exist_ok=True)
     big, small = big_source(), small_source()
     data: dict[str, Any] = {
         "machine": machine(),
         "repeat": repeat,
-        "jobs": jobs,
         "big_source_bytes": big.stat().st_size,
     }
 
@@ -258,20 +257,6 @@ def main(argv: list[str] | None = None) -> int:
         workers.start(1)
         try:
             data.update(measure_big(big, small, store, broker, records, ceph, repeat))
-            empty_pool(ceph)
-            throughput = {}
-            for count in (1, 2):
-                if count == 2:
-                    workers.start(1)
-                started = time.perf_counter()
-                submit_and_wait(broker, records, [small] * jobs)
-                elapsed = time.perf_counter() - started
-                throughput[f"{count} worker{'s' if count > 1 else ''}"] = {
-                    "seconds": elapsed,
-                    "jobs_per_minute": jobs / elapsed * 60,
-                }
-                empty_pool(ceph)
-            data["throughput"] = throughput
         finally:
             workers.stop()
             store.close()
@@ -285,10 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 def render(data: dict[str, Any]) -> str:
     big = data["big"]
     lines = [
-        "# Celery pipeline overhead",
-        "",
-        machine_markdown(data["machine"]),
-        "",
+        *report_head("Celery pipeline overhead", data["machine"]),
         f"A 4 GiB qcow2 holding 1.2 GiB of data, converted into RBD with Glance's hashes and verified; "
         f"median of {data['repeat']} interleaved runs (min–max).",
         "",
@@ -308,14 +290,9 @@ def render(data: dict[str, Any]) -> str:
         "",
         *render_steps(data),
         "",
-        f"Throughput, {data['jobs']} small jobs (256 MiB qcow2, 16 MiB of data) submitted at once:",
+        "Small jobs per minute by number of workers: [scale_out.md](scale_out.md).",
         "",
-        "| workers | seconds | jobs/minute |",
-        "|---|---|---|",
     ]
-    for name, entry in data["throughput"].items():
-        lines.append(f"| {name} | {entry['seconds']:.1f} | {entry['jobs_per_minute']:.0f} |")
-    lines.append("")
     return "\n".join(lines)
 
 

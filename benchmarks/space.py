@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, WORK, BenchCeph, ceph_cluster, machine, machine_markdown, write_results
+from benchmarks.common import RESULTS, WORK, BenchCeph, ceph_cluster, machine, report_head, write_results
 from diskpipe.formats import inspect
 
 MIB = 1 << 20
@@ -523,10 +523,7 @@ def main() -> int:
     info = machine()
     markdown = "\n".join(
         [
-            "# Space per disk format: file, disk and RBD",
-            "",
-            machine_markdown(info),
-            "",
+            *report_head("Space per disk format: file, disk and RBD", info),
             *[markdown_for(result) for result in results],
             NOTES,
             f"Run took {elapsed:.0f} s (`python -m benchmarks.space`).",

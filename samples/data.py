@@ -33,6 +33,13 @@ def text_block(size: int, label: str) -> bytes:
     return (line * (size // len(line) + 1))[:size]
 
 
+def at_both_ends(size: int, first: int, last: int) -> tuple[Write, ...]:
+    """64 KiB of `first` at the start and 64 KiB of `last` at the very end of a
+    `size`-byte disk (the two places a large sparse image must map right)."""
+    head = 64 * 1024
+    return ((0, head, first), (size - head, head, last))
+
+
 def sparse_file(path: Path, size: int, writes: Iterable[Write] = ()) -> Path:
     """A sparse raw file of `size` bytes with pattern-filled extents."""
     with path.open("wb") as out:

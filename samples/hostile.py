@@ -14,6 +14,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from samples import tools
 from samples.data import patch, read_at, seeded, sparse_file
@@ -22,27 +23,33 @@ from samples.recipe import Context, RecipeList
 
 RECIPES = RecipeList()
 KIB, MIB, GIB, TIB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+# qcow2 header fields the cases below change: (offset, struct layout).
+VERSION = (4, ">I")
+CLUSTER_BITS = (20, ">I")
+L1_TABLE_OFFSET = (40, ">Q")
+INCOMPATIBLE_FEATURES = (72, ">Q")
 
 
 def _sample(
-    name: str,
     path: str,
     fmt: str,
-    disk_format: str,
     virtual_size: int,
     checks: list[str],
     description: str,
     *,
+    disk_format: str | None = None,
     contents: list[str] | None = None,
     verdict: str = "unsafe",
     claimed: str | None = None,
     qemu_oracle: bool = False,
 ) -> Sample:
+    """The record of the sample at `path` (hostile/NAME.EXT...), named hostile-NAME;
+    Glance's disk_format is qemu's format name unless given."""
     return Sample(
-        name=name,
+        name="hostile-" + Path(path).name.partition(".")[0],
         file=path,
         format=fmt,
-        disk_format=disk_format,
+        disk_format=disk_format or fmt,
         virtual_size=virtual_size,
         description=description,
         group="hostile",
@@ -61,16 +68,65 @@ def _qcow2(ctx: Context, name: str, size: int = 16 * MIB, options: str = "", *ex
     return path
 
 
+Change = Callable[[Path], None]
+
+
+def _qemu_made(
+    name: str,
+    fmt: str,
+    size: int,
+    checks: list[str],
+    description: str,
+    *,
+    options: str = "",
+    extra: tuple[str, ...] = (),
+    quick: bool = False,
+    **sample: Any,
+) -> Callable[[Change], Change]:
+    """Registers hostile-NAME (NAME up to its first dot): an image of `size` made by
+    `qemu-img create`, which the decorated function then changes in place."""
+
+    def register(change: Change) -> Change:
+        def build(ctx: Context) -> Sample:
+            path = ctx.out(f"hostile/{name}")
+            tools.create(path, fmt, size, options, *extra)
+            change(path)
+            return _sample(f"hostile/{name}", fmt, size, checks, description, **sample)
+
+        RECIPES.add(f"hostile-{name.partition('.')[0]}", quick=quick)(build)
+        return change
+
+    return register
+
+
+def _backing_passwd_case(name: str, fmt: str, description: str) -> None:
+    """Registers hostile-NAME: a 16 MiB image made by qemu-img with /etc/passwd as its (raw) backing file."""
+    backing = ("-u", "-b", "/etc/passwd", "-F", "raw")
+    as_made = _qemu_made(
+        name, fmt, 16 * MIB, ["backing_file"], description, extra=backing, quick=True, qemu_oracle=True
+    )
+    as_made(lambda _path: None)  # qemu-img wrote the hostile part
+
+
+def _edit_field(path: Path, offset: int, layout: str, change: Callable[[int], int]) -> None:
+    """Rewrite one header field in place; `change` maps its old value to the new one."""
+    old = struct.unpack(layout, read_at(path, offset, struct.calcsize(layout)))[0]
+    patch(path, offset, struct.pack(layout, change(old)))
+
+
+def _qcow2_field_case(
+    name: str, field: tuple[int, str], change: Callable[[int], int], checks: list[str], description: str
+) -> None:
+    """Registers hostile-NAME: a 16 MiB qemu-made qcow2 with one header field (offset, struct layout) changed."""
+    _qemu_made(f"{name}.qcow2", "qcow2", 16 * MIB, checks, description)(lambda path: _edit_field(path, *field, change))
+
+
 # -- qcow2 -------------------------------------------------------------------
 
 
-@RECIPES.add("hostile-qcow2-backing-passwd", quick=True)
-def qcow2_backing_passwd(ctx: Context) -> Sample:
-    path = ctx.out("hostile/qcow2-backing-passwd.qcow2")
-    tools.create(path, "qcow2", 16 * MIB, "", "-u", "-b", "/etc/passwd", "-F", "raw")
-    return _sample("hostile-qcow2-backing-passwd", "hostile/qcow2-backing-passwd.qcow2", "qcow2", "qcow2", 16 * MIB,
-                   ["backing_file"], "qcow2 whose backing file is /etc/passwd: qemu would read a host file",
-                   qemu_oracle=True)  # fmt: skip
+_backing_passwd_case(
+    "qcow2-backing-passwd.qcow2", "qcow2", "qcow2 whose backing file is /etc/passwd: qemu would read a host file"
+)
 
 
 @RECIPES.add("hostile-qcow2-backing-no-format")
@@ -80,9 +136,8 @@ def qcow2_backing_no_format(ctx: Context) -> Sample:
     name = b"/etc/shadow"
     patch(path, 8, struct.pack(">QI", 1024, len(name)))
     patch(path, 1024, name)
-    return _sample("hostile-qcow2-backing-no-format", "hostile/qcow2-backing-no-format.qcow2", "qcow2", "qcow2",
-                   16 * MIB, ["backing_file"], "qcow2 naming /etc/shadow as backing file without a format (qemu would probe it)",
-                   qemu_oracle=True)  # fmt: skip
+    return _sample("hostile/qcow2-backing-no-format.qcow2", "qcow2", 16 * MIB, ["backing_file"],
+                   "qcow2 naming /etc/shadow as backing file without a format (qemu would probe it)", qemu_oracle=True)  # fmt: skip
 
 
 @RECIPES.add("hostile-qcow2-data-file", quick=True)
@@ -98,59 +153,36 @@ def qcow2_data_file(ctx: Context) -> Sample:
     image[position - 4 : position] = struct.pack(">I", len(new))
     image[position : position + len(old)] = new + bytes(len(old) - len(new))
     path.write_bytes(bytes(image))
-    return _sample("hostile-qcow2-data-file", "hostile/qcow2-data-file.qcow2", "qcow2", "qcow2", 16 * MIB,
-                   ["data_file"], "qcow2 keeping its data in the external file /etc/hosts (OSSA-2024-001)",
-                   qemu_oracle=True)  # fmt: skip
+    return _sample("hostile/qcow2-data-file.qcow2", "qcow2", 16 * MIB, ["data_file"],
+                   "qcow2 keeping its data in the external file /etc/hosts (OSSA-2024-001)", qemu_oracle=True)  # fmt: skip
 
 
-@RECIPES.add("hostile-qcow2-data-file-bit")
-def qcow2_data_file_bit(ctx: Context) -> Sample:
-    path = _qcow2(ctx, "qcow2-data-file-bit")
-    incompatible = struct.unpack(">Q", read_at(path, 72, 8))[0]
-    patch(path, 72, struct.pack(">Q", incompatible | 4))
-    return _sample("hostile-qcow2-data-file-bit", "hostile/qcow2-data-file-bit.qcow2", "qcow2", "qcow2", 16 * MIB,
-                   ["data_file"], "qcow2 with the external-data-file bit and no name (the data file is given at open time)")  # fmt: skip
+_qcow2_field_case("qcow2-data-file-bit", INCOMPATIBLE_FEATURES, lambda bits: bits | 4, ["data_file"],
+                  "qcow2 with the external-data-file bit and no name (the data file is given at open time)")  # fmt: skip
 
 
-@RECIPES.add("hostile-qcow2-unknown-incompatible")
-def qcow2_unknown_bit(ctx: Context) -> Sample:
-    path = _qcow2(ctx, "qcow2-unknown-incompatible")
-    incompatible = struct.unpack(">Q", read_at(path, 72, 8))[0]
-    patch(path, 72, struct.pack(">Q", incompatible | (1 << 20)))
-    return _sample("hostile-qcow2-unknown-incompatible", "hostile/qcow2-unknown-incompatible.qcow2", "qcow2", "qcow2",
-                   16 * MIB, ["unknown_features"], "qcow2 with an unknown incompatible feature bit (20)")  # fmt: skip
+_qcow2_field_case("qcow2-unknown-incompatible", INCOMPATIBLE_FEATURES, lambda bits: bits | (1 << 20),
+                  ["unknown_features"], "qcow2 with an unknown incompatible feature bit (20)")  # fmt: skip
 
 
-@RECIPES.add("hostile-qcow2-version-4")
-def qcow2_v4(ctx: Context) -> Sample:
-    path = _qcow2(ctx, "qcow2-version-4")
-    patch(path, 4, struct.pack(">I", 4))
-    return _sample("hostile-qcow2-version-4", "hostile/qcow2-version-4.qcow2", "qcow2", "qcow2", 16 * MIB,
-                   ["unsupported_version"], "qcow2 claiming version 4 (does not exist)")  # fmt: skip
+_qcow2_field_case("qcow2-version-4", VERSION, lambda _: 4, ["unsupported_version"],
+                  "qcow2 claiming version 4 (does not exist)")  # fmt: skip
 
 
 @RECIPES.add("hostile-qcow-v1")
 def qcow_v1(ctx: Context) -> Sample:
     path = ctx.out("hostile/qcow-v1.qcow")
     tools.create(path, "qcow", 16 * MIB)
-    return _sample("hostile-qcow-v1", "hostile/qcow-v1.qcow", "qcow", "qcow", 16 * MIB, ["unsupported_version"],
+    return _sample("hostile/qcow-v1.qcow", "qcow", 16 * MIB, ["unsupported_version"],
                    "qcow version 1: obsolete, refused", qemu_oracle=True)  # fmt: skip
 
 
-@RECIPES.add("hostile-qcow2-cluster-bits")
-def qcow2_cluster_bits(ctx: Context) -> Sample:
-    path = _qcow2(ctx, "qcow2-cluster-bits")
-    patch(path, 20, struct.pack(">I", 30))
-    return _sample("hostile-qcow2-cluster-bits", "hostile/qcow2-cluster-bits.qcow2", "qcow2", "qcow2", 16 * MIB,
-                   ["header_sanity"], "qcow2 with cluster_bits 30 (qemu allows 9..21)")  # fmt: skip
+_qcow2_field_case("qcow2-cluster-bits", CLUSTER_BITS, lambda _: 30, ["header_sanity"],
+                  "qcow2 with cluster_bits 30 (qemu allows 9..21)")  # fmt: skip
 
 
-@RECIPES.add("hostile-qcow2-l1-past-eof")
-def qcow2_l1_past_eof(ctx: Context) -> Sample:
-    path = _qcow2(ctx, "qcow2-l1-past-eof")
-    patch(path, 40, struct.pack(">Q", 1 << 30))
-    return _sample("hostile-qcow2-l1-past-eof", "hostile/qcow2-l1-past-eof.qcow2", "qcow2", "qcow2", 16 * MIB,
-                   ["table_past_eof"], "qcow2 whose L1 table lies 1 GiB past the end of the file")  # fmt: skip
+_qcow2_field_case("qcow2-l1-past-eof", L1_TABLE_OFFSET, lambda _: 1 << 30, ["table_past_eof"],
+                  "qcow2 whose L1 table lies 1 GiB past the end of the file")  # fmt: skip
 
 
 @RECIPES.add("hostile-qcow2-overlap")
@@ -158,8 +190,8 @@ def qcow2_overlap(ctx: Context) -> Sample:
     path = _qcow2(ctx, "qcow2-overlap")
     refcount_table = struct.unpack(">Q", read_at(path, 48, 8))[0]
     patch(path, 40, struct.pack(">Q", refcount_table))  # L1 table on top of the refcount table
-    return _sample("hostile-qcow2-overlap", "hostile/qcow2-overlap.qcow2", "qcow2", "qcow2", 16 * MIB,
-                   ["table_overlap"], "qcow2 whose L1 table overlaps its refcount table")  # fmt: skip
+    return _sample("hostile/qcow2-overlap.qcow2", "qcow2", 16 * MIB, ["table_overlap"],
+                   "qcow2 whose L1 table overlaps its refcount table")  # fmt: skip
 
 
 @RECIPES.add("hostile-qcow2-truncated")
@@ -168,16 +200,15 @@ def qcow2_truncated(ctx: Context) -> Sample:
     tools.write(path, "qcow2", [(0, 4 * MIB, 0x5A), (12 * MIB, 4 * MIB, 0xA5)])
     with path.open("r+b") as handle:
         handle.truncate(path.stat().st_size // 2)
-    return _sample("hostile-qcow2-truncated", "hostile/qcow2-truncated.qcow2", "qcow2", "qcow2", 16 * MIB,
-                   ["over_allocation", "table_past_eof"],
+    return _sample("hostile/qcow2-truncated.qcow2", "qcow2", 16 * MIB, ["over_allocation", "table_past_eof"],
                    "qcow2 cut in half: its tables map clusters past the end, more data than the file holds")  # fmt: skip
 
 
 @RECIPES.add("hostile-qcow2-size-bomb", quick=True)
 def qcow2_size_bomb(ctx: Context) -> Sample:
     _qcow2(ctx, "qcow2-size-bomb", 64 * TIB)
-    return _sample("hostile-qcow2-size-bomb", "hostile/qcow2-size-bomb.qcow2", "qcow2", "qcow2", 64 * TIB,
-                   ["virtual_size"], "a few hundred KiB of qcow2 that expands to 64 TiB", qemu_oracle=True)  # fmt: skip
+    return _sample("hostile/qcow2-size-bomb.qcow2", "qcow2", 64 * TIB, ["virtual_size"],
+                   "a few hundred KiB of qcow2 that expands to 64 TiB", qemu_oracle=True)  # fmt: skip
 
 
 @RECIPES.add("hostile-qcow2-with-vhd-footer")
@@ -191,8 +222,8 @@ def qcow2_with_vhd_footer(ctx: Context) -> Sample:
     struct.pack_into(">I", footer, 64, ~sum(footer) & 0xFFFFFFFF)
     with path.open("ab") as handle:
         handle.write(footer)
-    return _sample("hostile-qcow2-with-vhd-footer", "hostile/qcow2-with-vhd-footer.qcow2", "qcow2", "qcow2", 16 * MIB,
-                   ["multiple_formats"], "a qcow2 that also ends in a fixed-VHD footer: two formats in one file")  # fmt: skip
+    return _sample("hostile/qcow2-with-vhd-footer.qcow2", "qcow2", 16 * MIB, ["multiple_formats"],
+                   "a qcow2 that also ends in a fixed-VHD footer: two formats in one file")  # fmt: skip
 
 
 @RECIPES.add("hostile-qcow2-over-iso", quick=True)
@@ -218,25 +249,23 @@ def qcow2_over_iso(ctx: Context) -> Sample:
     image[: len(header)] = header
     path = ctx.out("hostile/qcow2-over-iso.iso")
     path.write_bytes(bytes(image))
-    return _sample("hostile-qcow2-over-iso", "hostile/qcow2-over-iso.iso", "qcow2", "qcow2", MIB, ["multiple_formats"],
-                   "a qcow2 header hidden in an ISO's system area (one format inside another)",
-                   contents=["iso"])  # fmt: skip
+    return _sample("hostile/qcow2-over-iso.iso", "qcow2", MIB, ["multiple_formats"],
+                   "a qcow2 header hidden in an ISO's system area (one format inside another)", contents=["iso"])  # fmt: skip
 
 
 @RECIPES.add("hostile-claimed-raw-but-qcow2", quick=True)
 def claimed_raw(ctx: Context) -> Sample:
     _qcow2(ctx, "claimed-raw-but-qcow2")
-    return _sample("hostile-claimed-raw-but-qcow2", "hostile/claimed-raw-but-qcow2.qcow2", "qcow2", "qcow2", 16 * MIB,
-                   ["claimed_format"], "an honest qcow2 uploaded as raw (Glance only warns)", claimed="raw",
-                   qemu_oracle=True)  # fmt: skip
+    return _sample("hostile/claimed-raw-but-qcow2.qcow2", "qcow2", 16 * MIB, ["claimed_format"],
+                   "an honest qcow2 uploaded as raw (Glance only warns)", claimed="raw", qemu_oracle=True)  # fmt: skip
 
 
 @RECIPES.add("hostile-claimed-qcow2-but-vmdk")
 def claimed_qcow2(ctx: Context) -> Sample:
     path = ctx.out("hostile/claimed-qcow2-but-vmdk.vmdk")
     tools.create(path, "vmdk", 16 * MIB)
-    return _sample("hostile-claimed-qcow2-but-vmdk", "hostile/claimed-qcow2-but-vmdk.vmdk", "vmdk", "vmdk", 16 * MIB,
-                   ["claimed_format"], "an honest vmdk uploaded as qcow2", claimed="qcow2", qemu_oracle=True)  # fmt: skip
+    return _sample("hostile/claimed-qcow2-but-vmdk.vmdk", "vmdk", 16 * MIB, ["claimed_format"],
+                   "an honest vmdk uploaded as qcow2", claimed="qcow2", qemu_oracle=True)  # fmt: skip
 
 
 @RECIPES.add("hostile-claimed-iso-but-raw")
@@ -244,8 +273,8 @@ def claimed_iso(ctx: Context) -> Sample:
     path = ctx.out("hostile/claimed-iso-but-raw.raw")
     sparse_file(path, 4 * MIB)
     patch(path, 0, seeded(4096, 7))  # binary data, nothing recognisable
-    return _sample("hostile-claimed-iso-but-raw", "hostile/claimed-iso-but-raw.raw", "raw", "raw", 4 * MIB,
-                   ["claimed_format"], "raw data without an ISO volume, claimed iso", claimed="iso", qemu_oracle=True)  # fmt: skip
+    return _sample("hostile/claimed-iso-but-raw.raw", "raw", 4 * MIB, ["claimed_format"],
+                   "raw data without an ISO volume, claimed iso", claimed="iso", qemu_oracle=True)  # fmt: skip
 
 
 # -- vmdk --------------------------------------------------------------------
@@ -276,31 +305,30 @@ def _text_vmdk(ctx: Context, name: str, create_type: str, extents: str) -> Path:
 @RECIPES.add("hostile-vmdk-extent-host-path", quick=True)
 def vmdk_host_path(ctx: Context) -> Sample:
     _text_vmdk(ctx, "vmdk-extent-host-path", "monolithicFlat", 'RW 8 FLAT "/etc/passwd" 0')
-    return _sample("hostile-vmdk-extent-host-path", "hostile/vmdk-extent-host-path.vmdk", "vmdk", "vmdk", 4096,
-                   ["vmdk_create_type", "vmdk_extents"], "vmdk descriptor whose flat extent is /etc/passwd (CVE-2015-5162 family)")  # fmt: skip
+    return _sample("hostile/vmdk-extent-host-path.vmdk", "vmdk", 4096, ["vmdk_create_type", "vmdk_extents"],
+                   "vmdk descriptor whose flat extent is /etc/passwd (CVE-2015-5162 family)")  # fmt: skip
 
 
 @RECIPES.add("hostile-vmdk-extent-dotdot")
 def vmdk_dotdot(ctx: Context) -> Sample:
     _text_vmdk(ctx, "vmdk-extent-dotdot", "monolithicFlat", 'RW 2048 FLAT "../../var/lib/secret.img" 0')
-    return _sample("hostile-vmdk-extent-dotdot", "hostile/vmdk-extent-dotdot.vmdk", "vmdk", "vmdk", MIB,
-                   ["vmdk_create_type", "vmdk_extents"], "vmdk descriptor with an extent outside its directory")  # fmt: skip
+    return _sample("hostile/vmdk-extent-dotdot.vmdk", "vmdk", MIB, ["vmdk_create_type", "vmdk_extents"],
+                   "vmdk descriptor with an extent outside its directory")  # fmt: skip
 
 
 @RECIPES.add("hostile-vmdk-split")
 def vmdk_split(ctx: Context) -> Sample:
     path = ctx.out("hostile/vmdk-split.vmdk")
     tools.create(path, "vmdk", 3 * GIB, "subformat=twoGbMaxExtentFlat")
-    return _sample("hostile-vmdk-split", "hostile/vmdk-split.vmdk", "vmdk", "vmdk", 3 * GIB,
-                   ["vmdk_create_type", "vmdk_extents"], "twoGbMaxExtentFlat: a descriptor and two flat extent files",
-                   qemu_oracle=True)  # fmt: skip
+    return _sample("hostile/vmdk-split.vmdk", "vmdk", 3 * GIB, ["vmdk_create_type", "vmdk_extents"],
+                   "twoGbMaxExtentFlat: a descriptor and two flat extent files", qemu_oracle=True)  # fmt: skip
 
 
 @RECIPES.add("hostile-vmdk-text-claims-sparse")
 def vmdk_text_sparse(ctx: Context) -> Sample:
     _text_vmdk(ctx, "vmdk-text-claims-sparse", "monolithicSparse", 'RW 2048 SPARSE "disk.vmdk"')
-    return _sample("hostile-vmdk-text-claims-sparse", "hostile/vmdk-text-claims-sparse.vmdk", "vmdk", "vmdk", MIB,
-                   ["vmdk_descriptor", "vmdk_extents"], "a text descriptor that claims a sparse createType (qemu refuses it)")  # fmt: skip
+    return _sample("hostile/vmdk-text-claims-sparse.vmdk", "vmdk", MIB, ["vmdk_descriptor", "vmdk_extents"],
+                   "a text descriptor that claims a sparse createType (qemu refuses it)")  # fmt: skip
 
 
 def _sparse_vmdk(ctx: Context, name: str, size: int = 16 * MIB) -> Path:
@@ -317,59 +345,49 @@ def _edit_embedded_descriptor(path: Path, edit: Callable[[str], str], padding: b
     patch(path, 512, new + bytes(len(region) - len(new)))
 
 
-@RECIPES.add("hostile-vmdk-bad-descriptor-line", quick=True)
-def vmdk_bad_line(ctx: Context) -> Sample:
-    path = _sparse_vmdk(ctx, "vmdk-bad-descriptor-line")
+def _sparse_vmdk_case(
+    name: str, checks: list[str], description: str, *, quick: bool = False
+) -> Callable[[Change], Change]:
+    """A 16 MiB qemu-made monolithicSparse vmdk that the decorated function changes."""
+    return _qemu_made(f"{name}.vmdk", "vmdk", 16 * MIB, checks, description, quick=quick, qemu_oracle=True)
+
+
+@_sparse_vmdk_case("vmdk-bad-descriptor-line", ["vmdk_descriptor"],
+                   "monolithicSparse whose descriptor has a line of free text", quick=True)  # fmt: skip
+def vmdk_bad_line(path: Path) -> None:
     _edit_embedded_descriptor(path, lambda text: text + "this line is neither key=value nor an extent\n")
-    return _sample("hostile-vmdk-bad-descriptor-line", "hostile/vmdk-bad-descriptor-line.vmdk", "vmdk", "vmdk", 16 * MIB,
-                   ["vmdk_descriptor"], "monolithicSparse whose descriptor has a line of free text", qemu_oracle=True)  # fmt: skip
 
 
-@RECIPES.add("hostile-vmdk-hidden-text")
-def vmdk_hidden(ctx: Context) -> Sample:
-    path = _sparse_vmdk(ctx, "vmdk-hidden-text")
+@_sparse_vmdk_case("vmdk-hidden-text", ["vmdk_descriptor"], "monolithicSparse hiding an extent line behind NUL padding")
+def vmdk_hidden(path: Path) -> None:
     hidden = b'\nRW 8 FLAT "/etc/shadow" 0\n'
     _edit_embedded_descriptor(path, lambda text: text, padding=bytes(64) + hidden)
-    return _sample("hostile-vmdk-hidden-text", "hostile/vmdk-hidden-text.vmdk", "vmdk", "vmdk", 16 * MIB,
-                   ["vmdk_descriptor"], "monolithicSparse hiding an extent line behind NUL padding", qemu_oracle=True)  # fmt: skip
 
 
-@RECIPES.add("hostile-vmdk-embedded-claims-flat")
-def vmdk_embedded_flat(ctx: Context) -> Sample:
-    path = _sparse_vmdk(ctx, "vmdk-embedded-claims-flat")
+@_sparse_vmdk_case("vmdk-embedded-claims-flat", ["vmdk_descriptor"],
+                   "sparse extent whose embedded descriptor claims monolithicFlat")  # fmt: skip
+def vmdk_embedded_flat(path: Path) -> None:
     _edit_embedded_descriptor(
         path, lambda text: text.replace('createType="monolithicSparse"', 'createType="monolithicFlat"')
     )
-    return _sample("hostile-vmdk-embedded-claims-flat", "hostile/vmdk-embedded-claims-flat.vmdk", "vmdk", "vmdk",
-                   16 * MIB, ["vmdk_descriptor"], "sparse extent whose embedded descriptor claims monolithicFlat",
-                   qemu_oracle=True)  # fmt: skip
 
 
-@RECIPES.add("hostile-vmdk-oversized-descriptor")
-def vmdk_oversized(ctx: Context) -> Sample:
-    path = _sparse_vmdk(ctx, "vmdk-oversized-descriptor")
+@_sparse_vmdk_case("vmdk-oversized-descriptor", ["vmdk_descriptor"], "sparse extent declaring a 4 MiB descriptor")
+def vmdk_oversized(path: Path) -> None:
     patch(path, 36, struct.pack("<Q", 8192))  # descriptor size: 4 MiB of sectors
-    return _sample("hostile-vmdk-oversized-descriptor", "hostile/vmdk-oversized-descriptor.vmdk", "vmdk", "vmdk",
-                   16 * MIB, ["vmdk_descriptor"], "sparse extent declaring a 4 MiB descriptor", qemu_oracle=True)  # fmt: skip
 
 
-@RECIPES.add("hostile-vmdk-parent-hint")
-def vmdk_parent(ctx: Context) -> Sample:
-    path = _sparse_vmdk(ctx, "vmdk-parent-hint")
+@_sparse_vmdk_case("vmdk-parent-hint", ["backing_file"], "sparse vmdk naming /etc/passwd as its parent")
+def vmdk_parent(path: Path) -> None:
     _edit_embedded_descriptor(
         path, lambda text: text.replace("parentCID=ffffffff", 'parentCID=ffffffff\nparentFileNameHint="/etc/passwd"')
     )
-    return _sample("hostile-vmdk-parent-hint", "hostile/vmdk-parent-hint.vmdk", "vmdk", "vmdk", 16 * MIB,
-                   ["backing_file"], "sparse vmdk naming /etc/passwd as its parent", qemu_oracle=True)  # fmt: skip
 
 
-@RECIPES.add("hostile-vmdk-bad-footer")
-def vmdk_bad_footer(ctx: Context) -> Sample:
-    path = ctx.out("hostile/vmdk-bad-footer.vmdk")
-    tools.create(path, "vmdk", 16 * MIB, "subformat=streamOptimized")
+@_qemu_made("vmdk-bad-footer.vmdk", "vmdk", 16 * MIB, ["vmdk_footer"],
+            "streamOptimized promising a footer that is not there", options="subformat=streamOptimized")  # fmt: skip
+def vmdk_bad_footer(path: Path) -> None:
     patch(path, 56, struct.pack("<Q", 0xFFFFFFFFFFFFFFFF))  # GD at the end, but no footer there
-    return _sample("hostile-vmdk-bad-footer", "hostile/vmdk-bad-footer.vmdk", "vmdk", "vmdk", 16 * MIB,
-                   ["vmdk_footer"], "streamOptimized promising a footer that is not there")  # fmt: skip
 
 
 @RECIPES.add("hostile-vmdk-footer-disagrees")
@@ -385,8 +403,8 @@ def vmdk_footer_disagrees(ctx: Context) -> Sample:
     footer_marker = struct.pack("<QII", 0, 0, 3) + bytes(496)
     end_marker = bytes(512)
     patch(path, size - 512, footer_marker + bytes(footer_header) + end_marker)
-    return _sample("hostile-vmdk-footer-disagrees", "hostile/vmdk-footer-disagrees.vmdk", "vmdk", "vmdk", 64 * MIB,
-                   ["vmdk_footer"], "streamOptimized whose footer header disagrees with its head (capacity)")  # fmt: skip
+    return _sample("hostile/vmdk-footer-disagrees.vmdk", "vmdk", 64 * MIB, ["vmdk_footer"],
+                   "streamOptimized whose footer header disagrees with its head (capacity)")  # fmt: skip
 
 
 def _cowd(path: Path, descriptor: bytes) -> None:
@@ -399,7 +417,7 @@ def _cowd(path: Path, descriptor: bytes) -> None:
 @RECIPES.add("hostile-vmdk-cowd")
 def vmdk_cowd(ctx: Context) -> Sample:
     _cowd(ctx.out("hostile/vmdk-cowd.vmdk"), b"CID=12345678\nparentCID=ffffffff\n")
-    return _sample("hostile-vmdk-cowd", "hostile/vmdk-cowd.vmdk", "vmdk", "vmdk", MIB, ["vmdk_create_type"],
+    return _sample("hostile/vmdk-cowd.vmdk", "vmdk", MIB, ["vmdk_create_type"],
                    "an ESX 2 COWD sparse extent (vmfsSparse): not an accepted createType", qemu_oracle=True)  # fmt: skip
 
 
@@ -407,10 +425,8 @@ def vmdk_cowd(ctx: Context) -> Sample:
 def vmdk_cowd_parent(ctx: Context) -> Sample:
     _cowd(ctx.out("hostile/vmdk-cowd-parent-hint.vmdk"),
           b'CID=12345678\nparentCID=ffffffff\nparentFileNameHint="/etc/passwd"\n')  # fmt: skip
-    return _sample("hostile-vmdk-cowd-parent-hint", "hostile/vmdk-cowd-parent-hint.vmdk", "vmdk", "vmdk", MIB,
-                   ["backing_file", "vmdk_create_type"],
-                   "COWD extent whose text at byte 512 names /etc/passwd as parent: qemu follows it",
-                   qemu_oracle=True)  # fmt: skip
+    return _sample("hostile/vmdk-cowd-parent-hint.vmdk", "vmdk", MIB, ["backing_file", "vmdk_create_type"],
+                   "COWD extent whose text at byte 512 names /etc/passwd as parent: qemu follows it", qemu_oracle=True)  # fmt: skip
 
 
 @RECIPES.add("hostile-vmdk-capacity0-parent-hint")
@@ -426,8 +442,7 @@ def vmdk_capacity0_parent(ctx: Context) -> Sample:
     region = (b'# Disk DescriptorFile\nversion=1\nCID=9abcdef0\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
               b'RW 2048 FLAT "vmdk-capacity0-parent-hint.vmdk" 0\n')  # fmt: skip
     patch(path, 512, qemu_text + bytes(1024 - len(qemu_text)) + region + bytes(2048 - len(region)))
-    return _sample("hostile-vmdk-capacity0-parent-hint", rel, "vmdk", "vmdk", MIB,
-                   ["backing_file", "vmdk_create_type", "vmdk_descriptor"],
+    return _sample(rel, "vmdk", MIB, ["backing_file", "vmdk_create_type", "vmdk_descriptor"],
                    "capacity-0 sparse extent: descriptor region elsewhere, /etc/passwd as parent hint at byte 512",
                    qemu_oracle=True)  # fmt: skip
 
@@ -446,29 +461,19 @@ def vmdk_stream_gd_past_eof(ctx: Context) -> Sample:
     patch(path, 0, bytes(header))
     footer_marker = struct.pack("<QII", 1, 0, 3).ljust(512, b"\0")
     patch(path, size - 512, footer_marker + bytes(footer_header) + bytes(512))
-    return _sample("hostile-vmdk-stream-gd-past-eof", "hostile/vmdk-stream-gd-past-eof.vmdk", "vmdk", "vmdk",
-                   16 * MIB, ["table_past_eof"], "streamOptimized whose footer puts the grain directory past the end of the file",
-                   qemu_oracle=True)  # fmt: skip
+    return _sample("hostile/vmdk-stream-gd-past-eof.vmdk", "vmdk", 16 * MIB, ["table_past_eof"],
+                   "streamOptimized whose footer puts the grain directory past the end of the file", qemu_oracle=True)  # fmt: skip
 
 
 # -- other formats -------------------------------------------------------------
 
 
-@RECIPES.add("hostile-qed-backing", quick=True)
-def qed_backing(ctx: Context) -> Sample:
-    path = ctx.out("hostile/qed-backing.qed")
-    tools.create(path, "qed", 16 * MIB, "", "-u", "-b", "/etc/passwd", "-F", "raw")
-    return _sample("hostile-qed-backing", "hostile/qed-backing.qed", "qed", "qed", 16 * MIB, ["backing_file"],
-                   "QED with /etc/passwd as backing file (QED itself is honest)", qemu_oracle=True)  # fmt: skip
+_backing_passwd_case("qed-backing.qed", "qed", "QED with /etc/passwd as backing file (QED itself is honest)")
 
 
-@RECIPES.add("hostile-qed-unknown-feature")
-def qed_unknown(ctx: Context) -> Sample:
-    path = ctx.out("hostile/qed-unknown-feature.qed")
-    tools.create(path, "qed", 16 * MIB)
+@_qemu_made("qed-unknown-feature.qed", "qed", 16 * MIB, ["unknown_features"], "QED with an unknown feature bit")
+def qed_unknown(path: Path) -> None:
     patch(path, 16, struct.pack("<Q", 1 << 10))
-    return _sample("hostile-qed-unknown-feature", "hostile/qed-unknown-feature.qed", "qed", "qed", 16 * MIB,
-                   ["unknown_features"], "QED with an unknown feature bit")  # fmt: skip
 
 
 @RECIPES.add("hostile-vpc-differencing")
@@ -485,28 +490,21 @@ def vpc_differencing(ctx: Context) -> Sample:
     struct.pack_into(">4sIIIQ", image, 512 + 576, b"W2ku", 512, 40, 0, 0)
     path.write_bytes(bytes(image))
     size = tools.info(path, "vpc")["virtual-size"]
-    return _sample("hostile-vpc-differencing", "hostile/vpc-differencing.vhd", "vpc", "vhd", size,
-                   ["differencing_disk"], "a differencing VHD naming a parent", qemu_oracle=True)  # fmt: skip
+    return _sample("hostile/vpc-differencing.vhd", "vpc", size, ["differencing_disk"],
+                   "a differencing VHD naming a parent", disk_format="vhd", qemu_oracle=True)  # fmt: skip
 
 
-@RECIPES.add("hostile-vdi-parent")
-def vdi_parent(ctx: Context) -> Sample:
-    path = ctx.out("hostile/vdi-parent.vdi")
-    tools.create(path, "vdi", 16 * MIB)
+@_qemu_made("vdi-parent.vdi", "vdi", 16 * MIB, ["differencing_disk"], "a VirtualBox differencing image (link UUID set)")
+def vdi_parent(path: Path) -> None:
     patch(path, 0x1A8, bytes(range(1, 17)))  # uuid_link: a parent image
-    return _sample("hostile-vdi-parent", "hostile/vdi-parent.vdi", "vdi", "vdi", 16 * MIB, ["differencing_disk"],
-                   "a VirtualBox differencing image (link UUID set)")  # fmt: skip
 
 
-@RECIPES.add("hostile-vdi-over-allocation")
-def vdi_over_allocation(ctx: Context) -> Sample:
-    path = ctx.out("hostile/vdi-over-allocation.vdi")
-    tools.create(path, "vdi", 64 * MIB)
+@_qemu_made("vdi-over-allocation.vdi", "vdi", 64 * MIB, ["over_allocation"],
+            "VDI whose block map sends 64 blocks to one data block (claims more than the file holds)")  # fmt: skip
+def vdi_over_allocation(path: Path) -> None:
     tools.write(path, "vdi", [(0, MIB, 0x77)])
     offset_bmap = struct.unpack("<I", read_at(path, 0x154, 4))[0]
     patch(path, offset_bmap, struct.pack("<I", 0) * 64)  # every block maps to data block 0
-    return _sample("hostile-vdi-over-allocation", "hostile/vdi-over-allocation.vdi", "vdi", "vdi", 64 * MIB,
-                   ["over_allocation"], "VDI whose block map sends 64 blocks to one data block (claims more than the file holds)")  # fmt: skip
 
 
 def _vhdx_patch_metadata_flags(path: Path, flags: int) -> None:
@@ -523,13 +521,9 @@ def _vhdx_patch_metadata_flags(path: Path, flags: int) -> None:
     raise RuntimeError("file parameters item not found")
 
 
-@RECIPES.add("hostile-vhdx-parent")
-def vhdx_parent(ctx: Context) -> Sample:
-    path = ctx.out("hostile/vhdx-parent.vhdx")
-    tools.create(path, "vhdx", 16 * MIB)
+@_qemu_made("vhdx-parent.vhdx", "vhdx", 16 * MIB, ["differencing_disk"], "a VHDX that declares a parent (differencing)")
+def vhdx_parent(path: Path) -> None:
     _vhdx_patch_metadata_flags(path, 2)  # has_parent
-    return _sample("hostile-vhdx-parent", "hostile/vhdx-parent.vhdx", "vhdx", "vhdx", 16 * MIB, ["differencing_disk"],
-                   "a VHDX that declares a parent (differencing)")  # fmt: skip
 
 
 @RECIPES.add("hostile-vhdx-region-limits")
@@ -544,8 +538,8 @@ def vhdx_region_limits(ctx: Context) -> Sample:
         struct.pack_into("<I", table, 4, 0)
         struct.pack_into("<I", table, 4, crc32c(bytes(table)))
         patch(path, table_offset, bytes(table))
-    return _sample("hostile-vhdx-region-limits", "hostile/vhdx-region-limits.vhdx", "vhdx", "vhdx", 16 * MIB,
-                   ["vhdx_tables"], "VHDX region table claiming 4000 entries (limit 2047), checksums intact")  # fmt: skip
+    return _sample("hostile/vhdx-region-limits.vhdx", "vhdx", 16 * MIB, ["vhdx_tables"],
+                   "VHDX region table claiming 4000 entries (limit 2047), checksums intact")  # fmt: skip
 
 
 # -- partitions and other contents -------------------------------------------------
@@ -563,8 +557,8 @@ def gpt_extra_partitions(ctx: Context) -> Sample:
     # A second MBR partition beside the protective one: a hybrid MBR that
     # shows another partition layout to BIOS tools than GPT shows.
     patch(path, 446 + 16, bytes([0x80, 0, 0x21, 0, 0x83, 0, 0, 0]) + struct.pack("<II", 2048, 32768))
-    return _sample("hostile-gpt-extra-partitions", "hostile/gpt-extra-partitions.raw", "raw", "raw", 64 * MIB,
-                   ["protective_mbr"], "GPT disk whose protective MBR carries an extra partition", contents=["gpt", "mbr"],
+    return _sample("hostile/gpt-extra-partitions.raw", "raw", 64 * MIB, ["protective_mbr"],
+                   "GPT disk whose protective MBR carries an extra partition", contents=["gpt", "mbr"],
                    qemu_oracle=True)  # fmt: skip
 
 
@@ -578,8 +572,9 @@ def luks2(ctx: Context) -> Sample:
     tools.run(["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2",
                "--pbkdf-force-iterations", "1000", "--key-file", str(key), str(path)])  # fmt: skip
     tools.dig_holes(path)
-    return _sample("hostile-luks2", "hostile/luks2.img", "raw", "raw", 32 * MIB, ["luks_unsupported"],
-                   "LUKS2: qemu 7.2 cannot open it; nothing inside can be inspected", contents=["luks"], qemu_oracle=True)  # fmt: skip
+    return _sample("hostile/luks2.img", "raw", 32 * MIB, ["luks_unsupported"],
+                   "LUKS2: qemu 7.2 cannot open it; nothing inside can be inspected", contents=["luks"],
+                   qemu_oracle=True)  # fmt: skip
 
 
 @RECIPES.add("hostile-gzip-qcow2")
@@ -592,7 +587,7 @@ def gzip_qcow2(ctx: Context) -> Sample:
     with gzip.GzipFile(path, "wb", mtime=0) as out:
         out.write(source.read_bytes())
     size = -(-path.stat().st_size // 512) * 512
-    return _sample("hostile-gzip-qcow2", "hostile/gzip-qcow2.qcow2.gz", "raw", "raw", size, ["not_a_disk_image"],
+    return _sample("hostile/gzip-qcow2.qcow2.gz", "raw", size, ["not_a_disk_image"],
                    "a gzipped qcow2 uploaded as is (unpack it first)", contents=["compressed"])  # fmt: skip
 
 
@@ -601,5 +596,5 @@ def text_claimed_raw(ctx: Context) -> Sample:
     path = ctx.out("hostile/text-claimed-raw.raw")
     path.write_text("#!/bin/sh\necho this is a shell script, not a disk\n" * 20)
     size = -(-path.stat().st_size // 512) * 512
-    return _sample("hostile-text-claimed-raw", "hostile/text-claimed-raw.raw", "raw", "raw", size, ["not_a_disk_image"],
+    return _sample("hostile/text-claimed-raw.raw", "raw", size, ["not_a_disk_image"],
                    "a text file uploaded as a raw disk", contents=["text"], claimed="raw")  # fmt: skip

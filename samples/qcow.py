@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from samples import tools
-from samples.data import SECRET, patch, seeded, sparse_file, text_block
+from samples.data import SECRET, at_both_ends, patch, seeded, sparse_file, text_block
 from samples.manifest import Sample
 from samples.recipe import Context, Recipe, RecipeList
 from samples.tools import Write
@@ -104,7 +104,7 @@ SPECS = (
         "qcow2-1t-c64k",
         "1 TiB virtual, 64 KiB clusters, data at both ends",
         size=TIB,
-        writes=((0, 64 * KIB, 0x66), (TIB - 64 * KIB, 64 * KIB, 0x67)),
+        writes=at_both_ends(TIB, 0x66, 0x67),
     ),
     Spec(
         "qcow2-1t-c2m",
@@ -112,7 +112,7 @@ SPECS = (
         "cluster_size=2M",
         size=TIB,
         granule=2 * MIB,
-        writes=((0, 64 * KIB, 0x68), (TIB - 64 * KIB, 64 * KIB, 0x69)),
+        writes=at_both_ends(TIB, 0x68, 0x69),
     ),
     Spec(
         "qcow2-data-offsets",

@@ -15,7 +15,7 @@ from pathlib import Path
 import google_crc32c
 
 from samples import tools
-from samples.data import DISK_UUID, PART_UUIDS, patch, read_at
+from samples.data import DISK_UUID, PART_UUIDS, at_both_ends, patch, read_at
 from samples.manifest import Sample
 from samples.recipe import Context, Recipe, RecipeList
 from samples.tools import Write
@@ -88,6 +88,8 @@ def _spread(size: int) -> tuple[Write, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Spec:
+    """A sample `qemu-img create` makes in format `fmt`, then qemu-io fills with `writes`."""
+
     name: str
     fmt: str
     description: str
@@ -97,6 +99,11 @@ class Spec:
     writes: tuple[Write, ...] | None = None  # None: `_spread(size)`
     virtual_size: int | None = None  # None: `size`
     quick: bool = False
+
+
+def _one_tib(name: str, fmt: str, description: str, granule: int = 0) -> Spec:
+    """1 TiB of virtual disk with data at both ends: tables at their largest, the last block mapped."""
+    return Spec(name, fmt, description, size=TIB, granule=granule, writes=at_both_ends(TIB, 0x11, 0x33))
 
 
 SPECS = (
@@ -111,13 +118,7 @@ SPECS = (
     ),
     Spec("vhdx-bs1m", "vhdx", "dynamic VHDX, smallest block size 1 MiB", options="block_size=1M"),
     Spec("vhdx-bs32m", "vhdx", "dynamic VHDX, 32 MiB blocks", options="block_size=32M"),
-    Spec(
-        "vhdx-1t",
-        "vhdx",
-        "1 TiB dynamic VHDX (qemu picks 32 MiB blocks)",
-        size=TIB,
-        writes=((0, 64 * KIB, 0x11), (TIB - 64 * KIB, 64 * KIB, 0x33)),
-    ),
+    _one_tib("vhdx-1t", "vhdx", "1 TiB dynamic VHDX (qemu picks 32 MiB blocks)"),
     Spec("vdi-dynamic", "vdi", "dynamic VDI (1 MiB blocks)", granule=MIB, quick=True),
     Spec(
         "vdi-static",
@@ -136,14 +137,7 @@ SPECS = (
         writes=((0, 4 * KIB, 0x11),),
         virtual_size=1_000_448,
     ),
-    Spec(
-        "vdi-1t",
-        "vdi",
-        "1 TiB dynamic VDI (its block map alone is 4 MiB)",
-        size=TIB,
-        granule=MIB,
-        writes=((0, 64 * KIB, 0x11), (TIB - 64 * KIB, 64 * KIB, 0x33)),
-    ),
+    _one_tib("vdi-1t", "vdi", "1 TiB dynamic VDI (its block map alone is 4 MiB)", granule=MIB),
     Spec("qed-default", "qed", "QED, qemu defaults (64 KiB clusters, 4-cluster tables)", granule=64 * KIB, quick=True),
     Spec(
         "qed-c4k-t16",
@@ -152,14 +146,7 @@ SPECS = (
         options="cluster_size=4096,table_size=16",
         granule=4 * KIB,
     ),
-    Spec(
-        "qed-1t",
-        "qed",
-        "1 TiB QED with data at both ends",
-        size=TIB,
-        granule=64 * KIB,
-        writes=((0, 64 * KIB, 0x11), (TIB - 64 * KIB, 64 * KIB, 0x33)),
-    ),
+    _one_tib("qed-1t", "qed", "1 TiB QED with data at both ends", granule=64 * KIB),
     Spec("parallels-empty", "parallels", "Parallels (ploop) image, no data", granule=MIB, writes=(), quick=True),
     Spec("parallels-data", "parallels", "Parallels image with data (1 MiB clusters)", granule=MIB),
 )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from samples import tools
-from samples.data import DISK_UUID, EPOCH, read_at
+from samples.data import DISK_UUID, EPOCH, at_both_ends, read_at
 from samples.manifest import Sample
 from samples.recipe import Context, Recipe, RecipeList
 from samples.tools import Write
@@ -103,13 +103,16 @@ def rewrite_footers(path: Path, creator: bytes | None = None, geometry: tuple[in
 
 @dataclass(frozen=True, slots=True)
 class Spec:
+    """A VHD `qemu-img create -f vpc` makes (fixed or dynamic); its footers get a fixed
+    UUID and timestamp, and the creator and geometry another tool writes when `creator` is set."""
+
     name: str
     description: str
     size: int
     fixed: bool = False
     force_size: bool = False
     creator: bytes | None = None  # patch the creator app and round the geometry down
-    writes: tuple[Write, ...] = ()
+    writes: tuple[Write, ...] | None = None  # None: `_writes(size)`
     quick: bool = False
 
 
@@ -122,6 +125,11 @@ def _expected(spec: Spec) -> int:
     return cyls * heads * spt * 512
 
 
+def _writes(size: int) -> tuple[Write, ...]:
+    """64 KiB at the start and 64 KiB at the middle, rounded down to a MiB."""
+    return ((0, 64 * KIB, 0x11), (size // 2 // MIB * MIB, 64 * KIB, 0x22))
+
+
 def _build(spec: Spec, ctx: Context) -> Sample:
     rel = f"vhd/{spec.name}.vhd"
     path = ctx.out(rel)
@@ -131,7 +139,8 @@ def _build(spec: Spec, ctx: Context) -> Sample:
     if spec.force_size or spec.creator is not None:
         options.append("force_size=on")
     tools.create(path, "vpc", spec.size, ",".join(options))
-    tools.write(path, "vpc", spec.writes)
+    writes = _writes(spec.size) if spec.writes is None else spec.writes
+    tools.write(path, "vpc", writes)
     if spec.creator is not None:
         rewrite_footers(path, spec.creator, chs_geometry(spec.size // 512))
     else:
@@ -139,7 +148,7 @@ def _build(spec: Spec, ctx: Context) -> Sample:
     size = _expected(spec)
     # Fixed: qemu's map marks host holes `"zero": true` but keeps `"data":
     # true`, so all of it counts. Dynamic: a written byte allocates its block.
-    allocated = size if spec.fixed else tools.covered(spec.writes, BLOCK, size)
+    allocated = size if spec.fixed else tools.covered(writes, BLOCK, size)
     return Sample(
         name=spec.name,
         file=rel,
@@ -151,54 +160,34 @@ def _build(spec: Spec, ctx: Context) -> Sample:
     )
 
 
-def _writes(size: int) -> tuple[Write, ...]:
-    return ((0, 64 * KIB, 0x11), (size // 2 // MIB * MIB, 64 * KIB, 0x22))
-
-
 SPECS: tuple[Spec, ...] = (
-    Spec(
-        "vhd-dynamic",
-        "dynamic VHD (qemu default): 64 MiB rounded up to CHS, creator qemu",
-        64 * MIB,
-        writes=_writes(64 * MIB),
-        quick=True,
-    ),
+    Spec("vhd-dynamic", "dynamic VHD (qemu default): 64 MiB rounded up to CHS, creator qemu", 64 * MIB, quick=True),
     Spec(
         "vhd-dynamic-force",
         "dynamic, force_size=on: creator qem2, max geometry, exact current_size 64 MiB + 3 sectors",
         64 * MIB + 1536,
         force_size=True,
-        writes=_writes(64 * MIB),
     ),
     Spec(
         "vhd-dynamic-1t",
         "1 TiB dynamic: beyond CHS, qemu writes max geometry and sizes by current_size",
         TIB,
-        writes=((0, 64 * KIB, 0x11), (TIB - 64 * KIB, 64 * KIB, 0x33)),
+        writes=at_both_ends(TIB, 0x11, 0x33),
     ),
     Spec(
         "vhd-fixed-1000m",
         "fixed VHD, 1000 MiB rounded up to CHS (1048707072); footer only at the end",
         1000 * MIB,
         fixed=True,
-        writes=_writes(1000 * MIB),
     ),
-    Spec("vhd-fixed-1g", "fixed VHD, 1 GiB rounded up to CHS (1073995776)", GIB, fixed=True, writes=_writes(GIB)),
-    Spec(
-        "vhd-fixed-10m3s",
-        "fixed VHD, 10 MiB + 3 sectors rounded up to CHS",
-        10 * MIB + 1536,
-        fixed=True,
-        writes=_writes(10 * MIB),
-        quick=True,
-    ),
+    Spec("vhd-fixed-1g", "fixed VHD, 1 GiB rounded up to CHS (1073995776)", GIB, fixed=True),
+    Spec("vhd-fixed-10m3s", "fixed VHD, 10 MiB + 3 sectors rounded up to CHS", 10 * MIB + 1536, fixed=True, quick=True),
     Spec(
         "vhd-fixed-force",
         "fixed, force_size=on: creator qem2, exact 10 MiB + 3 sectors",
         10 * MIB + 1536,
         fixed=True,
         force_size=True,
-        writes=_writes(10 * MIB),
     ),
 )
 
@@ -211,7 +200,6 @@ SPECS += tuple(
         20 * MIB,
         fixed=True,
         creator=creator,
-        writes=_writes(20 * MIB),
     )
     for creator, label, who in _CREATORS
 )
@@ -222,7 +210,6 @@ SPECS += tuple(
         + ("current_size" if creator in CURRENT_SIZE_CREATORS else "CHS"),
         GIB,
         creator=creator,
-        writes=_writes(GIB),
     )
     for creator, label, who in _CREATORS
 )

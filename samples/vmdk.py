@@ -116,23 +116,21 @@ RECIPES += [
         extents=("-flat.vmdk",),
         flat=True,
     ),
+]
+# The split layouts: 5 GiB in three extents of at most 2 GiB, data in the first and the last.
+RECIPES += [
     _made(
-        "vmdk-2gb-sparse",
-        "subformat=twoGbMaxExtentSparse",
-        "twoGbMaxExtentSparse, 5 GiB: descriptor + three -sNNN.vmdk sparse extents",
+        f"vmdk-2gb-{kind.lower()}",
+        f"subformat=twoGbMaxExtent{kind}",
+        f"twoGbMaxExtent{kind}, 5 GiB: descriptor + three {extents}",
         size=5 * GIB,
         writes=((0, GRAIN, 0x11), (4 * GIB + 512 * MIB, GRAIN, 0x44)),
-        extents=("-s001.vmdk", "-s002.vmdk", "-s003.vmdk"),
-    ),
-    _made(
-        "vmdk-2gb-flat",
-        "subformat=twoGbMaxExtentFlat",
-        "twoGbMaxExtentFlat, 5 GiB: descriptor + three sparse -fNNN.vmdk raw extents",
-        size=5 * GIB,
-        writes=((0, GRAIN, 0x11), (4 * GIB + 512 * MIB, GRAIN, 0x44)),
-        extents=("-f001.vmdk", "-f002.vmdk", "-f003.vmdk"),
-        flat=True,
-    ),
+        extents=tuple(f"-{kind[0].lower()}{number:03}.vmdk" for number in (1, 2, 3)),
+        flat=kind == "Flat",
+    )
+    for kind, extents in (("Sparse", "-sNNN.vmdk sparse extents"), ("Flat", "sparse -fNNN.vmdk raw extents"))
+]
+RECIPES += [
     _made(
         "vmdk-stream-empty",
         "subformat=streamOptimized",

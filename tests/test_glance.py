@@ -39,6 +39,7 @@ from benchmarks.glance_import import (
     Upload,
     claim,
     file_digest,
+    glance_import_args,
     reference_digest,
     sample_class,
 )
@@ -182,19 +183,7 @@ def test_the_glance_client_imports_and_refuses_through_the_plugin(
     outcomes = {}
     for sample in (honest, hostile):
         upload = Upload(f"g-{sample.name}", claim(sample), samples_dir / sample.file)
-        done = glance.glance(
-            "image-create-via-import",
-            "--disk-format",
-            upload.disk_format,
-            "--container-format",
-            upload.container_format,
-            "--name",
-            upload.name,
-            "--import-method",
-            "glance-direct",
-            "--file",
-            str(upload.path),
-        )
+        done = glance.glance(*glance_import_args(upload))  # image-create-via-import, glance-direct
         assert done.returncode == 0, done.stderr
         outcomes[sample.name] = glance.settle(upload.name, done.stdout + done.stderr)
     assert_stored_as_raw(honest, outcomes[honest.name], samples_dir, tmp_path)

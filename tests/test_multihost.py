@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.common import netns_env, netns_hosts
 from diskpipe.jobs.connection import redis_client
 from diskpipe.jobs.records import RedisRecords
 from samples import tools
@@ -71,12 +72,7 @@ class NetnsHosts:
         self.values: dict[str, str] = {}
 
     def run(self, *args: str) -> str:
-        done = subprocess.run(
-            ["bash", str(SCRIPTS / "netns-hosts.sh"), *args], env=self.env, capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"netns-hosts.sh {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-        return done.stdout
+        return netns_hosts(self.env, *args)
 
     def up(self) -> None:
         self.values = _parse_env(self.run("up"))
@@ -223,18 +219,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     base = tmp_path_factory.mktemp("multihost")
     imports = base / "imports"
     imports.mkdir()
-    env = dict(
-        os.environ,
-        DISKPIPE_NETNS_PREFIX=os.environ.get("DISKPIPE_TEST_NETNS_PREFIX", "dpt"),
-        DISKPIPE_NETNS_SUBNET=os.environ.get("DISKPIPE_TEST_NETNS_SUBNET", "10.213.0.0/24"),
-        DISKPIPE_NETNS_STATE=str(base / "services"),
-        # The bridge addresses are not loopback: the session's Redis and Ceph
-        # on 127.0.0.1 may use the same ports.
-        DISKPIPE_REDIS_PORT=os.environ.get("DISKPIPE_TEST_REDIS_PORT", "6390"),
-        DISKPIPE_CEPH_PORT=os.environ.get("DISKPIPE_TEST_CEPH_PORT", "6791"),
-        DISKPIPE_CEPH_MEMSTORE_BYTES=str(2 << 30),
-        DISKPIPE_CEPH_TIMEOUT=os.environ.get("DISKPIPE_CEPH_TIMEOUT", str(int(RECOVERY_TIMEOUT))),
-    )
+    # The bridge addresses are not loopback: the session's Redis and Ceph on
+    # 127.0.0.1 may use the same ports (DISKPIPE_TEST_REDIS_PORT, ..._CEPH_PORT).
+    timeout = os.environ.get("DISKPIPE_CEPH_TIMEOUT", str(int(RECOVERY_TIMEOUT)))
+    env = netns_env("DISKPIPE_TEST_", base / "services", ("dpt", "10.213.0.0/24", 6390, 6791), 2 << 30, timeout)
     hosts = NetnsHosts(env)
     try:
         hosts.up()
