@@ -45,7 +45,7 @@ from typing import Any
 from oslo_utils.imageutils import format_inspector
 
 from benchmarks import many_files
-from benchmarks.common import ROOT, WORK, Timing, interleaved, machine, report_head, write_results
+from benchmarks.common import ROOT, WORK, Timing, interleaved, machine, machine_markdown, report_head, write_results
 from diskpipe.formats import inspect
 from samples.manifest import Sample, load_manifest
 
