@@ -359,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ceph-port", type=int, default=6797, help="mon port of the benchmark's Ceph")
     parser.add_argument("--rgw-port", type=int, default=7497, help="port of the benchmark's S3 gateway")
     parser.add_argument("--sources", help=f"comma-separated subset of {', '.join(SOURCES)}")
+    parser.add_argument(
+        "--s3-sources",
+        help="comma-separated subset of the sources for the S3 rows (each run uploads the whole virtual size)",
+    )
     args = parser.parse_args(argv)
     repeat = args.repeat or (1 if args.quick else 3)
 
@@ -382,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with ceph_cluster(memstore_bytes=12 << 30, port=args.ceph_port) as ceph:
         if args.only in ("all", "s3"):
-            data["s3"] = s3_rows(sources, ceph, repeat, args.rgw_port, scratch)
+            s3_sources = {name: sources[name] for name in args.s3_sources.split(",")} if args.s3_sources else sources
+            data["s3"] = s3_rows(s3_sources, ceph, repeat, args.rgw_port, scratch)
         if args.only in ("all", "rbd"):
             measure_rbd(data, sources, ceph, repeat, scratch)
         if args.only in ("all", "huge"):
