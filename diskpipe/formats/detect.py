@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from diskpipe.formats.reads import Request
 
 TAIL_NEEDED = 512  # a VHD footer, a dmg koly trailer
+# The detector's own requests, the same for every image: made once.
+_HEAD_READ = Read(0, HEAD_RETAIN)
+_SIZE = GetSize()
+_TAIL_READ = ReadTail(TAIL_NEEDED)
 
 
 class Progress:
@@ -37,7 +41,7 @@ def sniff_contents(head: bytes, container_found: bool) -> list[Content]:
     found = [content for sniff in registry.SNIFFERS if (content := sniff(head)) is not None]
     if not container_found:
         ramdisk, nondisk = _unclaimed_sniffers()
-        compressed = ramdisk.sniff(head, lambda data: [fmt.name for fmt in registry.probe_containers(data)])
+        compressed = ramdisk.sniff(head, _container_names)
         if compressed is not None:
             found.append(compressed)
         if not found:
@@ -45,6 +49,10 @@ def sniff_contents(head: bytes, container_found: bool) -> list[Content]:
             if other is not None:
                 found.append(other)
     return found
+
+
+def _container_names(data: bytes) -> list[str]:
+    return [fmt.name for fmt in registry.probe_containers(data)]
 
 
 _loaded: list[Any] = []
@@ -103,7 +111,7 @@ def inspection(
     """Inspect the data behind the requests; `filename` and `actual_size`
     (the space a file takes on its filesystem) are facts of a file the
     caller knows, recorded as they are."""
-    head: bytes = yield Read(0, HEAD_RETAIN)
+    head: bytes = yield _HEAD_READ
     matched = registry.probe_containers(head)
     contents = sniff_contents(head, bool(matched))
     if progress is not None:
@@ -123,10 +131,10 @@ def inspection(
         except (FormatError, Unavailable) as error:
             other_matches[container.name] = {"error": str(error)}
 
-    file_size: int = yield GetSize()
+    file_size: int = yield _SIZE
     tail = b""
     if file_size:
-        tail = yield ReadTail(TAIL_NEEDED)
+        tail = yield _TAIL_READ
     names = [fmt.name for fmt in matched]
     if "vpc" not in names and vpc.is_fixed_footer(tail):
         facts.append(vpc.fixed_facts(tail, file_size))

@@ -49,7 +49,9 @@ def candidates(buffer: bytes) -> list[str]:
     offset, signature = VDI_SIGNATURE
     if buffer[offset : offset + len(signature)] == signature:
         found.append("vdi")
-    if "vmdk" not in found and VMDK_TEXT_SIGNATURE in buffer:
+    # find, not `in`: bytes.__contains__ tries the needle as an int first and
+    # raises and clears a TypeError on every call.
+    if "vmdk" not in found and buffer.find(VMDK_TEXT_SIGNATURE) >= 0:
         found.append("vmdk")
     if len(found) > 1:
         found.sort(key=PROBE_ORDER.index)
