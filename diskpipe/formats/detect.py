@@ -38,7 +38,9 @@ class Progress:
 def sniff_contents(head: bytes, container_found: bool) -> list[Content]:
     """What lies inside the raw bytes. Archives and text are looked for only
     when no container matched (a VMDK descriptor is text, and honest)."""
-    found = [content for sniff in registry.SNIFFERS if (content := sniff(head)) is not None]
+    found = []
+    if registry.may_hold_content(head):
+        found = [content for sniff in registry.SNIFFERS if (content := sniff(head)) is not None]
     if not container_found:
         ramdisk, nondisk = _unclaimed_sniffers()
         compressed = ramdisk.sniff(head, _container_names)
