@@ -63,7 +63,7 @@ def inspect_lines(data: dict[str, Any]) -> list[str]:
     info = cli["timings"]["diskpipe info"]["median"] * 1000
     bare = cli["timings"]["python -c pass"]["median"] * 1000
     return [
-        f"**Inspection** ({len(data['answers'])} images, {data['repeat']} passes; [details]({HERE}inspect_speed.md))",
+        f"**Inspection** ({len(data['answers'])} images, {data['repeat']} timed samples per tool; [details]({HERE}inspect_speed.md))",
         "",
         "| tool | images/s | vs diskpipe | format and size right (of those qemu-img opens) |",
         "|---|--:|--:|--:|",

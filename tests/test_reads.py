@@ -79,6 +79,34 @@ def test_a_reader_and_a_file_answer_the_same(tmp_path: Path) -> None:
     assert run_on_reader(forward_reader(), read_data, len(DATA)) == expected()
 
 
+def test_reads_inside_the_head_cost_no_further_call_to_the_reader() -> None:
+    """The head read first is kept: a header read again, and the tail of data
+    the head holds whole, come from it (no second system call per file)."""
+    small = DATA[:5000]
+    calls: list[tuple[int, int]] = []
+
+    def read_small(offset: int, length: int) -> bytes:
+        calls.append((offset, length))
+        return small[offset : offset + length]
+
+    def reader() -> Generator[Request, Any, tuple[bytes, bytes, int, bytes, bytes]]:
+        head = yield Read(0, HEAD_RETAIN)
+        again = yield Read(100, 50)
+        size = yield GetSize()
+        tail = yield ReadTail(512)
+        past = yield Read(4990, 100)  # a short read at the end, still inside
+        return head, again, size, tail, past
+
+    assert run_on_reader(reader(), read_small, len(small)) == (
+        small,
+        small[100:150],
+        len(small),
+        small[-512:],
+        small[4990:],
+    )
+    assert calls == [(0, len(small))]
+
+
 @pytest.mark.parametrize("chunk", [1 << 20, 65536, 4096, 17, 16 * 1024 * 1024])
 def test_stream_answers_like_a_file_for_any_chunk_size(chunk: int) -> None:
     assert feed(StreamDriver(forward_reader()), DATA, chunk) == expected()

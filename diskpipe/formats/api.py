@@ -17,11 +17,14 @@ from diskpipe.formats.reads import StreamDriver, run_on_file, run_on_reader
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any, BinaryIO
+    from typing import BinaryIO
 
     Source = str | os.PathLike[str] | BinaryIO
 
 STREAM_CHUNK = 1024 * 1024
+# The two option sets, made once: a NamedTuple built per call costs more than
+# some of the sniffers it configures.
+_OPTIONS = {False: InspectOptions(allocation=False), True: InspectOptions(allocation=True)}
 
 
 def inspect(source: Source, *, allocation: bool = False, details: bool = False) -> ImageInfo:
@@ -31,7 +34,7 @@ def inspect(source: Source, *, allocation: bool = False, details: bool = False) 
     is left alone); anything else is read to its end as a stream. Raises
     `FormatError` for broken input and `OSError` for I/O problems.
     """
-    options = InspectOptions(allocation=allocation)
+    options = _OPTIONS[bool(allocation)]
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -74,14 +77,13 @@ def _inspect_fd(fd: int, options: InspectOptions, filename: str | None) -> Image
     size: int = status.st_size
     if stat.S_ISBLK(status.st_mode):
         size = os.lseek(fd, 0, os.SEEK_END)
-    info = run_on_file(inspection(options, filename=filename), fd, size)
-    changes: dict[str, Any] = {"actual_size": status.st_blocks * 512}
+    info = run_on_file(inspection(options, filename=filename, actual_size=status.st_blocks * 512), fd, size)
     if options.allocation and info.allocated_size is None and info.format == "raw":
         # Raw data has no allocation table: the filesystem's holes are its map
         # (as for `qemu-img map`). Fixed VHDs stay unset: qemu maps them as
         # all data, whatever the host holes.
-        changes["allocated_size"] = raw.data_bytes(fd, 0, size)
-    return info.with_changes(**changes)
+        info = info.with_changes(allocated_size=raw.data_bytes(fd, 0, size))
+    return info
 
 
 def _with_details(info: ImageInfo, path: str | None) -> ImageInfo:

@@ -21,6 +21,16 @@ if TYPE_CHECKING:
     from diskpipe.formats.reads import Request
 
 TAIL_NEEDED = 512  # a VHD footer, a dmg koly trailer
+# Facts' fields from cluster_size to format_specific are ImageInfo's fields
+# 6 to 14, in the same order: the detector copies them as one slice, which
+# costs half as much as naming each (and this runs for every image).
+_CARRIED_FACTS = ("cluster_size", "backing_file", "backing_file_format", "data_file", "encrypted", "dirty", "corrupt", "subformat", "format_specific")  # fmt: skip
+if Facts._fields[2:11] != _CARRIED_FACTS or ImageInfo._fields[6:15] != _CARRIED_FACTS:
+    raise ImportError("Facts and ImageInfo fields no longer line up (diskpipe.formats.detect copies them in order)")
+# The detector's own requests, the same for every image: made once.
+_HEAD_READ = Read(0, HEAD_RETAIN)
+_SIZE = GetSize()
+_TAIL_READ = ReadTail(TAIL_NEEDED)
 
 
 class Progress:
@@ -34,10 +44,12 @@ class Progress:
 def sniff_contents(head: bytes, container_found: bool) -> list[Content]:
     """What lies inside the raw bytes. Archives and text are looked for only
     when no container matched (a VMDK descriptor is text, and honest)."""
-    found = [content for sniff in registry.SNIFFERS if (content := sniff(head)) is not None]
+    found = []
+    if registry.may_hold_content(head):
+        found = [content for sniff in registry.SNIFFERS if (content := sniff(head)) is not None]
     if not container_found:
         ramdisk, nondisk = _unclaimed_sniffers()
-        compressed = ramdisk.sniff(head, lambda data: [fmt.name for fmt in registry.probe_containers(data)])
+        compressed = ramdisk.sniff(head, _container_names)
         if compressed is not None:
             found.append(compressed)
         if not found:
@@ -45,6 +57,10 @@ def sniff_contents(head: bytes, container_found: bool) -> list[Content]:
             if other is not None:
                 found.append(other)
     return found
+
+
+def _container_names(data: bytes) -> list[str]:
+    return [fmt.name for fmt in registry.probe_containers(data)]
 
 
 _loaded: list[Any] = []
@@ -98,8 +114,12 @@ def inspection(
     options: InspectOptions,
     filename: str | None = None,
     progress: Progress | None = None,
+    actual_size: int | None = None,
 ) -> Generator[Request, Any, ImageInfo]:
-    head: bytes = yield Read(0, HEAD_RETAIN)
+    """Inspect the data behind the requests; `filename` and `actual_size`
+    (the space a file takes on its filesystem) are facts of a file the
+    caller knows, recorded as they are."""
+    head: bytes = yield _HEAD_READ
     matched = registry.probe_containers(head)
     contents = sniff_contents(head, bool(matched))
     if progress is not None:
@@ -119,10 +139,10 @@ def inspection(
         except (FormatError, Unavailable) as error:
             other_matches[container.name] = {"error": str(error)}
 
-    file_size: int = yield GetSize()
+    file_size: int = yield _SIZE
     tail = b""
     if file_size:
-        tail = yield ReadTail(TAIL_NEEDED)
+        tail = yield _TAIL_READ
     names = [fmt.name for fmt in matched]
     if "vpc" not in names and vpc.is_fixed_footer(tail):
         facts.append(vpc.fixed_facts(tail, file_size))
@@ -137,12 +157,18 @@ def inspection(
     details = dict(primary.details)
     if other_matches:
         details["other-matches"] = other_matches
-    # Facts' fields are ImageInfo fields: the primary container's facts carry over.
+    # The primary container's facts carry over; those from cluster_size to
+    # format_specific as one slice (see _CARRIED_FACTS).
     return ImageInfo(
-        **{**primary._asdict(), "details": details},
-        disk_format=glance_disk_format(primary.format, contents),
-        file_size=file_size,
-        filename=filename,
-        matches=tuple(names),
-        contents=tuple(contents),
+        primary.format,
+        glance_disk_format(primary.format, contents),
+        primary.virtual_size,
+        file_size,
+        filename,
+        actual_size,
+        *primary[2:11],
+        details,
+        tuple(names),
+        tuple(contents),
+        primary.allocated_size,
     )

@@ -33,7 +33,9 @@ def probe_name(filename: str | None) -> bool:
 
 
 def has_trailer(tail: bytes) -> bool:
-    if len(tail) < TRAILER_SIZE:
+    # Every file's tail is asked: the signature alone settles almost all of
+    # them, before the trailer is parsed.
+    if len(tail) < TRAILER_SIZE or tail[-TRAILER_SIZE : 4 - TRAILER_SIZE] != b"koly":
         return False
     trailer = TRAILER.parse(tail[-TRAILER_SIZE:])
     return bool(trailer["signature"] == b"koly" and trailer["header_size"] == TRAILER_SIZE)

@@ -75,20 +75,38 @@ def _check_request(request: Request) -> None:
 
 def run_on_reader(inspection: Generator[Request, Any, T], read_at: Callable[[int, int], bytes], size: int) -> T:
     """Drive an inspector over any positioned reader of known size
-    (a file descriptor, an RBD image...)."""
+    (a file descriptor, an RBD image...).
+
+    The answer to a read from offset 0 (the detector's head) is kept, and a
+    later read inside it, or the tail of data it holds whole, is cut from it:
+    the same bytes, without another call to the reader (a system call for a
+    file, a round trip for RBD). It is the only thing kept, and at most
+    `MAX_READ` bytes."""
+    head = b""
     try:
         request = next(inspection)
         while True:
             _check_request(request)
             answer: bytes | int
             if isinstance(request, Read):
-                if request.offset >= size or request.length == 0:
+                start = request.offset
+                end = min(start + request.length, size)
+                if start >= end:
                     answer = b""
+                elif end <= len(head):
+                    answer = head[start:end]
                 else:
-                    answer = read_at(request.offset, min(request.length, size - request.offset))
+                    answer = read_at(start, end - start)
+                    if start == 0:
+                        head = answer
             elif isinstance(request, ReadTail):
                 length = min(request.length, size)
-                answer = read_at(size - length, length) if length else b""
+                if not length:
+                    answer = b""
+                elif size <= len(head):
+                    answer = head[size - length : size]
+                else:
+                    answer = read_at(size - length, length)
             else:
                 answer = size
             request = inspection.send(answer)
