@@ -150,6 +150,20 @@ def test_the_command_says_the_same_with_and_without_the_short_path(
     assert run(words, capsys) == with_short_path
 
 
+@pytest.mark.parametrize("option", [["--jobs"], ["-j"]])
+def test_a_jobs_number_longer_than_int_reads_is_the_parsers_usage_error(
+    option: list[str], names: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """int() refuses more than sys.get_int_max_str_digits() digits (4300):
+    argparse makes that its usage error (exit 2), the short path must not
+    turn it into a traceback."""
+    words = ["info", *option, "9" * (sys.get_int_max_str_digits() + 1), names["qcow2"]]
+    assert fast.info_args(words) is None
+    code, out, err = run(words, capsys)
+    assert (code, out) == (2, "")
+    assert "invalid int value" in err
+
+
 WORDS = st.sampled_from(
     [
         "info", "validate", "a.qcow2", "b c.vhd", "", "-", "--", "-1", "-x", "json", "human", "xml", "3", "0",

@@ -89,7 +89,10 @@ def _value(dest: str, value: str) -> str | int:
         _require(value in OUTPUTS)
     elif dest == "jobs":
         _require(value.isascii() and value.isdigit())
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits): argparse's usage error
+            raise _Unsure from None
     return value
 
 
