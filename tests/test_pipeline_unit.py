@@ -270,3 +270,53 @@ def test_a_stale_delivery_whose_verify_fails_does_not_delete_its_successors_imag
     assert record["status"] == "saving" and record["attempts"] == 2, record
     assert "delete" not in store.calls, store.calls
     assert FileStore(tmp_path / "store").exists("kept")
+
+
+class RecordsAway(Exception):
+    """The record store did not answer (Redis restarting): a retry error."""
+
+
+class FenceCheckUnanswered(SqliteRecords):
+    """Real SQLite records whose fenced check after a failed verify (an update
+    with a fence and no field) finds the record store away, once: a moment an
+    outage cannot be made to hit on purpose."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.unanswered = 0
+
+    def update(self, image_id: str, *, fence: int | None = None, **changes: Any) -> dict[str, Any]:
+        if fence is not None and not changes and not self.unanswered:
+            self.unanswered += 1
+            raise RecordsAway("records unreachable")
+        return super().update(image_id, fence=fence, **changes)
+
+
+class BrokenAfterFinalize(CountingStore):
+    """The stored image is no longer the one hashed: verify fails."""
+
+    def finalize(self, target: Any) -> Any:
+        location = super().finalize(target)
+        with open(getattr(target, "_target", target).final_path, "r+b") as handle:
+            handle.truncate(MiB)
+        return location
+
+
+def test_an_image_that_failed_verify_is_not_adopted_when_the_fence_check_goes_unanswered(tmp_path: Path) -> None:
+    """The delivery still holds its lease (none here: no other delivery), so
+    the image it stored is its own: removed even though the record store did
+    not answer, or the retry adopts the image that failed verification."""
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    env = dataclasses.replace(
+        _environment(tmp_path),
+        records=FenceCheckUnanswered(str(tmp_path / "records.sqlite")),
+        store=BrokenAfterFinalize(FileStore(tmp_path / "store")),
+        retry_errors=(RecordsAway,),
+    )
+    with pytest.raises((Transient, RecordsAway)):
+        run_import(ImportJob("bad", str(source)), env, "a1", final_attempt=False)
+    assert not FileStore(tmp_path / "store").exists("bad"), "the image that failed verify is left for the retry"
+    retried = run_import(
+        ImportJob("bad", str(source)), dataclasses.replace(env, store=FileStore(tmp_path / "store")), "a2"
+    )
+    assert retried["status"] == "active" and retried["virtual_size"] == 64 * MiB, retried

@@ -326,11 +326,7 @@ def _steps(
     try:
         verify(store, result)
     except ConversionFailed:
-        # Only the attempt that still owns the record removes what it stored:
-        # a stale one would delete its successor's image (an empty update is
-        # the fenced check; StaleAttempt ends this delivery).
-        records.update(job.image_id, fence=step.attempt)
-        delete_quietly(store, job.image_id)
+        _remove_unverified(env, job.image_id, step.attempt, delivery.lease)
         raise
     if delivery.lease is not None and delivery.lease.lost.is_set():
         raise Transient("lost the lease while working")
@@ -344,6 +340,23 @@ def _steps(
     return records.transition(
         job.image_id, SAVING, ACTIVE, fence=step.attempt, outcome=OUTCOME_ACTIVE, reason=None, retry=None, **fields
     )
+
+
+def _remove_unverified(env: Environment, image_id: str, attempt: int | None, lease: LeaseLike | None) -> None:
+    """Remove the image this delivery stored and could not verify, unless a
+    successor owns the record: its image is under the same name (an empty
+    update is the fenced check; StaleAttempt ends this delivery). When the
+    record store does not answer, the lease decides: still held, no one can
+    have taken over, and an image left behind would be adopted by the retry."""
+    try:
+        env.records.update(image_id, fence=attempt)
+    except StaleAttempt:
+        raise
+    except Exception:
+        if lease is None or not lease.lost.is_set():
+            delete_quietly(env.store, image_id)
+        raise
+    delete_quietly(env.store, image_id)
 
 
 def _fetch(job: ImportJob, env: Environment, progress: ProgressWriter, cancel: CancelToken) -> sources.Staged:
