@@ -320,3 +320,27 @@ def test_an_image_that_failed_verify_is_not_adopted_when_the_fence_check_goes_un
         ImportJob("bad", str(source)), dataclasses.replace(env, store=FileStore(tmp_path / "store")), "a2"
     )
     assert retried["status"] == "active" and retried["virtual_size"] == 64 * MiB, retried
+
+
+def test_a_stored_image_that_is_not_the_sealed_one_is_converted_again_not_adopted(tmp_path: Path) -> None:
+    """A dead delivery's image whose size is not the one it sealed (it failed
+    verify and could not be removed, or was changed since) is never adopted:
+    it is removed and the source converted again."""
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    env = _environment(tmp_path)
+    first = run_import(ImportJob("resealed", str(source)), env, "a1")
+    assert first["status"] == "active"
+    sealed = {"size": first["size"], "md5": first["checksum"], "sha512": first["os_hash_value"], "sparse": None}
+    stored = next(path for path in (tmp_path / "store").iterdir() if path.name.startswith("resealed"))
+    with open(stored, "r+b") as handle:
+        handle.truncate(MiB)  # no longer what was sealed
+    counting = CountingStore(env.store)  # type: ignore[arg-type]
+    records = SqliteRecords(str(tmp_path / "records2.sqlite"))
+    records.create(new_record("resealed", source=str(source), task_id="dead"))
+    records.transition("resealed", "queued", "saving", sealed_checksums=sealed, attempts=1)
+    again = run_import(
+        ImportJob("resealed", str(source)), dataclasses.replace(env, records=records, store=counting), "a2"
+    )
+    assert again["status"] == "active" and again["virtual_size"] == 64 * MiB, again
+    assert again["checksum"] == first["checksum"] and again["os_hash_value"] == first["os_hash_value"]
+    assert counting.calls.index("delete") < counting.calls.index("begin"), counting.calls

@@ -288,7 +288,9 @@ def _steps(
         # A previous delivery stored the image but died before recording it.
         step.name = "adopt"
         assert step.attempt is not None
-        return adopt_stored(job, env, record, step.attempt)
+        adopted = adopt_stored(job, env, record, step.attempt)
+        if adopted is not None:
+            return adopted
     step.name = "fetch"
     staged = _fetch(job, env, progress, cancel)
     held.append(staged)

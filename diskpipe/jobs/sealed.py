@@ -3,6 +3,7 @@ delivery adopts an image whose delivery died after storing it."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from diskpipe.converter.checksums import Checksums, hash_image
@@ -11,7 +12,11 @@ from diskpipe.formats.api import inspect_reader
 from diskpipe.jobs.states import ACTIVE, OUTCOME_ACTIVE, SAVING
 
 if TYPE_CHECKING:
+    from diskpipe.formats import ImageInfo
     from diskpipe.jobs.pipeline import Environment, ImportJob
+
+
+log = logging.getLogger(__name__)
 
 
 def record_fields(result: ConvertResult) -> dict[str, Any]:
@@ -27,8 +32,9 @@ def sealed_fields(checksums: Checksums) -> dict[str, Any]:
     return {"size": checksums.size, "md5": checksums.md5, "sha512": checksums.sha512, "sparse": checksums.sparse}
 
 
-def adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any], fence: int) -> dict[str, Any]:
-    """Record an image a dead delivery finalized.
+def adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any], fence: int) -> dict[str, Any] | None:
+    """Record an image a dead delivery finalized; None when the stored image
+    is not the one that delivery sealed (it is removed, to be converted again).
 
     Before renaming, that delivery recorded the checksums it read from the
     sealed image (`sealed_checksums`); the lease kept any other delivery from
@@ -39,14 +45,22 @@ def adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any], fence
     image = env.store.open_image(job.image_id)
     try:
         size = image.stored_size()
-        stored = inspect_reader(image.read_at, size)
-        if stored.format != "raw" and job.to_format == "raw":
-            raise ConversionFailed("stored image is not raw")
-        sums = recorded_checksums(record, size, job)
-        if sums is None:
-            sums = hash_image(size, list(image.extents()), image.read_at, full=job.full_hashes, sparse=job.sparse_hash)
+        sealed = record.get("sealed_checksums")
+        sealed_size = sealed.get("size") if isinstance(sealed, dict) else size
+        found = _checked_and_hashed(image, size, record, job) if sealed_size == size else None
     finally:
         image.close()
+    if found is None:
+        # Not the image its delivery sealed (one that failed verify and could
+        # not be removed then): never adopted; removed under this delivery's
+        # lease and fence, and converted again.
+        log.warning(
+            "image %s: %d bytes stored, not the %s sealed: converting it again", job.image_id, size, sealed_size
+        )
+        env.records.update(job.image_id, fence=fence)
+        env.store.delete(job.image_id)
+        return None
+    stored, sums = found
     location = env.store.location(job.image_id)
     fields: dict[str, Any] = {
         "disk_format": job.to_format,
@@ -59,6 +73,18 @@ def adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any], fence
     return env.records.transition(
         job.image_id, SAVING, ACTIVE, fence=fence, outcome=OUTCOME_ACTIVE, reason=None, retry=None, **fields
     )
+
+
+def _checked_and_hashed(image: Any, size: int, record: dict[str, Any], job: ImportJob) -> tuple[ImageInfo, Checksums]:
+    """The stored image's format (raw when the job converts to raw) and its
+    checksums: the recorded ones when complete for the job, else hashed."""
+    stored = inspect_reader(image.read_at, size)
+    if stored.format != "raw" and job.to_format == "raw":
+        raise ConversionFailed("stored image is not raw")
+    sums = recorded_checksums(record, size, job)
+    if sums is None:
+        sums = hash_image(size, list(image.extents()), image.read_at, full=job.full_hashes, sparse=job.sparse_hash)
+    return stored, sums
 
 
 def recorded_checksums(record: dict[str, Any], size: int, job: ImportJob) -> Checksums | None:
