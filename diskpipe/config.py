@@ -28,7 +28,7 @@ import os
 # This module loads with the policy on every `diskpipe info`: typing, types,
 # math and collections.abc are imported where a value is converted, and the
 # common case (no file, no variables, no overrides) converts nothing.
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see formats/tuples.py)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see diskpipe/formats/tuples.py)
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any, TypeVar

@@ -21,8 +21,8 @@ from diskpipe.cli.logchoice import logging_choice
 from diskpipe.cli.output import printable
 
 # argparse and the parser's module load only when the full parser runs:
-# `diskpipe info FILE` usually never needs them (cli/fast.py).
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see formats/tuples.py)
+# `diskpipe info FILE` usually never needs them (diskpipe/cli/fast.py).
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see diskpipe/formats/tuples.py)
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence

@@ -3,7 +3,7 @@ under each sub-command's `--help`."""
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see formats/tuples.py)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see diskpipe/formats/tuples.py)
 if TYPE_CHECKING:
     from collections.abc import Sequence
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from diskpipe.cli.inspection import cmd_info
 from diskpipe.cli.options import OUTPUTS
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see formats/tuples.py)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see diskpipe/formats/tuples.py)
 if TYPE_CHECKING:
     from argparse import Namespace
     from collections.abc import Sequence

@@ -13,7 +13,7 @@ from diskpipe.cli import options
 from diskpipe.cli.exits import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, epilog
 from diskpipe.cli.output import print_json, print_table, printable, size_with_bytes
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see formats/tuples.py)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see diskpipe/formats/tuples.py)
 if TYPE_CHECKING:
     import argparse
     from typing import Any

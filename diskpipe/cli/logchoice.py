@@ -2,7 +2,7 @@
 `--log-level`, `--log-format`, parser.add_logging_options) and the
 DISKPIPE_LOG_LEVEL / DISKPIPE_LOG_FORMAT variables.
 
-Apart from the parser so that `diskpipe info`'s short path (cli/fast.py)
+Apart from the parser so that `diskpipe info`'s short path (diskpipe/cli/fast.py)
 decides the same way without importing argparse.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see formats/tuples.py)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see diskpipe/formats/tuples.py)
 if TYPE_CHECKING:
     import argparse
 
