@@ -29,7 +29,7 @@ from diskpipe.jobs.states import (
 from diskpipe.refusal import UnsafeImage, describe
 
 if TYPE_CHECKING:
-    from diskpipe.jobs.pipeline import Environment, JobStep
+    from diskpipe.jobs.pipeline import Environment, JobStep, LeaseLike
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +144,21 @@ def delete_quietly(store: Store, image_id: str) -> None:
         store.delete(image_id)
     except StoreError as error:
         log.warning("could not remove unverified image %s: %s", image_id, error)
+
+
+def remove_if_still_ours(env: Environment, image_id: str, attempt: int | None, lease: LeaseLike | None) -> None:
+    """Remove the image this delivery stored and will not record (it failed
+    verify, or is not what was sealed), unless a successor owns the record:
+    its image is under the same name (an empty update is the fenced check;
+    StaleAttempt ends this delivery). When the record store does not answer,
+    the lease decides: still held, no one can have taken over, and an image
+    left behind would be adopted by the retry."""
+    try:
+        env.records.update(image_id, fence=attempt)
+    except StaleAttempt:
+        raise
+    except Exception:
+        if lease is None or not lease.lost.is_set():
+            delete_quietly(env.store, image_id)
+        raise
+    delete_quietly(env.store, image_id)

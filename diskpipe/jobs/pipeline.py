@@ -24,7 +24,15 @@ from diskpipe.converter.stores.base import Store, check_image_id
 from diskpipe.formats.policy import Policy
 from diskpipe.jobs import sources
 from diskpipe.jobs.admission import ensure_record
-from diskpipe.jobs.endings import delete_quietly, end_after_error, given_up, kill, outcome_of, stale, transient_errors
+from diskpipe.jobs.endings import (
+    end_after_error,
+    given_up,
+    kill,
+    outcome_of,
+    remove_if_still_ours,
+    stale,
+    transient_errors,
+)
 from diskpipe.jobs.errors import Transient
 from diskpipe.jobs.records import RecordStore
 from diskpipe.jobs.reporting import ProgressWriter
@@ -328,7 +336,7 @@ def _steps(
     try:
         verify(store, result)
     except ConversionFailed:
-        _remove_unverified(env, job.image_id, step.attempt, delivery.lease)
+        remove_if_still_ours(env, job.image_id, step.attempt, delivery.lease)
         raise
     if delivery.lease is not None and delivery.lease.lost.is_set():
         raise Transient("lost the lease while working")
@@ -342,23 +350,6 @@ def _steps(
     return records.transition(
         job.image_id, SAVING, ACTIVE, fence=step.attempt, outcome=OUTCOME_ACTIVE, reason=None, retry=None, **fields
     )
-
-
-def _remove_unverified(env: Environment, image_id: str, attempt: int | None, lease: LeaseLike | None) -> None:
-    """Remove the image this delivery stored and could not verify, unless a
-    successor owns the record: its image is under the same name (an empty
-    update is the fenced check; StaleAttempt ends this delivery). When the
-    record store does not answer, the lease decides: still held, no one can
-    have taken over, and an image left behind would be adopted by the retry."""
-    try:
-        env.records.update(image_id, fence=attempt)
-    except StaleAttempt:
-        raise
-    except Exception:
-        if lease is None or not lease.lost.is_set():
-            delete_quietly(env.store, image_id)
-        raise
-    delete_quietly(env.store, image_id)
 
 
 def _fetch(job: ImportJob, env: Environment, progress: ProgressWriter, cancel: CancelToken) -> sources.Staged:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from diskpipe.converter.checksums import Checksums, hash_image
 from diskpipe.converter.convert import ConversionFailed, ConvertResult
 from diskpipe.formats.api import inspect_reader
+from diskpipe.jobs.endings import remove_if_still_ours
 from diskpipe.jobs.states import ACTIVE, OUTCOME_ACTIVE, SAVING
 
 if TYPE_CHECKING:
@@ -57,8 +58,7 @@ def adopt_stored(job: ImportJob, env: Environment, record: dict[str, Any], fence
         log.warning(
             "image %s: %d bytes stored, not the %s sealed: converting it again", job.image_id, size, sealed_size
         )
-        env.records.update(job.image_id, fence=fence)
-        env.store.delete(job.image_id)
+        remove_if_still_ours(env, job.image_id, fence, None)  # under this delivery's lease
         return None
     stored, sums = found
     location = env.store.location(job.image_id)
