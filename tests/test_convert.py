@@ -23,6 +23,7 @@ from diskpipe.converter.qemu_img import Cancelled, CancelToken
 from diskpipe.converter.stores.base import StoreMisconfigured, StoreUnavailable
 from diskpipe.converter.stores.file import FileStore
 from diskpipe.converter.stores.rbd import RbdConfig, RbdStore, qemu_rbd_target
+from diskpipe.formats import inspect
 from diskpipe.refusal import UnsafeImage
 from tests.conftest import FAULT_TEST_TIMEOUT, RECOVERY_TIMEOUT, process_alive, qemu_img_children, wait_until
 
@@ -163,6 +164,93 @@ def test_a_refused_image_never_reaches_qemu_img(
             convert_image(ConvertRequest(str(samples_dir / sample.file), f"h-{sample.name}"), store)
     assert qemu_img_calls == []
     assert not list((tmp_path / "store").glob("*")) if (tmp_path / "store").exists() else True
+
+
+class _WatchedFileStore(FileStore):
+    """A file store that remembers the targets it began and aborted, and can
+    fail its `begin` with a given error instead."""
+
+    def __init__(self, directory: Path, begin_error: BaseException | None = None) -> None:
+        super().__init__(directory)
+        self.begin_error = begin_error
+        self.begun: list[Any] = []
+        self.aborted: list[Any] = []
+
+    def begin(self, image_id: str, size: int, *, image_format: str = "raw") -> Any:
+        if self.begin_error is not None:
+            raise self.begin_error
+        target = super().begin(image_id, size, image_format=image_format)
+        self.begun.append(target)
+        return target
+
+    def abort(self, target: Any) -> None:
+        self.aborted.append(target)
+        super().abort(target)
+
+
+def _convert_with_facts_qemu_disputes(tmp_path: Path, store: FileStore) -> Any:
+    """Convert a raw file with the facts of a qcow2 (as an inspector bug
+    would give them): the policy accepts them, and qemu-img's cross-check,
+    asked to read the raw file as qcow2, disagrees."""
+    qcow2 = tmp_path / "facts.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "16M"], check=True)
+    facts = inspect(qcow2, allocation=True)
+    raw = tmp_path / "upload.raw"
+    raw.write_bytes(bytes(1 << 20))
+    fd = os.open(raw, os.O_RDONLY)
+    try:
+        return convert_image(ConvertRequest(str(raw), "disputed", source_fd=fd), store, inspected=facts)
+    finally:
+        os.close(fd)
+
+
+def test_a_cross_check_refusal_removes_the_target_created_beside_it(tmp_path: Path) -> None:
+    """The store's target is created while qemu-img's cross-check runs; when
+    qemu-img disagrees, nothing is converted and the empty target goes."""
+    store = _WatchedFileStore(tmp_path / "store")
+    with pytest.raises(UnsafeImage) as refused:
+        _convert_with_facts_qemu_disputes(tmp_path, store)
+    assert [issue.check for issue in refused.value.issues] == ["cross_check"]
+    assert "cannot open the image as qcow2" in str(refused.value)
+    assert len(store.begun) == 1 and store.aborted == store.begun
+    assert list((tmp_path / "store").iterdir()) == []
+
+
+def test_a_cross_check_refusal_wins_over_a_store_failing_meanwhile(tmp_path: Path) -> None:
+    """The image's fault is reported, not the store's trouble at the same
+    moment (as when the cross-check ran before the store was touched)."""
+    store = _WatchedFileStore(tmp_path / "store", begin_error=StoreUnavailable("the store is down"))
+    with pytest.raises(UnsafeImage) as refused:
+        _convert_with_facts_qemu_disputes(tmp_path, store)
+    assert [issue.check for issue in refused.value.issues] == ["cross_check"]
+
+
+def test_an_interrupt_while_the_target_is_created_is_what_the_caller_sees(tmp_path: Path) -> None:
+    """Ctrl-C during the store's begin: the interruption propagates (not the
+    cross-check's outcome), and no qemu-img is left running."""
+    store = _WatchedFileStore(tmp_path / "store", begin_error=KeyboardInterrupt())
+    source = tmp_path / "honest.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), "16M"], check=True)
+    with pytest.raises(KeyboardInterrupt):
+        convert_image(ConvertRequest(str(source), "interrupted"), store)
+    assert _qemu_img_processes() == []
+    assert not (tmp_path / "store").exists() or list((tmp_path / "store").iterdir()) == []
+
+
+def _qemu_img_processes() -> list[int]:
+    """Any qemu-img child of this test process (info or convert)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        name, _, rest = stat_line.partition(" (")[2].rpartition(")")
+        if name.startswith("qemu-img") and int(rest.split()[1]) == os.getpid():
+            found.append(int(entry.name))
+    return found
 
 
 def _slow_source(tmp_path: Path) -> Path:

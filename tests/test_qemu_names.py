@@ -276,7 +276,8 @@ def test_a_source_renamed_over_after_inspection_changes_nothing(
 
 class SwappingStore(FileStore):
     """A file store that renames the decoy over the source when the
-    conversion begins its target: after inspection and the cross-check."""
+    conversion begins its target: after inspection, beside qemu-img's
+    cross-check (which reads the descriptor too)."""
 
     def __init__(self, directory: Path, decoy: Path, source: Path) -> None:
         super().__init__(directory)

@@ -1,6 +1,6 @@
-"""Convert one image into a store: inspect -> validate -> cross-check ->
-convert -> seal + re-inspect -> checksum (one read of the sealed data) ->
-finalize.
+"""Convert one image into a store: inspect -> validate -> cross-check (the
+empty target created meanwhile) -> convert -> seal + re-inspect -> checksum
+(one read of the sealed data) -> finalize.
 
 Nothing reaches qemu-img before the policy accepts the image; qemu-img
 always gets the format the inspector found; a failure at any step removes
@@ -151,10 +151,12 @@ def source_spec(info: ImageInfo, fd: int, key_fd: int | None) -> tuple[ImageSpec
     return ImageSpec(fd, info.format, tuple(options)), virtual_size
 
 
-def cross_check(info: ImageInfo, spec: ImageSpec, expected_size: int) -> dict[str, Any]:
+def cross_check(
+    info: ImageInfo, spec: ImageSpec, expected_size: int, cancel: CancelToken | None = None
+) -> dict[str, Any]:
     """qemu-img info (with the format given) must agree with the inspector."""
     try:
-        report = qemu_img.info(spec)
+        report = qemu_img.info(spec, cancel=cancel)
     except QemuImgError as error:
         raise refuse(
             "cross_check", f"qemu-img cannot open the image as {info.format}: {error.stderr.strip()}"
@@ -283,7 +285,7 @@ def convert_image(
 
 @dataclass(frozen=True, slots=True)
 class _Judged:
-    """An image the policy and qemu-img's cross-check let through."""
+    """An image the policy let through, with how qemu-img must open it."""
 
     info: ImageInfo
     verdict: Verdict
@@ -298,7 +300,7 @@ def _judge(
     inspected: ImageInfo | None,
     timings: dict[str, float],
 ) -> _Judged:
-    """inspect -> policy -> (key) -> qemu-img's reading must match ours."""
+    """inspect -> policy -> (key); qemu-img's cross-check comes next."""
     started = time.monotonic()
     try:
         info = inspected or inspect_fd(fd, filename=request.source, allocation=True)
@@ -313,9 +315,43 @@ def _judge(
         opened.callback(os.close, key_fd)
     timings["inspect"] = time.monotonic() - started
     spec, virtual_size = source_spec(info, fd, key_fd)
-    cross_check(info, spec, virtual_size)
-    timings["cross_check"] = time.monotonic() - started - timings["inspect"]
     return _Judged(info, verdict, spec, virtual_size)
+
+
+def _begin_beside_cross_check(request: ConvertRequest, judged: _Judged, store: Store, timings: dict[str, float]) -> Any:
+    """Create the store's temporary target while qemu-img's cross-check runs.
+
+    Both are mostly waiting (a qemu-img process; on RBD a few cluster round
+    trips), so they overlap. Nothing is written into the target and qemu-img
+    does not convert before the cross-check has agreed: when it refuses the
+    image, the empty target is removed and the refusal is what the caller
+    sees (the image's fault comes before any store trouble, as when the two
+    ran one after the other).
+    """
+    stop_checking = CancelToken()
+    with ThreadPoolExecutor(1, thread_name_prefix="cross-check") as pool:
+        checking = pool.submit(_timed, cross_check, judged.info, judged.spec, judged.virtual_size, stop_checking)
+        step = time.monotonic()
+        try:
+            target = store.begin(request.image_id, judged.virtual_size, image_format=request.to_format)
+        except Exception:
+            checking.result()  # a refusal wins over the store's error
+            raise
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM): qemu-img is killed at once, not
+            # waited for, and the interruption is what the caller sees.
+            stop_checking.cancel()
+            with contextlib.suppress(Exception):
+                checking.result()
+            raise
+        timings["begin"] = time.monotonic() - step
+        try:
+            timings["cross_check"] = checking.result()
+        except BaseException:
+            stop_checking.cancel()  # when the wait itself was interrupted
+            store.abort(target)
+            raise
+    return target
 
 
 def _convert_open(
@@ -334,7 +370,7 @@ def _convert_open(
     report("inspect", 0.0)
     judged = _judge(request, fd, opened, inspected, timings)
     cancel.raise_if_cancelled()
-    target = store.begin(request.image_id, judged.virtual_size, image_format=request.to_format)
+    target = _begin_beside_cross_check(request, judged, store, timings)
     try:
         checksums = _write_and_seal(request, judged, store, target, report, cancel, timings)
         if on_sealed is not None:

@@ -284,7 +284,7 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def info(image: ImageSpec, *, limits: Limits = INFO_LIMITS) -> dict[str, Any]:
+def info(image: ImageSpec, *, limits: Limits = INFO_LIMITS, cancel: CancelToken | None = None) -> dict[str, Any]:
     """`qemu-img info --output=json` with the format given, never probed.
 
     `--force-share` lets it read an image another process holds open.
@@ -292,6 +292,7 @@ def info(image: ImageSpec, *, limits: Limits = INFO_LIMITS) -> dict[str, Any]:
     output = run(
         ["info", *image.object_args(), "--output=json", "--force-share", *image.source_args()],
         limits,
+        cancel=cancel,
         pass_fds=image.pass_fds,
     )
     result: dict[str, Any] = json.loads(output)
