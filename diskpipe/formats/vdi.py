@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from diskpipe.formats import allocation
 from diskpipe.formats.base import ContainerFormat, InspectOptions
-from diskpipe.formats.errors import FormatError, Unavailable
+from diskpipe.formats.errors import FormatError
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout, round_up
-from diskpipe.formats.reads import GetSize, Read, Request
+from diskpipe.formats.reads import Read, Request
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
 if TYPE_CHECKING:
@@ -90,15 +90,10 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
     details["image-type"] = IMAGE_TYPES.get(header["image_type"], str(header["image_type"]))
 
     allocated = None
-    data_end = 0
     if options.allocation:
-        try:
-            allocated, data_end = yield from _count_allocation(header, virtual_size)
-        except Unavailable:
-            allocated = None
-    file_size: int = yield GetSize()
-    if data_end > file_size:
-        anomalies.append({"name": "allocation_past_eof", "message": "the block map points past the end of the file"})
+        allocated = yield from allocation.counted_within_file(
+            _count_allocation(header, virtual_size), anomalies, "the block map points past the end of the file"
+        )
     return Facts(
         format=NAME,
         virtual_size=virtual_size,

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from diskpipe.formats import allocation
 from diskpipe.formats.base import ContainerFormat, InspectOptions, read_exact
-from diskpipe.formats.errors import FormatError, Unavailable
+from diskpipe.formats.errors import FormatError
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout
-from diskpipe.formats.reads import GetSize, Read, Request
+from diskpipe.formats.reads import Read, Request
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see tuples.py)
 if TYPE_CHECKING:
@@ -167,19 +167,11 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
 
     allocated = None
     if options.allocation:
-        # Tables first, size last: a stream knows its size only at the end.
-        try:
-            allocated, data_end = yield from _count_allocation(header, virtual_size)
-        except Unavailable:
-            allocated, data_end = None, 0
-        file_size: int = yield GetSize()
-        if data_end > file_size:
-            anomalies.append(
-                {
-                    "name": "allocation_past_eof",
-                    "message": "free_data_block_offset points after the end of file: the image has been truncated",
-                }
-            )
+        allocated = yield from allocation.counted_within_file(
+            _count_allocation(header, virtual_size),
+            anomalies,
+            "free_data_block_offset points after the end of file: the image has been truncated",
+        )
     return Facts(
         format=NAME,
         virtual_size=virtual_size,

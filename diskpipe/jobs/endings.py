@@ -84,12 +84,7 @@ def stale(error: StaleAttempt) -> None:
 
 
 def kill(
-    records: RecordStore,
-    image_id: str,
-    outcome: str,
-    reason: str,
-    expected: str = SAVING,
-    fence: int | None = None,
+    records: RecordStore, image_id: str, outcome: str, reason: str, expected: str = SAVING, fence: int | None = None
 ) -> dict[str, Any]:
     """End the record `killed` with its outcome (refused, failed, cancelled);
     with `fence`, only while the record is still that attempt's."""
