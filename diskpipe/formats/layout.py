@@ -47,6 +47,7 @@ class Layout:
         if "x" in packed:  # padding rows name no field
             fields = [field for field, code in zip(fields, codes, strict=False) if code[-1] != "x"]
         start = int(self.cells[0], 0) if self.cells else 0
+        self.start = start  # the first field's offset
         self._struct = struct.Struct(f"{endian}{start}x{packed}" if start else endian + packed)
         self._names = tuple(fields)
         self.size = self._struct.size

@@ -18,9 +18,9 @@ if TYPE_CHECKING:
 
 NAME = "vdi"
 SIGNATURE = 0xBEDA107F
-SIGNATURE_OFFSET = 0x40
 VERSION_1_1 = 0x00010001
 PRE_HEADER = Layout(NAME, "pre-header", "<", "0x40 I signature, 0x44 I version")
+SIGNATURE_OFFSET = PRE_HEADER.start
 HEADER_V1 = Layout(NAME, "header", "<", """
     0x48   I     header_size
     0x4C   I     image_type

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 NAME = "vpc"
 COOKIE = b"conectix"
 DYNAMIC_COOKIE = b"cxsparse"
-FOOTER_SIZE = 512
 FOOTER = Layout(NAME, "footer", ">", """
     0   8s   cookie
     8   I    features
@@ -43,7 +42,9 @@ FOOTER = Layout(NAME, "footer", ">", """
     64  I    checksum
     68  16s  unique_id
     84  B    saved_state
+    85  427x reserved
 """)  # fmt: skip
+FOOTER_SIZE = FOOTER.size  # 512
 DYNAMIC_HEADER = Layout(NAME, "dynamic disk header", ">", """
     0   8s    cookie
     8   Q     data_offset
