@@ -238,6 +238,25 @@ def test_purge_temporaries_removes_a_dead_writers_leftover(store: Store) -> None
     assert not store.exists(name)
 
 
+def test_begin_replaces_what_a_dead_writer_with_the_same_owner_tag_left(store: Store) -> None:
+    """An earlier process with this pid died mid-write: the next begin of
+    that image starts from a fresh, empty target. File and RBD temporaries
+    are named by their owner, so the leftover is replaced; an S3 upload is
+    one of its own, invisible, until cleanup or a purge aborts it."""
+    name, target = half_written(store, b"left by the dead one")
+    target.close()
+    again = store.begin(name, SIZE)
+    try:
+        again.write_at(SIZE - 8, b"new one!")
+        assert again.read_at(0, 64) == bytes(64), "the dead writer's data is still there"
+    finally:
+        store.abort(again)
+    if not isinstance(store, S3Store):
+        assert temporaries(store, name) == []
+    store.purge_temporaries(name)
+    assert temporaries(store, name) == []
+
+
 def test_cleanup_asks_is_live_first(store: Store) -> None:
     name, target = half_written(store, b"abandoned")
     target.close()

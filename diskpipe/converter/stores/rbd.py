@@ -18,6 +18,7 @@ seconds.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import logging
 import os
@@ -38,8 +39,6 @@ log = logging.getLogger(__name__)
 SNAPSHOT = "snap"
 # layering | exclusive-lock | object-map | fast-diff | deep-flatten
 FEATURES = 1 | 4 | 8 | 16 | 32
-OWNER_KEY = "diskpipe.owner"
-CREATED_KEY = "diskpipe.created"
 # Set on a stored image that `delete` must refuse (the snapshot is protected
 # anyway, for clones: this is the operator's "keep it" mark).
 PROTECTED_KEY = "diskpipe.protected"
@@ -294,23 +293,17 @@ class RbdStore:
         ioctx = self._connect()
         if self.exists(image_id):
             raise base.ImageExists(f"image {image_id} already exists in pool {self.config.pool}")
-        owner = base.owner_tag()
-        name = base.tmp_name(image_id, owner)
-        self._remove_image(name, missing_ok=True, abandoned=True)  # left by a dead process that had our pid
-        self._call(rbd.RBD().create, ioctx, name, size, old_format=False, features=FEATURES)
+        # The name says who writes it (host and pid) and the image's own
+        # creation time how old it is: `cleanup` needs nothing else, so the
+        # image is created and not opened (each open and metadata write is a
+        # round trip on the way to qemu-img).
+        name = base.tmp_name(image_id, base.owner_tag())
         try:
-            image = self.open_raw(name)
-            try:
-                image.metadata_set(OWNER_KEY, owner)
-                image.metadata_set(CREATED_KEY, str(int(time.time())))
-            finally:
-                image.close()
-        except BaseException:
-            # Interrupted (Ctrl-C, SIGTERM) or failed before the caller holds
-            # the target it would abort: remove the image here.
-            with contextlib.suppress(StoreError, rbd.Error):
-                self._remove_image(name, missing_ok=True, abandoned=True)
-            raise
+            self._call(rbd.RBD().create, ioctx, name, size, old_format=False, features=FEATURES)
+        except base.ImageExists:
+            # Left by a dead process that had our pid (ours are one at a time).
+            self._remove_image(name, missing_ok=True, abandoned=True)
+            self._call(rbd.RBD().create, ioctx, name, size, old_format=False, features=FEATURES)
         return RbdTarget(self, image_id, name, size)
 
     def seal(self, target: RbdTarget) -> None:
@@ -533,7 +526,8 @@ class RbdStore:
             try:
                 image = self.open_raw(name)
                 try:
-                    created = int(image.metadata_get(CREATED_KEY))
+                    # librbd gives the creation time as a naive UTC datetime.
+                    created = image.create_timestamp().replace(tzinfo=datetime.UTC).timestamp()
                 finally:
                     image.close()
             except (StoreError, rbd.Error, ValueError):
