@@ -84,3 +84,10 @@ def test_a_short_buffer_is_a_format_error() -> None:
 def test_a_table_that_is_not_rows_of_three_in_a_fixed_order_fails_the_check(endian: str, rows: str) -> None:
     with pytest.raises(ValueError, match="rows are offset, code and name"):
         Layout("demo", "header", endian, rows).check()
+
+
+def test_a_repeat_count_on_a_number_code_fails_the_check() -> None:
+    """ "2I" unpacks two numbers for one name, so the names after it would
+    shift by one: a table must write each number as its own row."""
+    with pytest.raises(ValueError, match=r"header: pair has a repeat count \(2I\)"):
+        Layout("demo", "header", "<", "0 4s magic, 4 2I pair, 12 H flags").check()

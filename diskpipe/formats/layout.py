@@ -60,6 +60,9 @@ class Layout:
             raise ValueError(f"{self.name}: rows are offset, code and name, in '<' or '>' byte order")
         cursor = int(words[0], 0)
         for offset, code, field in zip(words[::3], words[1::3], words[2::3], strict=True):
+            if code[:-1] and code[-1] not in "sx":
+                # "2I" unpacks two values for one name: every field after it would be misnamed.
+                raise ValueError(f"{self.name}: {field} has a repeat count ({code}); only s and x rows take one")
             if int(offset, 0) != cursor:
                 raise ValueError(f"{self.name}: {field} is at {offset}, the field before it ends at {cursor}")
             cursor += struct.calcsize(self.endian + code)
