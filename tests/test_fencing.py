@@ -174,3 +174,26 @@ def test_a_lost_lease_is_reported_once_and_the_beat_goes_on(redis_url: str, capl
     assert lease.lost.is_set()
     assert lease.holder() == "someone-else"  # release never deletes another owner's lease
     client.delete(lease.key)
+
+
+def test_a_lost_lease_is_fenced_even_when_asking_who_took_it_fails(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renewal says the lease is gone; the question that follows (who
+    holds it now, for the log) fails — Redis dropped the connection between
+    the two calls, a fault a test cannot time for real, hence the stand-in.
+    The lease is lost at once all the same: the job must stop writing."""
+    client = redis_client(redis_url)
+    lease = Lease(client, f"lease-{uuid.uuid4().hex}", "owner", ttl=30.0)
+    assert lease.try_acquire()
+    client.delete(lease.key)
+
+    def connection_dropped() -> str | None:
+        raise ConnectionError("Redis closed the connection")
+
+    monkeypatch.setattr(lease, "holder", connection_dropped)
+    lease.start_heartbeat(interval=0.05)
+    try:
+        wait_until(lambda: None if lease.lost.is_set() else "still held", "the lease counted as lost", timeout=10)
+    finally:
+        lease.release()

@@ -81,9 +81,11 @@ class Lease:
                     if not self.lost.is_set() and not self._renew(
                         keys=[self.key], args=[self.owner, int(self.ttl * 1000)]
                     ):
+                        # Lost first: asking who holds it now is a second
+                        # round trip that may fail, and must not delay the fence.
+                        self.lost.set()
                         holder = self.holder()
                         log.warning("lease %s %s", self.key, f"taken over by {holder}" if holder else "expired")
-                        self.lost.set()
                     if on_tick is not None:
                         on_tick()
                 except Exception as error:  # noqa: BLE001 - Redis restarting: keep beating
