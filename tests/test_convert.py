@@ -237,6 +237,145 @@ def test_an_interrupt_while_the_target_is_created_is_what_the_caller_sees(tmp_pa
     assert not (tmp_path / "store").exists() or list((tmp_path / "store").iterdir()) == []
 
 
+# qemu-img whose `info` (the cross-check) writes its pid and then stands
+# still (SIGSTOP) until it is continued or killed: a cross-check that hangs
+# (a stalled disk or network filesystem under the source), made certain.
+HELD_INFO = """#!/bin/sh
+if [ "$1" = info ]; then
+    echo $$ > "{marker}.part" && mv "{marker}.part" "{marker}"
+    kill -STOP $$
+fi
+exec {qemu_img} "$@"
+"""
+# "At once": well before the cross-check's own wall-clock timeout (120 s),
+# and generous for a busy machine (the kill takes one 0.2 s poll).
+KILLED_WITHIN = qemu_img.INFO_LIMITS.timeout / 4
+
+
+def _hold_the_cross_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make qemu-img's cross-check hang; the file its pid will appear in."""
+    marker = tmp_path / "cross-check.pid"
+    script = tmp_path / "qemu-img-held-info"
+    script.write_text(HELD_INFO.format(marker=marker, qemu_img=qemu_img.qemu_img_binary()))
+    script.chmod(0o755)
+    monkeypatch.setenv("DISKPIPE_QEMU_IMG", str(script))
+    return marker
+
+
+def _held_pid(marker: Path) -> int | None:
+    return int(marker.read_text()) if marker.exists() else None
+
+
+def _when_held(
+    marker: Path, ready: threading.Event, act: Any, failures: list[str], *, resume: bool
+) -> threading.Thread:
+    """Once the cross-check hangs and `ready` is set, `act()`; then the
+    held qemu-img must be killed at once. If it is not, that is recorded,
+    and it is continued (`resume`: the conversion may go on) or killed, so
+    the test ends either way."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + RECOVERY_TIMEOUT
+        while (_held_pid(marker) is None or not ready.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pid = _held_pid(marker)
+        if pid is None:
+            failures.append("the cross-check never ran")
+            return
+        act()
+        deadline = time.monotonic() + KILLED_WITHIN
+        while process_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if process_alive(pid):
+            failures.append(f"the cross-check's qemu-img still ran {KILLED_WITHIN:.0f} s after it was stopped")
+            os.kill(pid, signal.SIGCONT if resume else signal.SIGKILL)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
+class _StoreThatWaits(FileStore):
+    """A file store whose begin fails at once, succeeds, or never ends (a
+    store that does not answer); `settled` is set once begin has returned or
+    raised, `entered` when it started."""
+
+    def __init__(self, directory: Path, how: str) -> None:
+        super().__init__(directory)
+        self.how = how
+        self.entered = threading.Event()
+        self.settled = threading.Event()
+
+    def begin(self, image_id: str, size: int, *, image_format: str = "raw") -> Any:
+        self.entered.set()
+        try:
+            if self.how == "fails":
+                raise StoreUnavailable("the store is down")
+            while self.how == "hangs":
+                time.sleep(0.05)
+            return super().begin(image_id, size, image_format=image_format)
+        finally:
+            self.settled.set()
+
+
+@pytest.mark.parametrize("store_begin", ["fails", "succeeds", "hangs"])
+def test_an_interrupt_kills_a_hanging_cross_check_at_once(
+    store_begin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (SIGINT here; SIGTERM takes the same path, diskpipe.interrupts)
+    while qemu-img's cross-check hangs: whatever the store's begin did
+    meanwhile (failed, and the refusal it might be is awaited; created the
+    target; or still waits), qemu-img is killed at once, the interruption is
+    what the caller sees and nothing is left in the store."""
+    marker = _hold_the_cross_check(tmp_path, monkeypatch)
+    source = tmp_path / "honest.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), "16M"], check=True)
+    store = _StoreThatWaits(tmp_path / "store", store_begin)
+    main = threading.main_thread().ident
+    assert main is not None and threading.get_ident() == main
+    failures: list[str] = []
+    ready = store.entered if store_begin == "hangs" else store.settled
+    watcher = _when_held(marker, ready, lambda: signal.pthread_kill(main, signal.SIGINT), failures, resume=False)
+    with pytest.raises(KeyboardInterrupt):
+        convert_image(ConvertRequest(str(source), "interrupted"), store)
+    watcher.join(RECOVERY_TIMEOUT)
+    assert failures == []
+    assert _qemu_img_processes() == []
+    assert not store.directory.exists() or list(store.directory.iterdir()) == []
+
+
+def test_a_cancel_during_the_cross_check_stops_it_and_nothing_is_converted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The conversion is cancelled (a user's cancel, a lost lease) while
+    qemu-img's cross-check runs: the cross-check is killed at once, qemu-img
+    convert never starts (its stage is never reported, as before the target
+    was created beside the cross-check) and the target is removed."""
+    marker = _hold_the_cross_check(tmp_path, monkeypatch)
+    source = tmp_path / "honest.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), "16M"], check=True)
+    store = _WatchedFileStore(tmp_path / "store")
+    token = CancelToken()
+    stages: list[str] = []
+    failures: list[str] = []
+    always = threading.Event()
+    always.set()
+    watcher = _when_held(marker, always, token.cancel, failures, resume=True)
+    with pytest.raises(Cancelled):
+        convert_image(
+            ConvertRequest(str(source), "cancelled"),
+            store,
+            cancel=token,
+            progress=lambda stage, percent: stages.append(stage),
+        )
+    watcher.join(RECOVERY_TIMEOUT)
+    assert failures == []
+    assert "convert" not in stages
+    assert store.aborted == store.begun
+    assert _qemu_img_processes() == []
+    assert not store.directory.exists() or list(store.directory.iterdir()) == []
+
+
 def _qemu_img_processes() -> list[int]:
     """Any qemu-img child of this test process (info or convert)."""
     found = []

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +32,7 @@ from diskpipe.converter.stores.base import (
 from diskpipe.converter.stores.file import FileStore
 from diskpipe.converter.stores.rbd import RbdConfig, RbdStore
 from diskpipe.converter.stores.s3 import S3Config, S3Store
+from tests.conftest import FAULT_TEST_TIMEOUT, RECOVERY_TIMEOUT
 
 KINDS = ["file", "rbd", "s3"]
 MiB = 1 << 20
@@ -255,6 +259,57 @@ def test_begin_replaces_what_a_dead_writer_with_the_same_owner_tag_left(store: S
         assert temporaries(store, name) == []
     store.purge_temporaries(name)
     assert temporaries(store, name) == []
+
+
+class _RbdStoreHeldAtCreate(RbdStore):
+    """An RBD store whose cluster stops answering (the OSD held still,
+    SIGSTOP) right after begin's existence check: its create of the
+    temporary is in flight, and ends only when the OSD continues."""
+
+    def __init__(self, config: RbdConfig, osd: int) -> None:
+        super().__init__(config)
+        self.osd = osd
+        self.creating = threading.Event()
+
+    def exists(self, image_id: str) -> bool:
+        found = super().exists(image_id)
+        if not self.creating.is_set():
+            os.kill(self.osd, signal.SIGSTOP)
+            self.creating.set()
+        return found
+
+
+@pytest.mark.timeout(FAULT_TEST_TIMEOUT)
+def test_rbd_begin_interrupted_while_it_creates_the_temporary_leaves_nothing(ceph_recovers: Any) -> None:
+    """Ctrl-C or SIGTERM while librbd creates the temporary: the interruption
+    is raised when the create has finished, before begin hands back a target
+    anyone would abort. begin removes the image itself."""
+    ceph = ceph_recovers
+    (osd,) = ceph.pids("osd")
+    store = _RbdStoreHeldAtCreate(RbdConfig(conf=ceph.conf, connect_timeout=10, op_timeout=120), osd)
+    main = threading.main_thread().ident
+    assert main is not None and threading.get_ident() == main
+    name = image_id()
+
+    def interrupt() -> None:
+        store.creating.wait(RECOVERY_TIMEOUT)
+        time.sleep(1)  # the create is sent (microseconds after the check) and waits for the OSD
+        signal.pthread_kill(main, signal.SIGINT)
+        os.kill(osd, signal.SIGCONT)
+
+    interrupter = threading.Thread(target=interrupt, daemon=True)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.begin(name, SIZE)
+    finally:
+        interrupter.join(RECOVERY_TIMEOUT)
+        os.kill(osd, signal.SIGCONT)
+    try:
+        assert [found for found in ceph.rbd("ls").split() if found.startswith(name)] == []
+    finally:
+        store.purge_temporaries(name)
+        store.close()
 
 
 def test_cleanup_asks_is_live_first(store: Store) -> None:

@@ -318,7 +318,20 @@ def _judge(
     return _Judged(info, verdict, spec, virtual_size)
 
 
-def _begin_beside_cross_check(request: ConvertRequest, judged: _Judged, store: Store, timings: dict[str, float]) -> Any:
+@dataclass
+class _StopEither(CancelToken):
+    """Cancelled by its own `cancel` or by the conversion's token."""
+
+    conversion: CancelToken = field(default_factory=CancelToken)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.event.is_set() or self.conversion.cancelled
+
+
+def _begin_beside_cross_check(
+    request: ConvertRequest, judged: _Judged, store: Store, cancel: CancelToken, timings: dict[str, float]
+) -> Any:
     """Create the store's temporary target while qemu-img's cross-check runs.
 
     Both are mostly waiting (a qemu-img process; on RBD a few cluster round
@@ -326,16 +339,21 @@ def _begin_beside_cross_check(request: ConvertRequest, judged: _Judged, store: S
     does not convert before the cross-check has agreed: when it refuses the
     image, the empty target is removed and the refusal is what the caller
     sees (the image's fault comes before any store trouble, as when the two
-    ran one after the other).
+    ran one after the other). Cancelling the conversion meanwhile kills the
+    cross-check's qemu-img at once.
     """
-    stop_checking = CancelToken()
+    stop_checking = _StopEither(conversion=cancel)
     with ThreadPoolExecutor(1, thread_name_prefix="cross-check") as pool:
         checking = pool.submit(_timed, cross_check, judged.info, judged.spec, judged.virtual_size, stop_checking)
         step = time.monotonic()
         try:
             target = store.begin(request.image_id, judged.virtual_size, image_format=request.to_format)
         except Exception:
-            checking.result()  # a refusal wins over the store's error
+            try:
+                checking.result()  # a refusal wins over the store's error
+            except BaseException:
+                stop_checking.cancel()  # the wait was interrupted: not another minute of qemu-img
+                raise
             raise
         except BaseException:
             # Interrupted (Ctrl-C, SIGTERM): qemu-img is killed at once, not
@@ -370,7 +388,7 @@ def _convert_open(
     report("inspect", 0.0)
     judged = _judge(request, fd, opened, inspected, timings)
     cancel.raise_if_cancelled()
-    target = _begin_beside_cross_check(request, judged, store, timings)
+    target = _begin_beside_cross_check(request, judged, store, cancel, timings)
     try:
         checksums = _write_and_seal(request, judged, store, target, report, cancel, timings)
         if on_sealed is not None:
@@ -406,6 +424,9 @@ def _write_and_seal(
 ) -> Checksums:
     """qemu-img writes the target; the store seals it; one read of the
     sealed data re-inspects and hashes it."""
+    # Cancelled while the cross-check ran (which it then did not hear in
+    # time): qemu-img convert does not start.
+    cancel.raise_if_cancelled()
     report("convert", 0.0)
     step = time.monotonic()
     try:

@@ -66,7 +66,7 @@ class CancelToken:
         return self.event.is_set()
 
     def raise_if_cancelled(self) -> None:
-        if self.event.is_set():
+        if self.cancelled:  # a subclass may be cancelled by more than its event
             raise Cancelled("cancelled")
 
 

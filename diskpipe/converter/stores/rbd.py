@@ -299,11 +299,19 @@ class RbdStore:
         # round trip on the way to qemu-img).
         name = base.tmp_name(image_id, base.owner_tag())
         try:
-            self._call(rbd.RBD().create, ioctx, name, size, old_format=False, features=FEATURES)
-        except base.ImageExists:
-            # Left by a dead process that had our pid (ours are one at a time).
-            self._remove_image(name, missing_ok=True, abandoned=True)
-            self._call(rbd.RBD().create, ioctx, name, size, old_format=False, features=FEATURES)
+            try:
+                self._call(rbd.RBD().create, ioctx, name, size, old_format=False, features=FEATURES)
+            except base.ImageExists:
+                # Left by a dead process that had our pid (ours are one at a time).
+                self._remove_image(name, missing_ok=True, abandoned=True)
+                self._call(rbd.RBD().create, ioctx, name, size, old_format=False, features=FEATURES)
+        except (KeyboardInterrupt, SystemExit):
+            # Interrupted (Ctrl-C, SIGTERM): Python raises it once librbd's
+            # create has returned, so the image may exist, and no caller holds
+            # a target to abort. Remove it here.
+            with contextlib.suppress(StoreError, rbd.Error):
+                self._remove_image(name, missing_ok=True, abandoned=True)
+            raise
         return RbdTarget(self, image_id, name, size)
 
     def seal(self, target: RbdTarget) -> None:
