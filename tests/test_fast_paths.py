@@ -5,16 +5,19 @@ probe says."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diskpipe.formats import layout, nondisk, ramdisk, registry
+from diskpipe.formats import inspect, layout, nondisk, ramdisk, registry
+from diskpipe.formats.api import StreamInspector
 from diskpipe.formats.base import PROBE_SIZE
-from diskpipe.formats.detect import sniff_contents
+from diskpipe.formats.detect import FIRST_READ, sniff_contents
 from diskpipe.formats.layout import entries_in_use, nonzero_from
 from diskpipe.formats.reads import HEAD_RETAIN
 
@@ -247,3 +250,63 @@ def test_the_signature_screen_on_every_sample(samples_dir: Path, manifest: list[
         with (samples_dir / entry.file).open("rb") as image:
             head = image.read(HEAD_RETAIN)
         assert sniff_contents(head, True) == eager_sniff(head), entry.name
+
+
+def _qcow2_with(tmp_path: Path, pieces: list[tuple[int, bytes]]) -> Path:
+    """A qcow2 image made by qemu-img, 64 KiB clusters, with `pieces` written
+    over it (past its header: content signatures a container image may hold)."""
+    path = tmp_path / "image.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    data = bytearray(path.read_bytes().ljust(HEAD_RETAIN + 4096, b"\0"))
+    for offset, piece in pieces:
+        data[offset : offset + len(piece)] = piece
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_the_first_read_is_short_and_signatures_past_it_are_still_found(tmp_path: Path) -> None:
+    """A container image is inspected from a first read shorter than the head:
+    a content signature past it (ISO at 32 KiB, swap at 64 KiB, btrfs at
+    0x10040) still has the sniffers look at the whole head, file and stream alike."""
+    beyond = [
+        seed
+        for seed in CONTENT_SEEDS
+        if registry.may_hold_content(seed) and not registry.may_hold_content(seed[:FIRST_READ])
+    ]
+    assert len(beyond) >= 4  # ISO, UDF, the 64 KiB swap pages, btrfs
+    reads: list[tuple[int, int]] = []
+    pread = os.pread
+
+    def counted(fd: int, length: int, offset: int) -> bytes:
+        reads.append((offset, length))
+        return pread(fd, length, offset)
+
+    plain = _qcow2_with(tmp_path, [])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "pread", counted)
+        assert inspect(plain).contents == ()
+    # Nothing past the first read was copied for the plain image's head.
+    assert (0, FIRST_READ) in reads and (0, HEAD_RETAIN) not in reads
+    for seed in beyond:
+        path = _qcow2_with(tmp_path, [(FIRST_READ, seed[FIRST_READ:])])
+        data = path.read_bytes()
+        expected = eager_sniff(data[:HEAD_RETAIN])
+        assert expected, "the seed no longer holds what a sniffer recognises"
+        info = inspect(path)
+        assert info.format == "qcow2"
+        assert list(info.contents) == expected
+        stream = StreamInspector()
+        stream.feed(data)
+        assert stream.finish().contents == info.contents
+
+
+def test_signature_windows_cover_every_signature_past_the_first_read() -> None:
+    windows = registry.signatures_beyond(FIRST_READ)
+    covered = {
+        (start + relative_start, start + relative_end, signatures)
+        for start, length, entries in windows
+        for relative_start, relative_end, signatures in entries
+        if relative_end <= length
+    }
+    assert covered == {entry for entry in registry.CONTENT_SIGNATURES if entry[1] > FIRST_READ}
+    assert all(length <= 512 for _, length, _ in windows)  # small reads, not the head again
