@@ -123,14 +123,34 @@ def undecided_info(progress: Progress, size: int, reason: str) -> ImageInfo:
     )
 
 
-def _signature_beyond_first_read() -> Generator[Request, Any, bool]:
-    """Whether a content signature lies in the head past the first read."""
-    for request, signatures in _WINDOWS:
-        window: bytes = yield request
-        for start, end, expected in signatures:
-            if window[start:end] in expected:
-                return True
+def _holds_signature(window: bytes, signatures: tuple[tuple[int, int, frozenset[bytes]], ...]) -> bool:
+    for start, end, expected in signatures:  # noqa: SIM110 - any() over a generator costs more
+        if window[start:end] in expected:
+            return True
     return False
+
+
+def _add_trailer_matches(
+    tail: bytes, file_size: int, filename: str | None, names: list[str], facts: list[Facts]
+) -> None:
+    """Formats found at the end of the data: a fixed VHD's footer, a dmg's
+    koly trailer (or, for want of any other match, a `.dmg` name)."""
+    if "vpc" not in names and vpc.is_fixed_footer(tail):
+        facts.append(vpc.fixed_facts(tail, file_size))
+        names.append("vpc")
+    if dmg.has_trailer(tail) or (not names and dmg.probe_name(filename)):
+        facts.append(dmg.facts(tail))
+        names.append("dmg")
+
+
+def _primary_details(primary: Facts, facts: list[Facts], other_matches: dict[str, Any]) -> dict[str, Any]:
+    """The primary format's details, with the other formats found beside it."""
+    for extra in facts[1:]:
+        other_matches.setdefault(extra.format, {"virtual-size": extra.virtual_size, "details": extra.details})
+    details = dict(primary.details)
+    if other_matches:
+        details["other-matches"] = other_matches
+    return details
 
 
 def inspection(
@@ -144,12 +164,21 @@ def inspection(
     caller knows, recorded as they are."""
     head: bytes = yield _FIRST_READ
     matched = registry.probe_containers(head)
-    # A shorter answer is all the data: the whole head is already here.
-    if len(head) == FIRST_READ and (
-        not matched or registry.may_hold_content(head) or (yield from _signature_beyond_first_read())
-    ):
-        head = yield _HEAD_READ
-    contents = sniff_contents(head, bool(matched))
+    # A container image without a content signature in its first read or in
+    # the windows past it has no content to sniff, nor the whole head to read.
+    # (A shorter first answer is all the data: the whole head is here.)
+    sniff = True
+    if len(head) == FIRST_READ:
+        if matched and not registry.may_hold_content(head):
+            sniff = False
+            for request, signatures in _WINDOWS:
+                window: bytes = yield request
+                if _holds_signature(window, signatures):
+                    sniff = True
+                    break
+        if sniff:
+            head = yield _HEAD_READ
+    contents = sniff_contents(head, bool(matched)) if sniff else []
     if progress is not None:
         progress.head_matches = [fmt.name for fmt in matched]
         progress.contents = contents
@@ -172,19 +201,10 @@ def inspection(
     if file_size:
         tail = yield _TAIL_READ
     names = [fmt.name for fmt in matched]
-    if "vpc" not in names and vpc.is_fixed_footer(tail):
-        facts.append(vpc.fixed_facts(tail, file_size))
-        names.append("vpc")
-    if dmg.has_trailer(tail) or (not names and dmg.probe_name(filename)):
-        facts.append(dmg.facts(tail))
-        names.append("dmg")
+    _add_trailer_matches(tail, file_size, filename, names, facts)
 
     primary = facts[0] if facts else raw.facts(file_size)
-    for extra in facts[1:]:
-        other_matches.setdefault(extra.format, {"virtual-size": extra.virtual_size, "details": extra.details})
-    details = dict(primary.details)
-    if other_matches:
-        details["other-matches"] = other_matches
+    details = _primary_details(primary, facts, other_matches)
     # The primary container's facts carry over; those from cluster_size to
     # format_specific as one slice (see _CARRIED_FACTS).
     return ImageInfo(
