@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diskpipe.formats import inspect, layout, nondisk, ramdisk, registry
+from diskpipe.formats import inspect, layout, nondisk, ramdisk, registry, vmdk_descriptor
 from diskpipe.formats.api import StreamInspector
 from diskpipe.formats.base import PROBE_SIZE
 from diskpipe.formats.detect import FIRST_READ, sniff_contents
@@ -310,3 +310,39 @@ def test_signature_windows_cover_every_signature_past_the_first_read() -> None:
     }
     assert covered == {entry for entry in registry.CONTENT_SIGNATURES if entry[1] > FIRST_READ}
     assert all(length <= 512 for _, length, _ in windows)  # small reads, not the head again
+
+
+VMDK_LINE_PIECES = st.sampled_from(
+    [
+        b"=",
+        b'"',
+        b" ",
+        b"\t",
+        b"\r",
+        b"\x0b",
+        b"#",
+        b"RW",
+        b"RDONLY",
+        b"5",
+        b"-7",
+        b"+1",
+        b"FLAT",
+        b"ddb.a",
+        b"a",
+        b"CID",
+        b"x" * 11,
+    ]
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(pieces=st.lists(VMDK_LINE_PIECES, max_size=12))
+def test_a_key_value_line_is_no_extent_comment_or_strict_extent(pieces: list[bytes]) -> None:
+    """The VMDK descriptor parser tries `key = value` first and then skips the
+    other readings of the line: sound only while no line matches both."""
+    line = b"".join(pieces)
+    extent_line, strict_extent, key_value, _ = vmdk_descriptor._patterns()
+    if key_value.match(line):
+        assert not extent_line.match(line)
+        assert not strict_extent.match(line)
+        assert line.strip() and not line.strip().startswith(b"#")

@@ -171,6 +171,17 @@ def parse(region: bytes) -> Descriptor:
     # `_decode` written out: a call per field is a good part of a line's cost.
     for raw_line in text.split(b"\n"):
         line = raw_line.rstrip(b"\r")
+        # A `key = value` line is tried first: its first word is followed by
+        # `=`, so it scans as no extent (`word number`) and is no comment or
+        # strict extent either; most lines are such pairs, and they are done
+        # with one pattern instead of three.
+        pair = key_value.match(line) if _EQUALS in line else None
+        if pair:
+            key, value = pair.groups()
+            strict_values.setdefault(
+                key.decode("utf-8", "backslashreplace"), value.strip(b'"').decode("utf-8", "backslashreplace")
+            )
+            continue
         quoted = _QUOTE in line
         scanned = extent_line.match(line) if quoted else None
         if scanned:
@@ -190,13 +201,6 @@ def parse(region: bytes) -> Descriptor:
         if not stripped or stripped[0] == _HASH:
             continue
         if quoted and strict_extent.match(line):
-            continue
-        pair = key_value.match(line) if _EQUALS in line else None
-        if pair:
-            key, value = pair.groups()
-            strict_values.setdefault(
-                key.decode("utf-8", "backslashreplace"), value.strip(b'"').decode("utf-8", "backslashreplace")
-            )
             continue
         if len(descriptor.unexpected_lines) < MAX_REPORTED_LINES:
             descriptor.unexpected_lines.append(_decode(line[:120]))
