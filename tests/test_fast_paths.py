@@ -346,3 +346,47 @@ def test_a_key_value_line_is_no_extent_comment_or_strict_extent(pieces: list[byt
         assert not extent_line.match(line)
         assert not strict_extent.match(line)
         assert line.strip() and not line.strip().startswith(b"#")
+
+
+def _sniffed_as_before(path: Path) -> tuple[object, ...]:
+    """What the sniffers find in the whole head when no container claims it."""
+    with path.open("rb") as image:
+        return tuple(sniff_contents(image.read(HEAD_RETAIN), False))
+
+
+def test_raw_data_reads_the_whole_head_only_when_a_sniffer_may_need_it(tmp_path: Path) -> None:
+    """Raw data without a content signature or a compression magic is decided
+    from the first read (the text, tar and archive sniffers look at its first
+    4 KiB); content past the first read and compressed data still get the
+    whole head, from a file and from a stream alike."""
+    import gzip
+    import random
+
+    assert nondisk.TEXT_SAMPLE <= FIRST_READ
+    noise = random.Random(7).randbytes(HEAD_RETAIN + 4096)
+    cases = {
+        "text": (b"plain text line\n" * 20000, False),
+        "random": (noise, False),
+        "iso past the first read": (_placed(HEAD_RETAIN, (32768, b"\x01CD001\x01"), (34816, b"\xffCD001\x01")), True),
+        "btrfs past the first read": (_placed(HEAD_RETAIN, (0x10040, b"_BHRfS_M")), True),
+        "gzip": (gzip.compress(noise, compresslevel=1), True),
+    }
+    pread = os.pread
+    for name, (data, whole_head) in cases.items():
+        path = tmp_path / "data"
+        path.write_bytes(data)
+        reads: list[tuple[int, int]] = []
+
+        def counted(fd: int, length: int, offset: int, reads: list[tuple[int, int]] = reads) -> bytes:
+            reads.append((offset, length))
+            return pread(fd, length, offset)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "pread", counted)
+            info = inspect(path)
+        assert ((0, HEAD_RETAIN) in reads) == whole_head, name
+        assert info.contents == _sniffed_as_before(path), name
+        stream = StreamInspector()
+        stream.feed(data)
+        assert stream.finish().contents == info.contents, name
+    assert inspect(tmp_path / "data").contents[0].name == "gzip"

@@ -123,6 +123,13 @@ def undecided_info(progress: Progress, size: int, reason: str) -> ImageInfo:
     )
 
 
+def _may_be_compressed(head: bytes) -> bool:
+    """Whether the ramdisk sniffer may find anything: it decodes only data
+    that starts with a cpio or compression magic."""
+    ramdisk, _ = _unclaimed_sniffers()
+    return ramdisk.is_cpio(head) or ramdisk._algorithm(head) is not None
+
+
 def _holds_signature(window: bytes, signatures: tuple[tuple[int, int, frozenset[bytes]], ...]) -> bool:
     for start, end, expected in signatures:  # noqa: SIM110 - any() over a generator costs more
         if window[start:end] in expected:
@@ -164,21 +171,24 @@ def inspection(
     caller knows, recorded as they are."""
     head: bytes = yield _FIRST_READ
     matched = registry.probe_containers(head)
-    # A container image without a content signature in its first read or in
-    # the windows past it has no content to sniff, nor the whole head to read.
+    # Data without a content signature in its first read or in the windows
+    # past it has no content for the sniffers to find in the whole head, nor
+    # the whole head to read: a container image, and raw data that is not
+    # compressed (a ramdisk or compressed stream is decoded from the whole
+    # head; the other non-disk sniffers look at its first 4 KiB alone).
     # (A shorter first answer is all the data: the whole head is here.)
-    sniff = True
+    whole = True
     if len(head) == FIRST_READ:
-        if matched and not registry.may_hold_content(head):
-            sniff = False
+        if not registry.may_hold_content(head) and (matched or not _may_be_compressed(head)):
+            whole = False
             for request, signatures in _WINDOWS:
                 window: bytes = yield request
                 if _holds_signature(window, signatures):
-                    sniff = True
+                    whole = True
                     break
-        if sniff:
+        if whole:
             head = yield _HEAD_READ
-    contents = sniff_contents(head, bool(matched)) if sniff else []
+    contents = [] if matched and not whole else sniff_contents(head, bool(matched))
     if progress is not None:
         progress.head_matches = [fmt.name for fmt in matched]
         progress.contents = contents
