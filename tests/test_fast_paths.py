@@ -5,16 +5,19 @@ probe says."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diskpipe.formats import layout, nondisk, ramdisk, registry
+from diskpipe.formats import inspect, layout, nondisk, ramdisk, registry, vmdk_descriptor
+from diskpipe.formats.api import StreamInspector
 from diskpipe.formats.base import PROBE_SIZE
-from diskpipe.formats.detect import sniff_contents
+from diskpipe.formats.detect import FIRST_READ, sniff_contents
 from diskpipe.formats.layout import entries_in_use, nonzero_from
 from diskpipe.formats.reads import HEAD_RETAIN
 
@@ -247,3 +250,143 @@ def test_the_signature_screen_on_every_sample(samples_dir: Path, manifest: list[
         with (samples_dir / entry.file).open("rb") as image:
             head = image.read(HEAD_RETAIN)
         assert sniff_contents(head, True) == eager_sniff(head), entry.name
+
+
+def _qcow2_with(tmp_path: Path, pieces: list[tuple[int, bytes]]) -> Path:
+    """A qcow2 image made by qemu-img, 64 KiB clusters, with `pieces` written
+    over it (past its header: content signatures a container image may hold)."""
+    path = tmp_path / "image.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    data = bytearray(path.read_bytes().ljust(HEAD_RETAIN + 4096, b"\0"))
+    for offset, piece in pieces:
+        data[offset : offset + len(piece)] = piece
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_the_first_read_is_short_and_signatures_past_it_are_still_found(tmp_path: Path) -> None:
+    """A container image is inspected from a first read shorter than the head:
+    a content signature past it (ISO at 32 KiB, swap at 64 KiB, btrfs at
+    0x10040) still has the sniffers look at the whole head, file and stream alike."""
+    beyond = [
+        seed
+        for seed in CONTENT_SEEDS
+        if registry.may_hold_content(seed) and not registry.may_hold_content(seed[:FIRST_READ])
+    ]
+    assert len(beyond) >= 4  # ISO, UDF, the 64 KiB swap pages, btrfs
+    reads: list[tuple[int, int]] = []
+    pread = os.pread
+
+    def counted(fd: int, length: int, offset: int) -> bytes:
+        reads.append((offset, length))
+        return pread(fd, length, offset)
+
+    plain = _qcow2_with(tmp_path, [])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "pread", counted)
+        assert inspect(plain).contents == ()
+    # Nothing past the first read was copied for the plain image's head.
+    assert (0, FIRST_READ) in reads and (0, HEAD_RETAIN) not in reads
+    for seed in beyond:
+        path = _qcow2_with(tmp_path, [(FIRST_READ, seed[FIRST_READ:])])
+        data = path.read_bytes()
+        expected = eager_sniff(data[:HEAD_RETAIN])
+        assert expected, "the seed no longer holds what a sniffer recognises"
+        info = inspect(path)
+        assert info.format == "qcow2"
+        assert list(info.contents) == expected
+        stream = StreamInspector()
+        stream.feed(data)
+        assert stream.finish().contents == info.contents
+
+
+def test_signature_windows_cover_every_signature_past_the_first_read() -> None:
+    windows = registry.signatures_beyond(FIRST_READ)
+    covered = {
+        (start + relative_start, start + relative_end, signatures)
+        for start, length, entries in windows
+        for relative_start, relative_end, signatures in entries
+        if relative_end <= length
+    }
+    assert covered == {entry for entry in registry.CONTENT_SIGNATURES if entry[1] > FIRST_READ}
+    assert all(length <= 512 for _, length, _ in windows)  # small reads, not the head again
+
+
+VMDK_LINE_PIECES = st.sampled_from(
+    [
+        b"=",
+        b'"',
+        b" ",
+        b"\t",
+        b"\r",
+        b"\x0b",
+        b"#",
+        b"RW",
+        b"RDONLY",
+        b"5",
+        b"-7",
+        b"+1",
+        b"FLAT",
+        b"ddb.a",
+        b"a",
+        b"CID",
+        b"x" * 11,
+    ]
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(pieces=st.lists(VMDK_LINE_PIECES, max_size=12))
+def test_a_key_value_line_is_no_extent_comment_or_strict_extent(pieces: list[bytes]) -> None:
+    """The VMDK descriptor parser tries `key = value` first and then skips the
+    other readings of the line: sound only while no line matches both."""
+    line = b"".join(pieces)
+    extent_line, strict_extent, key_value, _ = vmdk_descriptor._patterns()
+    if key_value.match(line):
+        assert not extent_line.match(line)
+        assert not strict_extent.match(line)
+        assert line.strip() and not line.strip().startswith(b"#")
+
+
+def _sniffed_as_before(path: Path) -> tuple[object, ...]:
+    """What the sniffers find in the whole head when no container claims it."""
+    with path.open("rb") as image:
+        return tuple(sniff_contents(image.read(HEAD_RETAIN), False))
+
+
+def test_raw_data_reads_the_whole_head_only_when_a_sniffer_may_need_it(tmp_path: Path) -> None:
+    """Raw data without a content signature or a compression magic is decided
+    from the first read (the text, tar and archive sniffers look at its first
+    4 KiB); content past the first read and compressed data still get the
+    whole head, from a file and from a stream alike."""
+    import gzip
+    import random
+
+    assert nondisk.TEXT_SAMPLE <= FIRST_READ
+    noise = random.Random(7).randbytes(HEAD_RETAIN + 4096)
+    cases = {
+        "text": (b"plain text line\n" * 20000, False),
+        "random": (noise, False),
+        "iso past the first read": (_placed(HEAD_RETAIN, (32768, b"\x01CD001\x01"), (34816, b"\xffCD001\x01")), True),
+        "btrfs past the first read": (_placed(HEAD_RETAIN, (0x10040, b"_BHRfS_M")), True),
+        "gzip": (gzip.compress(noise, compresslevel=1), True),
+    }
+    pread = os.pread
+    for name, (data, whole_head) in cases.items():
+        path = tmp_path / "data"
+        path.write_bytes(data)
+        reads: list[tuple[int, int]] = []
+
+        def counted(fd: int, length: int, offset: int, reads: list[tuple[int, int]] = reads) -> bytes:
+            reads.append((offset, length))
+            return pread(fd, length, offset)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "pread", counted)
+            info = inspect(path)
+        assert ((0, HEAD_RETAIN) in reads) == whole_head, name
+        assert info.contents == _sniffed_as_before(path), name
+        stream = StreamInspector()
+        stream.feed(data)
+        assert stream.finish().contents == info.contents, name
+    assert inspect(tmp_path / "data").contents[0].name == "gzip"

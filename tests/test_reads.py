@@ -164,3 +164,91 @@ def test_an_inspector_error_surfaces_at_the_feed_that_caused_it() -> None:
         driver.feed(b"BAD!" + bytes(100))
     with pytest.raises(ValueError, match="bad magic"):
         driver.finish()
+
+
+def test_a_reader_gets_the_whole_head_in_one_call_and_a_file_only_what_is_asked(tmp_path: Path) -> None:
+    """A reader whose calls cost a round trip (RBD) answers the detector's
+    short first read with the whole head, and reads inside it cost no call;
+    a file is read exactly as asked (copying bytes costs, a system call little)."""
+
+    def reader() -> Generator[Request, Any, tuple[bytes, bytes, bytes]]:
+        first = yield Read(0, 4096)
+        inside = yield Read(60_000, 100)
+        head = yield Read(0, HEAD_RETAIN)
+        return first, inside, head
+
+    calls: list[tuple[int, int]] = []
+
+    def read_counted(offset: int, length: int) -> bytes:
+        calls.append((offset, length))
+        return read_data(offset, length)
+
+    answers = (DATA[:4096], DATA[60_000:60_100], DATA[:HEAD_RETAIN])
+    assert run_on_reader(reader(), read_counted, len(DATA)) == answers
+    assert calls == [(0, HEAD_RETAIN)]
+    path = tmp_path / "data"
+    path.write_bytes(DATA[: 2 * HEAD_RETAIN])
+    fd = os.open(path, os.O_RDONLY)
+    pread = os.pread
+    calls.clear()
+
+    def pread_counted(fd: int, length: int, offset: int) -> bytes:
+        calls.append((offset, length))
+        return pread(fd, length, offset)
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "pread", pread_counted)
+            assert run_on_file(reader(), fd, 2 * HEAD_RETAIN) == answers
+    finally:
+        os.close(fd)
+    assert calls == [(0, 4096), (60_000, 100), (0, HEAD_RETAIN)]
+
+
+def _inspect_cut_after_first_read(path: Path, cut: int) -> None:
+    """Inspect the file at `path`, truncating it to `cut` bytes right after
+    the first read; an answer or a FormatError are both fine."""
+    from diskpipe.formats.base import InspectOptions
+    from diskpipe.formats.detect import inspection
+    from diskpipe.formats.errors import FormatError
+
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    pread = os.pread
+    cuts: list[int] = []
+
+    def cut_after_first(fd: int, length: int, offset: int) -> bytes:
+        data = pread(fd, length, offset)
+        if not cuts:
+            os.ftruncate(fd, cut)
+            cuts.append(cut)
+        return data
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "pread", cut_after_first)
+            try:
+                info = run_on_file(inspection(InspectOptions()), fd, size)
+            except FormatError:
+                pass
+            else:
+                assert info.file_size == size
+    finally:
+        os.close(fd)
+    assert cuts == [cut]
+
+
+def test_a_file_truncated_between_the_first_read_and_the_rest(tmp_path: Path) -> None:
+    """A hostile uploader may truncate the file while it is inspected: the
+    reads after the first come back short, and the inspection still ends in
+    an answer or a FormatError, never another exception."""
+    from diskpipe.formats.detect import FIRST_READ
+
+    image = bytearray(4 * HEAD_RETAIN)
+    image[0x8001:0x8006] = b"CD001"  # an ISO signature past the first read: the whole head is read next
+    path = tmp_path / "image"
+    for header in (b"", b"QFI\xfb\0\0\0\x03", b"KDMV\x01\0\0\0"):  # raw, and containers that read on
+        image[: len(header)] = header
+        for cut in (0, 100, FIRST_READ, FIRST_READ + 10, 0x8003, HEAD_RETAIN):
+            path.write_bytes(image)
+            _inspect_cut_after_first_read(path, cut)

@@ -101,13 +101,16 @@ _ZERO_BLOCK = bytes(4096)
 def _used_length(data: bytes) -> int:
     """Length of `data` without its trailing zero bytes. bytes.rstrip(b"\0")
     tests byte by byte; whole 4 KiB blocks compared with zeros (memcmp) go
-    ten times faster, and only the last block with data is stripped."""
+    ten times faster, and only the last block with data is looked into."""
     end = len(data)
     while end > 0:
         start = max(0, end - len(_ZERO_BLOCK))
         block = data[start:end]
         if block != _ZERO_BLOCK[: end - start]:
-            return start + len(block.rstrip(b"\0"))
+            # The block read as a little-endian number: its last nonzero
+            # byte is its most significant one. The conversion runs in C
+            # over the whole block, several times faster than rstrip(b"\0").
+            return start + (int.from_bytes(block, "little").bit_length() + 7) // 8
         end = start
     return 0
 

@@ -335,36 +335,51 @@ def _check_host_end(header: dict[str, Any], host_end: int, file_size: int, anoma
         )
 
 
+# The extensions whose payload is kept.
+_KEPT_EXTENSIONS = frozenset({EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_BITMAPS, EXT_CRYPTO, EXT_FEATURE_TABLE})
+
+
 def _read_extensions(
     head: bytes, start: int, end: int, anomalies: list[dict[str, str]]
 ) -> Generator[Request, Any, dict[str, Any]]:
     """Walk the header extensions as qemu does, keeping the ones that matter."""
     found: dict[str, Any] = {}
     offset = start
-    while offset + EXT_HEADER.size <= end:
-        raw = yield from read_exact(offset, EXT_HEADER.size, head)
-        if len(raw) < EXT_HEADER.size:
+    size = EXT_HEADER.size
+    # The extensions normally lie in the head: cut from it here, without a
+    # read_exact generator per extension (this runs for every qcow2).
+    while offset + size <= end:
+        raw = (
+            head[offset : offset + size] if offset + size <= len(head) else (yield from read_exact(offset, size, head))
+        )
+        if len(raw) < size:
             break  # qemu reads zeros past the end: an end-of-extensions marker
         ext = EXT_HEADER.parse(raw)
-        offset += EXT_HEADER.size
-        if ext["type"] == EXT_END:
+        offset += size
+        ext_type = ext["type"]
+        if ext_type == EXT_END:
             break
         length = ext["length"]
         if length > end - offset:
-            _anomaly(anomalies, "extension_too_large", f"header extension 0x{ext['type']:08x} too large")
+            _anomaly(anomalies, "extension_too_large", f"header extension 0x{ext_type:08x} too large")
             break
         payload = b""
-        if ext["type"] in (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_BITMAPS, EXT_CRYPTO, EXT_FEATURE_TABLE):
-            payload = yield from read_exact(offset, min(length, MAX_KEPT_EXTENSION), head)
-        if ext["type"] == EXT_BACKING_FORMAT:
+        if ext_type in _KEPT_EXTENSIONS:
+            kept = min(length, MAX_KEPT_EXTENSION)
+            payload = (
+                head[offset : offset + kept]
+                if offset + kept <= len(head)
+                else (yield from read_exact(offset, kept, head))
+            )
+        if ext_type == EXT_BACKING_FORMAT:
             found["backing_format"] = payload  # a later duplicate wins, as in qemu
-        elif ext["type"] == EXT_DATA_FILE:
+        elif ext_type == EXT_DATA_FILE:
             found["data_file"] = payload
-        elif ext["type"] == EXT_BITMAPS and len(payload) >= BITMAPS_EXT.size:
+        elif ext_type == EXT_BITMAPS and len(payload) >= BITMAPS_EXT.size:
             found["bitmaps"] = BITMAPS_EXT.parse(payload)
-        elif ext["type"] == EXT_CRYPTO and len(payload) >= CRYPTO_EXT.size:
+        elif ext_type == EXT_CRYPTO and len(payload) >= CRYPTO_EXT.size:
             found["crypto"] = CRYPTO_EXT.parse(payload)
-        elif ext["type"] == EXT_FEATURE_TABLE:
+        elif ext_type == EXT_FEATURE_TABLE:
             found["feature_names"] = _feature_names(payload)
         offset += (length + 7) // 8 * 8
     return found
@@ -408,8 +423,14 @@ _FEATURE_ENTRY = struct.Struct("BB46s")  # type, bit number, name
 
 def _feature_names(payload: bytes) -> list[dict[str, Any]]:
     whole = len(payload) - len(payload) % _FEATURE_ENTRY.size
+    # c_string written out, and str(kind) made only for an unknown kind: a
+    # qcow2 of qemu's lists a dozen features, and this runs for each image.
     return [
-        {"type": _FEATURE_KINDS.get(kind, str(kind)), "bit": bit, "name": c_string(name)}
+        {
+            "type": _FEATURE_KINDS[kind] if kind in _FEATURE_KINDS else str(kind),
+            "bit": bit,
+            "name": name.split(b"\0", 1)[0].decode("utf-8", "backslashreplace"),
+        }
         for kind, bit, name in _FEATURE_ENTRY.iter_unpack(payload[:whole])
     ]
 

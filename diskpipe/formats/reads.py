@@ -73,7 +73,12 @@ def _check_request(request: Request) -> None:
         raise AssertionError(f"inspector yielded {request!r}, not a request")
 
 
-def run_on_reader(inspection: Generator[Request, Any, T], read_at: Callable[[int, int], bytes], size: int) -> T:
+def run_on_reader(
+    inspection: Generator[Request, Any, T],
+    read_at: Callable[[int, int], bytes],
+    size: int,
+    head_read: int = HEAD_RETAIN,
+) -> T:
     """Drive an inspector over any positioned reader of known size
     (a file descriptor, an RBD image...).
 
@@ -81,42 +86,71 @@ def run_on_reader(inspection: Generator[Request, Any, T], read_at: Callable[[int
     later read inside it, or the tail of data it holds whole, is cut from it:
     the same bytes, without another call to the reader (a system call for a
     file, a round trip for RBD). It is the only thing kept, and at most
-    `MAX_READ` bytes."""
+    `MAX_READ` bytes. A read from offset 0 asks the reader for at least
+    `head_read` bytes: for a reader whose calls cost a round trip, the
+    detector's first read and the rest of the head come in one."""
+    # This loop runs for every request of every image: a request is told by
+    # its exact type and unpacked as the tuple it is (no attribute lookups),
+    # and a read is checked inline; the rarer requests go to helpers.
     head = b""
+    send = inspection.send
     try:
         request = next(inspection)
         while True:
-            _check_request(request)
-            answer: bytes | int
-            if isinstance(request, Read):
-                start = request.offset
-                end = min(start + request.length, size)
+            if type(request) is Read:
+                start, length = request
+                if start < 0 or length < 0 or length > MAX_READ:
+                    _check_request(request)  # raises
+                end = start + length
+                end = size if end > size else end  # min() is a call: this runs per request
                 if start >= end:
-                    answer = b""
+                    answer: bytes | int = b""
                 elif end <= len(head):
                     answer = head[start:end]
-                else:
+                elif start:
                     answer = read_at(start, end - start)
-                    if start == 0:
-                        head = answer
-            elif isinstance(request, ReadTail):
-                length = min(request.length, size)
-                if not length:
-                    answer = b""
-                elif size <= len(head):
-                    answer = head[size - length : size]
                 else:
-                    answer = read_at(size - length, length)
-            else:
+                    head = read_at(0, end if end >= head_read else min(head_read, size))
+                    answer = head[:end] if len(head) > end else head
+            elif type(request) is GetSize:
                 answer = size
-            request = inspection.send(answer)
+            elif type(request) is ReadTail:
+                answer = _tail(request, head, read_at, size)
+            else:
+                request = _exact_request(request)
+                continue
+            request = send(answer)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
 
 
+def _tail(request: ReadTail, head: bytes, read_at: Callable[[int, int], bytes], size: int) -> bytes:
+    """The answer to a ReadTail: from the head when it holds all the data."""
+    _check_request(request)
+    length = min(request.length, size)
+    if not length:
+        return b""
+    if size <= len(head):
+        return head[size - length : size]
+    return read_at(size - length, length)
+
+
+def _exact_request(request: Request) -> Request:
+    """A request of a subclass of a request type, as that type; raises for
+    anything that is no request."""
+    _check_request(request)
+    if isinstance(request, Read):
+        return Read(request.offset, request.length)
+    if isinstance(request, ReadTail):
+        return ReadTail(request.length)
+    return GetSize()
+
+
 def run_on_file(inspection: Generator[Request, Any, T], fd: int, size: int) -> T:
     """Drive an inspector over an open file descriptor of known size."""
-    return run_on_reader(inspection, lambda offset, length: os.pread(fd, length, offset), size)
+    # A system call is cheap; copying bytes nobody reads is not: the reads
+    # are as long as asked.
+    return run_on_reader(inspection, lambda offset, length: os.pread(fd, length, offset), size, head_read=0)
 
 
 class StreamDriver:

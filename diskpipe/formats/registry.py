@@ -118,6 +118,28 @@ def may_hold_content(head: bytes) -> bool:
     return False
 
 
+def signatures_beyond(length: int) -> tuple[tuple[int, int, tuple[tuple[int, int, frozenset[bytes]], ...]], ...]:
+    """The content signatures that do not lie whole in the first `length`
+    bytes, as windows to read: (window start, window length, the signatures
+    with offsets into the window). Signatures less than a sector apart share
+    a window (one read for both)."""
+    beyond = sorted(entry for entry in CONTENT_SIGNATURES if entry[1] > length)
+    windows: list[list[tuple[int, int, frozenset[bytes]]]] = []
+    for entry in beyond:
+        if windows and entry[0] - windows[-1][-1][1] < 512:
+            windows[-1].append(entry)
+        else:
+            windows.append([entry])
+    return tuple(
+        (
+            group[0][0],
+            max(end for _, end, _ in group) - group[0][0],
+            tuple((start - group[0][0], end - group[0][0], signatures) for start, end, signatures in group),
+        )
+        for group in windows
+    )
+
+
 def probe_containers(data: bytes) -> list[ContainerFormat]:
     """Containers whose probe accepts the start of `data` (zero padded as qemu pads)."""
     buffer = data[:PROBE_SIZE]
