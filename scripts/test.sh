@@ -8,4 +8,6 @@ bash scripts/setup.sh --test
 .venv/bin/ruff check diskpipe tests samples benchmarks
 .venv/bin/ruff format --check diskpipe tests samples benchmarks
 .venv/bin/mypy
-exec .venv/bin/python -m pytest -q "$@"
+# --durations=25: the slowest tests in every CI log, to see what a slow run
+# spent its time on (the suite must stay well under CI's limit).
+exec .venv/bin/python -m pytest -q --durations=25 "$@"

@@ -110,12 +110,14 @@ def test_every_format_converts_into_rbd_thin_and_protected(
         ceph.rbd("export", f"rbd/{image_id}@snap", str(exported))
         reference = reference_for(sample, path, tmp_path)
         assert exported.read_bytes() == reference.read_bytes(), sample.name
-        assert result.checksums.md5 == digest(reference)[0]
-        info = json.loads(ceph.rbd("info", "--format", "json", f"rbd/{image_id}"))
-        assert info["format"] == 2 and "layering" in info["features"]
+        with reference.open("rb") as handle:  # only md5: sha512 is the file store test's (same code)
+            assert result.checksums.md5 == hashlib.file_digest(handle, "md5").hexdigest()
+        # The snapshot's info tells the image's format and features too: one
+        # CLI start (~0.4 s, 70 samples) instead of two.
+        info = json.loads(ceph.rbd("info", "--format", "json", f"rbd/{image_id}@snap"))
+        assert info["format"] == 2 and "layering" in info["features"] and info["protected"] == "true"
         snaps = json.loads(ceph.rbd("snap", "ls", "--format", "json", f"rbd/{image_id}"))
         assert [snap["name"] for snap in snaps] == ["snap"]
-        assert json.loads(ceph.rbd("info", "--format", "json", f"rbd/{image_id}@snap"))["protected"] == "true"
         if sample.virtual_size == 0:
             exported.unlink()
             reference.unlink()

@@ -196,7 +196,8 @@ def stage_sample(imports: Path, samples_dir: Path, manifest: list[Any]) -> Stage
 def reference_md5(path: Path, fmt: str, tmp_path: Path) -> str:
     out = tmp_path / f"ref-{uuid.uuid4().hex[:6]}.raw"
     subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(out)], check=True)
-    digest = hashlib.md5(out.read_bytes()).hexdigest()
+    with out.open("rb") as handle:  # in pieces: a long source is a GiB of raw
+        digest = hashlib.file_digest(handle, "md5").hexdigest()
     out.unlink()
     return digest
 
@@ -206,10 +207,14 @@ def rbd_names(ceph: Ceph) -> list[str]:
 
 
 def long_source(tmp_path: Path, imports: Path, name: str) -> str:
-    """A job that takes several seconds: 3 GiB to hash, some data to convert."""
+    """A job that takes seconds: 1 GiB to hash (~3 s of CPU on a quiet
+    machine, longer on a busy one), some data to convert. Long enough for a
+    test to act while it runs (it polls the job's stage every 0.05 s); every
+    GiB more costs each test that runs it to the end ~3 s per run, and the
+    reference checksum as much again."""
     path = tmp_path / f"{name}.qcow2"
-    tools.create(path, "qcow2", 3 << 30)
-    tools.write(path, "qcow2", [(0, 32 << 20, 0x3C), (2 << 30, 16 << 20, 0x5A)])
+    tools.create(path, "qcow2", 1 << 30)
+    tools.write(path, "qcow2", [(0, 32 << 20, 0x3C), (768 << 20, 16 << 20, 0x5A)])
     return stage(imports, path)
 
 
