@@ -111,3 +111,56 @@ def test_light_records_refuse_what_typing_refuses() -> None:
 
             def _replace(self) -> None:  # type: ignore[override]
                 pass
+
+
+@pytest.mark.parametrize("command", ["info", "validate"])
+def test_the_collector_is_off_while_starting_and_on_while_inspecting(
+    command: str, samples_dir: Path, manifest: list[Any], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """Start-up runs with the garbage collector off (it would find nothing);
+    the files are inspected with it on (a long run over many hostile files
+    must stay bounded), and the caller gets it back as it was."""
+    import gc
+
+    from diskpipe import cli
+    from diskpipe.formats import batch, policy
+
+    seen: dict[str, bool] = {}
+    real_load_policy = policy.load_policy
+
+    def load_policy_noting(*args: Any, **kwargs: Any) -> Any:
+        seen["working"] = gc.isenabled()
+        return real_load_policy(*args, **kwargs)
+
+    real_parse = cli.fast.info_args
+
+    def info_args_noting(words: Any) -> Any:
+        seen["starting"] = gc.isenabled()
+        return real_parse(words)
+
+    monkeypatch.setattr(policy, "load_policy", load_policy_noting)
+    monkeypatch.setattr(cli.fast, "info_args", info_args_noting)
+    sample = next(sample for sample in manifest if sample.group == "honest" and sample.format == "qcow2")
+    assert gc.isenabled()
+    assert cli.main([command, str(samples_dir / sample.file)]) == 0
+    assert seen == {"starting": False, "working": True}
+    assert gc.isenabled()
+    assert batch.inspect_many  # the info path's module was loaded
+    gc.disable()
+    try:
+        cli.main([command, str(samples_dir / sample.file)])
+        assert not gc.isenabled(), "a caller that had the collector off got it back on"
+    finally:
+        gc.enable()
+    capsys.readouterr()
+
+
+def test_a_usage_error_gives_the_collector_back(capsys: Any) -> None:
+    import gc
+
+    from diskpipe import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--no-such-option"])
+    assert gc.isenabled()
+    capsys.readouterr()

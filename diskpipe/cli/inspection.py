@@ -7,6 +7,7 @@ numpy or libmagic only when an image needs them.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from diskpipe.cli import options
@@ -64,10 +65,18 @@ def _optional_rows(entry: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def command_loaded() -> None:
+    """The command's modules are loaded: the garbage collector, off during
+    start-up (diskpipe.cli.main), runs again, so a long run over many
+    files, each leaving its own garbage, stays bounded."""
+    gc.enable()
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from diskpipe.formats.batch import REFUSED, inspect_many
     from diskpipe.formats.policy import load_policy
 
+    command_loaded()
     results = inspect_many(
         args.files, jobs=args.jobs, allocation=args.allocation, details=args.details, policy=load_policy(args.policy)
     )
@@ -111,6 +120,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from diskpipe.formats import FormatError
     from diskpipe.formats.policy import load_policy
 
+    command_loaded()
     policy = load_policy(args.policy)
     name = "<stdin>" if args.file == "-" else args.file
     result: dict[str, Any] = {"filename": name}
