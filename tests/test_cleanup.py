@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from diskpipe.converter.stores.base import Leftover
+from diskpipe.converter.stores.base import Leftover, owner_alive, owner_tag
 from tests.conftest import ROOT, Ceph, wait_until
 
 
@@ -40,11 +39,12 @@ def cli_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     return env
 
 
-def dead_owner() -> str:
-    """An owner tag (host-pid) of a process of this host that has exited."""
+def dead_owner(where: str | None = None) -> str:
+    """An owner tag (host-key-pid) of a process of this host that has exited;
+    `where` instead of this process's host-key."""
     process = subprocess.Popen(["true"])
     process.wait()
-    return f"{socket.gethostname().split('.')[0]}-{process.pid}"
+    return f"{where or owner_tag().rpartition('-')[0]}-{process.pid}"
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_file_store_cleanup_names_what_it_removes_and_what_it_cannot(tmp_path: P
     owner = dead_owner()
     removable = store / f".img-a.tmp.{owner}"
     stuck = store / f".img-b.tmp.{owner}"
-    live = store / f".img-c.tmp.{socket.gethostname().split('.')[0]}-{os.getpid()}"
+    live = store / f".img-c.tmp.{owner_tag()}"
     for path in (removable, stuck, live):
         path.write_bytes(b"\0" * 4096)
     if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True, check=False).returncode != 0:
@@ -182,3 +182,62 @@ def test_rbd_cleanup_judges_another_hosts_temporary_by_the_images_creation_time(
     finally:
         eager.close()
     assert name not in ceph.rbd("ls").split()
+
+
+def owner_tag_in_a_new_pid_namespace() -> str:
+    """owner_tag() as a process in a pid namespace of its own computes it
+    (a container on this host: same host name, its own pids)."""
+    code = "from diskpipe.converter.stores.base import owner_tag; print(owner_tag())"
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot make a pid namespace here (unshare, needs root): {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def test_a_writer_in_another_pid_namespace_is_not_judged_by_a_pid_seen_from_here(tmp_path: Path) -> None:
+    """Same host name, a pid that is dead *here*: in its own pid namespace
+    (a container) the writer may well live, so its temporary is not removed
+    (before, host name and pid were the whole owner tag, and cleanup removed
+    a live container's image); one of this namespace with that dead pid is."""
+    contained = owner_tag_in_a_new_pid_namespace()
+    here = owner_tag()
+    assert contained.split("-")[0] == here.split("-")[0], "same host name"
+    contained_where = contained.rpartition("-")[0]
+    assert contained_where != here.rpartition("-")[0], "the namespace key tells them apart"
+    store = tmp_path / "store"
+    store.mkdir()
+    theirs = store / f".img-a.tmp.{dead_owner(contained_where)}"
+    ours = store / f".img-b.tmp.{dead_owner()}"
+    for path in (theirs, ours):
+        path.write_bytes(b"\0" * 512)
+
+    done = run_diskpipe(cli_env(tmp_path), "cleanup", "--store", f"file:{store}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [f"removed store {ours.name}"]
+    assert theirs.exists()
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "otherhost-4242",  # an older diskpipe's host-pid: cannot tell where the pid lives
+        "host-0123456-42",  # not a key of eight hex digits
+        f"{owner_tag().rpartition('-')[0]}-0",  # pid 0 would be our own process group
+        f"{owner_tag().rpartition('-')[0]}-99999999999",  # past any pid (os.kill would overflow)
+        ".tmp.",
+        "",
+    ],
+)
+def test_an_owner_tag_in_no_form_we_write_is_judged_by_age_not_by_a_pid(tag: str) -> None:
+    assert owner_alive(tag) is None
+
+
+def test_this_process_is_alive_and_a_dead_one_of_this_namespace_is_not() -> None:
+    assert owner_alive(owner_tag()) is True
+    assert owner_alive(dead_owner()) is False

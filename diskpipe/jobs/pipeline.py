@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from diskpipe.converter.convert import ConversionFailed, ConvertRequest, ConvertResult, convert_image
 from diskpipe.converter.qemu_img import Cancelled, CancelToken
-from diskpipe.converter.stores.base import Store, check_image_id
+from diskpipe.converter.stores.base import Store, check_image_id, owner_tag
 from diskpipe.formats.policy import Policy
 from diskpipe.jobs import sources
 from diskpipe.jobs.admission import ensure_record
@@ -88,7 +88,7 @@ class Environment:
     lease: Callable[[str], LeaseLike] | None = None  # None: one process, no lease needed
     lease_wait: float | None = None  # how long a second delivery waits for a live lease
     trust_local_paths: bool = False  # the embedded CLI imports any file its user can read
-    owner: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
+    owner: str = field(default_factory=owner_tag)  # the lease holder's name: host, namespace key, pid
     # Infrastructure errors the caller retries (Celery: Redis unreachable),
     # handled like Transient; any other unexpected error kills the record.
     retry_errors: tuple[type[Exception], ...] = ()

@@ -40,6 +40,7 @@ def _build_environment(app: Any) -> Any:
     from celery.exceptions import SoftTimeLimitExceeded
 
     from diskpipe.config import load
+    from diskpipe.converter.stores.base import owner_tag
     from diskpipe.converter.stores.registry import StoreConfig, make_store
     from diskpipe.formats.policy import load_policy
     from diskpipe.jobs.lease import Lease
@@ -49,7 +50,7 @@ def _build_environment(app: Any) -> Any:
 
     client = redis(app)
     settings = app.settings
-    owner = f"{os.uname().nodename}-{os.getpid()}"
+    owner = owner_tag()  # host name, boot and pid namespace key, pid: unique to this process
     return Environment(
         records=RedisRecords(client),
         store=make_store(load(StoreConfig)),

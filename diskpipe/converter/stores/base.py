@@ -10,11 +10,14 @@ under the real name, and `cleanup` finds what a dead owner left behind.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from diskpipe.converter.checksums import Extent
@@ -92,23 +95,54 @@ class Capabilities:
 
 
 def owner_tag() -> str:
-    """Who writes a temporary image: host and process, so a cleanup pass can
-    tell a live writer from a dead one."""
-    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+    """Who writes a temporary image: `host-key-pid`, so a cleanup pass can
+    tell a live writer from a dead one. The short host name is for people;
+    the key (see `_namespace_key`) says where the pid means something."""
+    return f"{socket.gethostname().split('.')[0]}-{_namespace_key()}-{os.getpid()}"
+
+
+@functools.cache
+def _namespace_key() -> str:
+    """Eight hex digits naming this kernel boot and this pid namespace.
+
+    Host name and pid alone do not name a process: cloned VMs keep the host
+    name of their image (and services started alike at boot get the same
+    pids), containers sharing the host's name each count pids from 1. Two
+    such writers would take each other's temporary for their own, and a
+    cleanup on one would find the other's pid "dead" and remove its live
+    image. A pid is checked only where boot and pid namespace are ours.
+    """
+    sources = ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid")
+    parts = []
+    for source in sources:
+        try:
+            parts.append(os.readlink(source) if source.endswith("/ns/pid") else Path(source).read_text().strip())
+        except OSError:
+            parts.append("")  # not Linux: host name and pid, as before
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
+
+
+MAX_PID = 1 << 22  # Linux's pid_max limit
+OWNER = re.compile(r"(?P<host>.+)-(?P<key>[0-9a-f]{8})-(?P<pid>[0-9]{1,10})")
 
 
 def parse_owner(tag: str) -> tuple[str, int] | None:
-    host, _, pid = tag.rpartition("-")
-    return (host, int(pid)) if host and pid.isdigit() else None
+    """(host-key, pid) of an owner tag; None for a tag in no form we write."""
+    match = OWNER.fullmatch(tag)
+    if match is None or not 0 < int(match["pid"]) <= MAX_PID:
+        return None  # pid 0 would ask about our own process group
+    return f"{match['host']}-{match['key']}", int(match["pid"])
 
 
 def owner_alive(tag: str) -> bool | None:
-    """True/False for an owner on this host; None when it is another host's."""
+    """True/False for an owner whose pid this process can check (same host,
+    boot and pid namespace); None when it cannot tell: another host's, or a
+    tag it does not read (an older diskpipe's `host-pid`): judge by age."""
     parsed = parse_owner(tag)
     if parsed is None:
-        return False
-    host, pid = parsed
-    if host != socket.gethostname().split(".")[0]:
+        return None
+    where, pid = parsed
+    if where != owner_tag().rpartition("-")[0]:
         return None
     try:
         os.kill(pid, 0)
