@@ -417,3 +417,28 @@ def test_a_time_limit_during_a_progress_write_is_not_taken_for_the_record_store_
     assert (record["status"], record["outcome"], record["reason"]) == ("killed", "failed", TIME_LIMITED), record
     assert _qemu_img_processes() == []
     assert list((tmp_path / "store").iterdir()) == []
+
+
+class TimeLimitWhileSealing(FileStore):
+    """The real file store; the time limit lands while the written image is
+    re-inspected, and the seal beside it fails at the same moment."""
+
+    def begin(self, image_id: str, size: int, *, image_format: str = "raw") -> Any:
+        target = super().begin(image_id, size, image_format=image_format)
+
+        def out_of_time(offset: int, length: int) -> bytes:
+            raise SoftTimeLimitExceeded()
+
+        target.read_at = out_of_time  # type: ignore[method-assign]
+        return target
+
+    def seal(self, target: Any) -> None:
+        raise StoreError("fsync failed: the disk went away")
+
+
+def test_a_time_limit_during_the_reinspection_is_not_replaced_by_the_seals_failure(tmp_path: Path) -> None:
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    store = TimeLimitWhileSealing(tmp_path / "store")
+    record = run_import(ImportJob("late", str(source)), _time_limited(tmp_path, store=store), "a1")
+    assert (record["status"], record["outcome"], record["reason"]) == ("killed", "failed", TIME_LIMITED), record
+    assert list(store.directory.iterdir()) == []

@@ -219,14 +219,14 @@ def _seal_and_reinspect(
     step = time.monotonic()
     with ThreadPoolExecutor(1, thread_name_prefix="seal") as pool:
         sealing = pool.submit(_timed, store.seal, target)
-        try:
-            stored_size = int(target.stored_size())
-            _reinspect(target, stored_format, virtual_size)
-            timings["reinspect"] = time.monotonic() - step
-        finally:
-            # Waits for the seal even when the re-inspection failed, so the
-            # caller's abort never races a snapshot being created.
-            timings["seal"] = sealing.result()
+        # When the re-inspection fails (or a time limit or an interrupt
+        # lands meanwhile), the pool's exit still waits for the seal, so the
+        # caller's abort never races a snapshot being created; the seal's own
+        # failure at the same moment does not replace that error.
+        stored_size = int(target.stored_size())
+        _reinspect(target, stored_format, virtual_size)
+        timings["reinspect"] = time.monotonic() - step
+        timings["seal"] = sealing.result()
     return stored_size
 
 
