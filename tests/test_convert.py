@@ -378,6 +378,26 @@ def test_a_cancel_during_the_cross_check_stops_it_and_nothing_is_converted(
     assert not store.directory.exists() or list(store.directory.iterdir()) == []
 
 
+def test_a_token_with_a_parent_stops_with_either_and_never_stops_its_parent() -> None:
+    """One step's stop inside a whole conversion's: the conversion's cancel
+    reaches the step, the step's own stop does not reach the conversion."""
+    conversion = CancelToken()
+    step = CancelToken(parent=conversion)
+    step.cancel()
+    assert step.cancelled and not conversion.cancelled
+    conversion.raise_if_cancelled()
+    with pytest.raises(Cancelled):
+        step.raise_if_cancelled()
+
+    conversion = CancelToken()
+    step = CancelToken(parent=CancelToken(parent=conversion))  # through more than one level
+    assert not step.cancelled
+    conversion.cancel()
+    assert step.cancelled and not step.event.is_set()
+    with pytest.raises(Cancelled):
+        step.raise_if_cancelled()
+
+
 def _qemu_img_processes() -> list[int]:
     """Any qemu-img child of this test process (info or convert)."""
     found = []

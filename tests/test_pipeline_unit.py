@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 
 from diskpipe.converter.stores.base import ImageProtected, StoreError, StoreUnavailable
 from diskpipe.converter.stores.file import FileStore
@@ -27,6 +29,8 @@ from diskpipe.jobs.management import cancel_image, delete_image, set_protected
 from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
 from diskpipe.jobs.records import SqliteRecords, new_record
 from diskpipe.jobs.states import OUTCOMES
+from tests.conftest import RECOVERY_TIMEOUT, wait_until
+from tests.test_convert import _hold_the_cross_check, _qemu_img_processes, _when_held
 
 MiB = 1 << 20
 
@@ -344,3 +348,97 @@ def test_a_stored_image_that_is_not_the_sealed_one_is_converted_again_not_adopte
     assert again["status"] == "active" and again["virtual_size"] == 64 * MiB, again
     assert again["checksum"] == first["checksum"] and again["os_hash_value"] == first["os_hash_value"]
     assert counting.calls.index("delete") < counting.calls.index("begin"), counting.calls
+
+
+# A worker's soft time limit (Celery raises SoftTimeLimitExceeded, an
+# ordinary Exception, from its signal handler wherever the job is) lands at
+# a moment a test cannot aim a real signal at: it is raised at that point.
+# The record must say the job ran out of time (not refused, not a store
+# error, not done), and nothing may be left behind or left running.
+TIME_LIMITED = "time limit exceeded during convert"
+
+
+def _time_limited(tmp_path: Path, **changes: Any) -> Environment:
+    return dataclasses.replace(_environment(tmp_path), time_limit_errors=(SoftTimeLimitExceeded,), **changes)
+
+
+class TimeLimitInBegin(FileStore):
+    """The real file store, whose begin runs out of time once qemu-img's
+    cross-check (beside it) has started and hangs."""
+
+    def __init__(self, directory: Path, cross_check_pid: Path) -> None:
+        super().__init__(directory)
+        self.cross_check_pid = cross_check_pid
+        self.raised = threading.Event()
+
+    def begin(self, image_id: str, size: int, *, image_format: str = "raw") -> Any:
+        wait_until(lambda: None if self.cross_check_pid.exists() else "no cross-check yet", "the cross-check")
+        super().begin(image_id, size, image_format=image_format)  # its work done, the time runs out
+        self.raised.set()
+        raise SoftTimeLimitExceeded()
+
+
+def test_a_time_limit_while_the_store_begins_stops_the_cross_check_and_ends_out_of_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not waited on like the store's own error (for a refusal that would
+    win over it): the hanging cross-check is killed at once and the record
+    says the time ran out, not that the image was refused."""
+    marker = _hold_the_cross_check(tmp_path, monkeypatch)
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    store = TimeLimitInBegin(tmp_path / "store", marker)
+    failures: list[str] = []
+    watcher = _when_held(marker, store.raised, lambda: None, failures, resume=False)
+    record = run_import(ImportJob("late", str(source)), _time_limited(tmp_path, store=store), "a1")
+    watcher.join(RECOVERY_TIMEOUT)
+    assert failures == []
+    assert (record["status"], record["outcome"], record["reason"]) == ("killed", "failed", TIME_LIMITED), record
+    assert _qemu_img_processes() == []
+    assert list(store.directory.iterdir()) == []
+
+
+class TimeLimitInProgressWrite(SqliteRecords):
+    """Real SQLite records; the time limit lands while the conversion's
+    progress is written (the record store answers: it is not away)."""
+
+    def set_progress(self, image_id: str, progress: dict[str, Any]) -> None:
+        if progress["stage"] == "convert":
+            raise SoftTimeLimitExceeded()
+        super().set_progress(image_id, progress)
+
+
+def test_a_time_limit_during_a_progress_write_is_not_taken_for_the_record_store_away(tmp_path: Path) -> None:
+    """Progress is best effort when the record store is away; a time limit
+    is not swallowed with it (the job would run on until the hard limit
+    kills the worker): qemu-img is killed, the temporary removed."""
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    env = _time_limited(tmp_path, records=TimeLimitInProgressWrite(str(tmp_path / "records.sqlite")))
+    record = run_import(ImportJob("late", str(source)), env, "a1")
+    assert (record["status"], record["outcome"], record["reason"]) == ("killed", "failed", TIME_LIMITED), record
+    assert _qemu_img_processes() == []
+    assert list((tmp_path / "store").iterdir()) == []
+
+
+class TimeLimitWhileSealing(FileStore):
+    """The real file store; the time limit lands while the written image is
+    re-inspected, and the seal beside it fails at the same moment."""
+
+    def begin(self, image_id: str, size: int, *, image_format: str = "raw") -> Any:
+        target = super().begin(image_id, size, image_format=image_format)
+
+        def out_of_time(offset: int, length: int) -> bytes:
+            raise SoftTimeLimitExceeded()
+
+        target.read_at = out_of_time  # type: ignore[method-assign]
+        return target
+
+    def seal(self, target: Any) -> None:
+        raise StoreError("fsync failed: the disk went away")
+
+
+def test_a_time_limit_during_the_reinspection_is_not_replaced_by_the_seals_failure(tmp_path: Path) -> None:
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    store = TimeLimitWhileSealing(tmp_path / "store")
+    record = run_import(ImportJob("late", str(source)), _time_limited(tmp_path, store=store), "a1")
+    assert (record["status"], record["outcome"], record["reason"]) == ("killed", "failed", TIME_LIMITED), record
+    assert list(store.directory.iterdir()) == []

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from billiard.pool import soft_timeout_sighandler
+from celery.exceptions import SoftTimeLimitExceeded
 
 from diskpipe.converter.checksums import hash_image
 from diskpipe.converter.convert import ConvertRequest, convert_image
@@ -279,32 +281,46 @@ class _RbdStoreHeldAtCreate(RbdStore):
         return found
 
 
+# How a stop reaches a job: Ctrl-C (SIGTERM takes the same path,
+# diskpipe.interrupts), or a Celery worker's soft time limit (billiard's pool
+# sends the worker SIGUSR1; its handler raises SoftTimeLimitExceeded, an
+# ordinary Exception).
+STOPS = {
+    "interrupt": (signal.SIGINT, signal.default_int_handler, KeyboardInterrupt),
+    "time-limit": (signal.SIGUSR1, soft_timeout_sighandler, SoftTimeLimitExceeded),
+}
+
+
 @pytest.mark.timeout(FAULT_TEST_TIMEOUT)
-def test_rbd_begin_interrupted_while_it_creates_the_temporary_leaves_nothing(ceph_recovers: Any) -> None:
-    """Ctrl-C or SIGTERM while librbd creates the temporary: the interruption
-    is raised when the create has finished, before begin hands back a target
-    anyone would abort. begin removes the image itself."""
+@pytest.mark.parametrize("stop", sorted(STOPS))
+def test_rbd_begin_interrupted_while_it_creates_the_temporary_leaves_nothing(ceph_recovers: Any, stop: str) -> None:
+    """Ctrl-C, SIGTERM or a time limit while librbd creates the temporary:
+    the stop is raised when the create has finished, before begin hands back
+    a target anyone would abort. begin removes the image itself."""
     ceph = ceph_recovers
     (osd,) = ceph.pids("osd")
     store = _RbdStoreHeldAtCreate(RbdConfig(conf=ceph.conf, connect_timeout=10, op_timeout=120), osd)
     main = threading.main_thread().ident
     assert main is not None and threading.get_ident() == main
     name = image_id()
+    signum, handler, raised = STOPS[stop]
+    previous = signal.signal(signum, handler)
 
     def interrupt() -> None:
         store.creating.wait(RECOVERY_TIMEOUT)
         time.sleep(1)  # the create is sent (microseconds after the check) and waits for the OSD
-        signal.pthread_kill(main, signal.SIGINT)
+        signal.pthread_kill(main, signum)
         os.kill(osd, signal.SIGCONT)
 
     interrupter = threading.Thread(target=interrupt, daemon=True)
     interrupter.start()
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(raised):
             store.begin(name, SIZE)
     finally:
         interrupter.join(RECOVERY_TIMEOUT)
         os.kill(osd, signal.SIGCONT)
+        signal.signal(signum, previous)
     try:
         assert [found for found in ceph.rbd("ls").split() if found.startswith(name)] == []
     finally:

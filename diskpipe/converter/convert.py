@@ -23,7 +23,7 @@ from diskpipe.converter import qemu_img
 from diskpipe.converter.checksums import Checksums, hash_image
 from diskpipe.converter.limits import convert_limits
 from diskpipe.converter.qemu_img import CancelToken, ConvertOptions, ImageSpec, QemuImgError
-from diskpipe.converter.stores.base import Location, Store, StoreUnavailable, check_image_id
+from diskpipe.converter.stores.base import Location, Store, StoreError, StoreUnavailable, check_image_id
 from diskpipe.formats import FormatError, ImageInfo
 from diskpipe.formats.api import inspect_fd, inspect_reader
 from diskpipe.formats.policy import Policy, Verdict, check
@@ -219,14 +219,14 @@ def _seal_and_reinspect(
     step = time.monotonic()
     with ThreadPoolExecutor(1, thread_name_prefix="seal") as pool:
         sealing = pool.submit(_timed, store.seal, target)
-        try:
-            stored_size = int(target.stored_size())
-            _reinspect(target, stored_format, virtual_size)
-            timings["reinspect"] = time.monotonic() - step
-        finally:
-            # Waits for the seal even when the re-inspection failed, so the
-            # caller's abort never races a snapshot being created.
-            timings["seal"] = sealing.result()
+        # When the re-inspection fails (or a time limit or an interrupt
+        # lands meanwhile), the pool's exit still waits for the seal, so the
+        # caller's abort never races a snapshot being created; the seal's own
+        # failure at the same moment does not replace that error.
+        stored_size = int(target.stored_size())
+        _reinspect(target, stored_format, virtual_size)
+        timings["reinspect"] = time.monotonic() - step
+        timings["seal"] = sealing.result()
     return stored_size
 
 
@@ -318,15 +318,10 @@ def _judge(
     return _Judged(info, verdict, spec, virtual_size)
 
 
-@dataclass
-class _StopEither(CancelToken):
-    """Cancelled by its own `cancel` or by the conversion's token."""
-
-    conversion: CancelToken = field(default_factory=CancelToken)
-
-    @property
-    def cancelled(self) -> bool:
-        return self.event.is_set() or self.conversion.cancelled
+# What a store's begin raises when the store itself answers no (full,
+# away, misconfigured): the cross-check's refusal at the same moment wins
+# over it. Anything else (an interrupt, a time limit, a bug) is not waited on.
+_STORE_ANSWERS = (StoreError, OSError)
 
 
 def _begin_beside_cross_check(
@@ -338,36 +333,31 @@ def _begin_beside_cross_check(
     trips), so they overlap. Nothing is written into the target and qemu-img
     does not convert before the cross-check has agreed: when it refuses the
     image, the empty target is removed and the refusal is what the caller
-    sees (the image's fault comes before any store trouble, as when the two
-    ran one after the other). Cancelling the conversion meanwhile kills the
-    cross-check's qemu-img at once.
+    sees, also when the store failed meanwhile (the image's fault comes
+    before store trouble, as when the two ran one after the other). Whatever
+    else leaves here (Ctrl-C, SIGTERM, a worker's time limit, cancelling the
+    conversion) kills the cross-check's qemu-img at once and is what the
+    caller sees.
     """
-    stop_checking = _StopEither(conversion=cancel)
+    stop_checking = CancelToken(parent=cancel)
+    target = None
     with ThreadPoolExecutor(1, thread_name_prefix="cross-check") as pool:
         checking = pool.submit(_timed, cross_check, judged.info, judged.spec, judged.virtual_size, stop_checking)
         step = time.monotonic()
         try:
-            target = store.begin(request.image_id, judged.virtual_size, image_format=request.to_format)
-        except Exception:
             try:
+                target = store.begin(request.image_id, judged.virtual_size, image_format=request.to_format)
+            except _STORE_ANSWERS:
                 checking.result()  # a refusal wins over the store's error
-            except BaseException:
-                stop_checking.cancel()  # the wait was interrupted: not another minute of qemu-img
                 raise
-            raise
-        except BaseException:
-            # Interrupted (Ctrl-C, SIGTERM): qemu-img is killed at once, not
-            # waited for, and the interruption is what the caller sees.
-            stop_checking.cancel()
-            with contextlib.suppress(Exception):
-                checking.result()
-            raise
-        timings["begin"] = time.monotonic() - step
-        try:
+            timings["begin"] = time.monotonic() - step
             timings["cross_check"] = checking.result()
         except BaseException:
-            stop_checking.cancel()  # when the wait itself was interrupted
-            store.abort(target)
+            # Not another minute of qemu-img (the pool's exit waits for it
+            # to be killed), then the empty target goes.
+            stop_checking.cancel()
+            if target is not None:
+                store.abort(target)
             raise
     return target
 

@@ -54,19 +54,25 @@ class Cancelled(Exception):
 
 @dataclass
 class CancelToken:
-    """Set from any thread to stop a running qemu-img (and the steps after it)."""
+    """Set from any thread to stop a running qemu-img (and the steps after it).
+
+    A token with a `parent` (one step's stop inside a whole conversion's) is
+    cancelled by its own `cancel` or whenever the parent is; cancelling it
+    leaves the parent alone.
+    """
 
     event: threading.Event = field(default_factory=threading.Event)
+    parent: CancelToken | None = None
 
     def cancel(self) -> None:
         self.event.set()
 
     @property
     def cancelled(self) -> bool:
-        return self.event.is_set()
+        return self.event.is_set() or (self.parent is not None and self.parent.cancelled)
 
     def raise_if_cancelled(self) -> None:
-        if self.cancelled:  # a subclass may be cancelled by more than its event
+        if self.cancelled:
             raise Cancelled("cancelled")
 
 

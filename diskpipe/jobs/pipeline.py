@@ -239,7 +239,12 @@ def _run_with_lease(job: ImportJob, env: Environment, delivery: Delivery, step: 
     cancel = CancelToken()
     lease_lost = delivery.lease.lost.is_set if delivery.lease is not None else None
     progress = ProgressWriter(
-        env.records, job.image_id, cancel, checks_cancel=delivery.lease is None, lease_lost=lease_lost
+        env.records,
+        job.image_id,
+        cancel,
+        checks_cancel=delivery.lease is None,
+        lease_lost=lease_lost,
+        time_limit_errors=env.time_limit_errors,
     )
     if delivery.lease is not None:
         delivery.lease.start_heartbeat(on_tick=progress.check_cancel)

@@ -25,8 +25,10 @@ class ProgressWriter:
         *,
         checks_cancel: bool,
         lease_lost: Callable[[], bool] | None = None,
+        time_limit_errors: tuple[type[Exception], ...] = (),
     ) -> None:
         self._lease_lost = lease_lost or (lambda: False)
+        self._time_limit_errors = time_limit_errors
         self._records = records
         self._image_id = image_id
         self._cancel = cancel
@@ -51,5 +53,9 @@ class ProgressWriter:
             )
             if self._checks_cancel:
                 self.check_cancel()
-        except Exception as error:  # noqa: BLE001 - progress is best effort (Redis may be restarting)
+        except Exception as error:  # progress is best effort (Redis may be restarting)
+            if isinstance(error, self._time_limit_errors):
+                # The caller's time limit landed during the write: the job is
+                # out of time, the record store is not away.
+                raise
             log.warning("progress of %s not recorded: %s", self._image_id, error)

@@ -289,7 +289,7 @@ class RbdStore:
         if image_format != "raw":
             raise StoreError("the RBD store keeps raw images only (Ceph clones copy-on-write only from raw)")
         base.check_image_id(image_id)  # it becomes part of qemu's `rbd:pool/name:...` filename
-        _, rbd = _bindings()
+        rados, rbd = _bindings()
         ioctx = self._connect()
         if self.exists(image_id):
             raise base.ImageExists(f"image {image_id} already exists in pool {self.config.pool}")
@@ -305,10 +305,12 @@ class RbdStore:
                 # Left by a dead process that had our pid (ours are one at a time).
                 self._remove_image(name, missing_ok=True, abandoned=True)
                 self._call(rbd.RBD().create, ioctx, name, size, old_format=False, features=FEATURES)
-        except (KeyboardInterrupt, SystemExit):
-            # Interrupted (Ctrl-C, SIGTERM): Python raises it once librbd's
-            # create has returned, so the image may exist, and no caller holds
-            # a target to abort. Remove it here.
+        except (StoreError, rbd.Error, rados.Error):
+            raise  # the cluster's answer: no image, or Ceph away (then cleanup removes one)
+        except BaseException:
+            # Stopped (Ctrl-C, SIGTERM, a worker's time limit): Python raises
+            # it once librbd's create has returned, so the image may exist,
+            # and no caller holds a target to abort. Remove it here.
             with contextlib.suppress(StoreError, rbd.Error):
                 self._remove_image(name, missing_ok=True, abandoned=True)
             raise
