@@ -23,10 +23,12 @@ from diskpipe.converter.stores.base import Leftover, owner_alive, owner_tag
 from tests.conftest import ROOT, Ceph, wait_until
 
 
+def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+
+
 def run_diskpipe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "diskpipe", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
-    )
+    return run(sys.executable, "-m", "diskpipe", *args, env=env)
 
 
 def cli_env(tmp_path: Path, **settings: str) -> dict[str, str]:
@@ -188,13 +190,7 @@ def owner_tag_in_a_new_pid_namespace() -> str:
     """owner_tag() as a process in a pid namespace of its own computes it
     (a container on this host: same host name, its own pids)."""
     code = "from diskpipe.converter.stores.base import owner_tag; print(owner_tag())"
-    done = subprocess.run(
-        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = run("unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code)
     if done.returncode != 0:
         pytest.skip(f"cannot make a pid namespace here (unshare, needs root): {done.stderr.strip()}")
     return done.stdout.strip()
