@@ -280,6 +280,7 @@ class _RbdStoreHeldAtCreate(RbdStore):
 
 
 @pytest.mark.timeout(FAULT_TEST_TIMEOUT)
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_rbd_begin_interrupted_while_it_creates_the_temporary_leaves_nothing(ceph_recovers: Any) -> None:
     """Ctrl-C or SIGTERM while librbd creates the temporary: the interruption
     is raised when the create has finished, before begin hands back a target
