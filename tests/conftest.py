@@ -58,6 +58,18 @@ def process_alive(pid: int) -> bool:
 
 
 @pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in the main thread during the test, as
+    Ctrl-C does at a prompt, whoever started the suite. A background job of a
+    non-interactive shell (`pytest ... &` in a script or CI step) inherits
+    SIGINT ignored, and Python keeps SIG_IGN: a test that sends itself SIGINT
+    would then see nothing happen."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
 def qemu_img_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """The arguments of every qemu-img run through diskpipe's qemu_img.run
     in this test (it still runs them)."""

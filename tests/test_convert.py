@@ -320,6 +320,7 @@ class _StoreThatWaits(FileStore):
             self.settled.set()
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 @pytest.mark.parametrize("store_begin", ["fails", "succeeds", "hangs"])
 def test_an_interrupt_kills_a_hanging_cross_check_at_once(
     store_begin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
