@@ -14,7 +14,8 @@ A second signal does not interrupt that cleanup (a hurried second Ctrl-C
 would otherwise leave the temporary behind); a third one quits at once and
 leaves the temporary to `diskpipe cleanup`. The exit status is 128 + the
 signal number (130, 143, 129), what a shell reports for a command the signal
-ended.
+ended. A stop signal that was ignored when the command started (`nohup`, a
+script's background job) stays ignored.
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ class _Stopper:
         os._exit(128 + signum)
 
 
+def _ignored(signum: int) -> bool:
+    import signal
+
+    return signal.getsignal(signum) == signal.SIG_IGN
+
+
 def run(handler: Callable[[Any], int], args: Any) -> int:
     """Run a CLI command (`handler(args)`); for a writing command, a stop
     signal makes it clean up and return 128 + the signal's number."""
@@ -88,7 +95,12 @@ def run(handler: Callable[[Any], int], args: Any) -> int:
     import signal
 
     stopper = _Stopper()
-    previous = {signum: signal.signal(signum, stopper) for signum in (signal.Signals[name] for name in STOP_SIGNALS)}
+    # A signal ignored when we started stays ignored, as in every Unix tool:
+    # `nohup diskpipe import ...` must outlive its terminal (SIGHUP), and a
+    # shell starts a background job of a script with SIGINT ignored, so the
+    # script's Ctrl-C is not meant for it.
+    wanted = [signum for signum in (signal.Signals[name] for name in STOP_SIGNALS) if not _ignored(signum)]
+    previous = {signum: signal.signal(signum, stopper) for signum in wanted}
     try:
         return handler(args)
     except Interrupted as stop:

@@ -42,6 +42,19 @@ pytestmark = pytest.mark.timeout(FAULT_TEST_TIMEOUT)
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
 
 
+def with_stop_signals(*argv: str, ignored: tuple[signal.Signals, ...] = ()) -> list[str]:
+    """`argv` started with the stop signals as a terminal gives them, whatever
+    this process inherited (a suite run as a background job of a script
+    ignores SIGINT, and children inherit that); `ignored`: these ignored
+    instead, as `nohup` or such a background job leave them. GNU env sets
+    them between fork and exec (a preexec_fn is unsafe beside threads)."""
+    names = ",".join(signum.name.removeprefix("SIG") for signum in SIGNALS)
+    prefix = ["env", f"--default-signal={names}"]
+    if ignored:
+        prefix.append("--ignore-signal=" + ",".join(signum.name.removeprefix("SIG") for signum in ignored))
+    return [*prefix, *argv]
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """1 GiB of a non-zero pattern as a compressed qcow2 (seconds of work for
@@ -129,7 +142,9 @@ def test_a_stop_signal_mid_conversion_cleans_up_and_exits_128_plus_n(
     env.update(store.env, DISKPIPE_STORE_RECORDS=str(records), DISKPIPE_IMPORT_STAGING_DIR=str(staging))
     source = sources["gz" if command == "import" else "qcow2"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "diskpipe", command, str(source), "--store", store.option, "--id", image_id, "--quiet"],
+        with_stop_signals(
+            sys.executable, "-m", "diskpipe", command, str(source), "--store", store.option, "--id", image_id, "--quiet"
+        ),
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -194,7 +209,7 @@ def test_a_second_signal_does_not_cut_the_cleanup_short(ceph: Ceph, sources: dic
     env = {key: value for key, value in os.environ.items() if not key.startswith("DISKPIPE_")}
     env.update(store.env, DISKPIPE_STORE_RECORDS=str(tmp_path / "records.sqlite"))
     process = subprocess.Popen(
-        [
+        with_stop_signals(
             sys.executable,
             "-m",
             "diskpipe",
@@ -205,7 +220,7 @@ def test_a_second_signal_does_not_cut_the_cleanup_short(ceph: Ceph, sources: dic
             "--id",
             image_id,
             "--quiet",
-        ],
+        ),
         cwd=ROOT,
         env=env,
         stderr=subprocess.PIPE,
@@ -254,10 +269,18 @@ sys.exit(run(handler, type("Args", (), {"command": "convert"})()))
 """
 
 
-def test_a_third_signal_quits_at_once_and_says_what_is_left() -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-c", STUCK_CLEANUP], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+def start_stuck_cleanup(ignored: tuple[signal.Signals, ...] = ()) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        with_stop_signals(sys.executable, "-c", STUCK_CLEANUP, ignored=ignored),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+
+
+def test_a_third_signal_quits_at_once_and_says_what_is_left() -> None:
+    process = start_stuck_cleanup()
     assert process.stdout is not None and process.stderr is not None
     try:
         assert process.stdout.readline() == "working\n"
@@ -273,3 +296,21 @@ def test_a_third_signal_quits_at_once_and_says_what_is_left() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("ignored", [signal.SIGHUP, signal.SIGINT], ids=["nohup", "background-job"])
+def test_a_stop_signal_ignored_at_start_stays_ignored(ignored: signal.Signals) -> None:
+    """`nohup diskpipe import ...` outlives its terminal, and a script's
+    background job is not stopped by the script's Ctrl-C: what the command
+    was started ignoring, it ignores; the other stop signals still stop it."""
+    process = start_stuck_cleanup(ignored=(ignored,))
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        assert process.stdout.readline() == "working\n"
+        process.send_signal(ignored)
+        process.send_signal(signal.SIGTERM)  # after it, in order: the first line says which stopped it
+        assert "stopping: removing the temporary image (SIGTERM)" in process.stderr.readline()
+        assert process.stdout.readline() == "cleaning\n"
+    finally:
+        process.kill()
+        process.wait()
