@@ -64,6 +64,28 @@ def test_text_sniff_on_control_bytes_only() -> None:
     assert nondisk._text(b"a" * 97 + b"\x11" * 3) is None
 
 
+def _ascii_rule_by_characters(text: str, sample: bytes) -> bool:
+    """The 98 % rule as the text sniff first wrote it, character by character."""
+    if text.translate({ord(char): " " for char in "\n\r\t\f\v"}).isprintable():
+        return True
+    printable_bytes = bytes(range(0x20, 0x7F)) + b"\n\r\t\f\v"
+    return len(text) - len(sample.translate(None, printable_bytes)) >= len(text) * 0.98
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    body=st.binary(max_size=nondisk.TEXT_SAMPLE).map(lambda data: bytes(byte & 0x7F for byte in data)),
+    printable=st.integers(0, nondisk.TEXT_SAMPLE),
+    cut=st.integers(0, 3),
+)
+def test_the_ascii_rule_on_bytes_is_the_rule_on_characters(body: bytes, printable: int, cut: int) -> None:
+    # Mostly printable samples, binary ones and those between; a text cut
+    # short of its sample (a character cut at its end) too.
+    sample = (b"a" * printable + body)[: nondisk.TEXT_SAMPLE]
+    text = sample[: len(sample) - cut].decode("ascii")
+    assert nondisk._mostly_printable_ascii(text, sample) == _ascii_rule_by_characters(text, sample)
+
+
 def lz4_tool(data: bytes, *options: str) -> bytes:
     """`data` compressed by the lz4 command (Debian's lz4, a setup.sh package)."""
     return subprocess.run(["lz4", "-q", "-c", *options], input=data, capture_output=True, check=True).stdout
