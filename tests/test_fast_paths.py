@@ -14,12 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diskpipe.formats import inspect, layout, nondisk, ramdisk, registry, vmdk_descriptor
-from diskpipe.formats.api import StreamInspector
+from diskpipe.formats import inspect, layout, nondisk, qcow2, ramdisk, registry, vhdx, vmdk_descriptor
+from diskpipe.formats.api import StreamInspector, inspect_reader
 from diskpipe.formats.base import PROBE_SIZE
 from diskpipe.formats.detect import FIRST_READ, sniff_contents
 from diskpipe.formats.layout import entries_in_use, nonzero_from
-from diskpipe.formats.reads import HEAD_RETAIN
+from diskpipe.formats.reads import HEAD_RETAIN, Read
 
 # Characters str.isprintable() accepts, the whitespace controls text holds,
 # and characters no text sniff may count as printable (C0 and C1 controls,
@@ -62,6 +62,28 @@ def test_text_sniff_on_control_bytes_only() -> None:
     assert nondisk._text(b"\x11" * 4096) is None  # a fixed VHD full of 0x11: decodes as UTF-8, is not text
     assert nondisk._text(b"a" * 99 + b"\x11") is not None  # 1 % unprintable is still text
     assert nondisk._text(b"a" * 97 + b"\x11" * 3) is None
+
+
+def _ascii_rule_by_characters(text: str, sample: bytes) -> bool:
+    """The 98 % rule as the text sniff first wrote it, character by character."""
+    if text.translate({ord(char): " " for char in "\n\r\t\f\v"}).isprintable():
+        return True
+    printable_bytes = bytes(range(0x20, 0x7F)) + b"\n\r\t\f\v"
+    return len(text) - len(sample.translate(None, printable_bytes)) >= len(text) * 0.98
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    body=st.binary(max_size=nondisk.TEXT_SAMPLE).map(lambda data: bytes(byte & 0x7F for byte in data)),
+    printable=st.integers(0, nondisk.TEXT_SAMPLE),
+    cut=st.integers(0, 3),
+)
+def test_the_ascii_rule_on_bytes_is_the_rule_on_characters(body: bytes, printable: int, cut: int) -> None:
+    # Mostly printable samples, binary ones and those between; a text cut
+    # short of its sample (a character cut at its end) too.
+    sample = (b"a" * printable + body)[: nondisk.TEXT_SAMPLE]
+    text = sample[: len(sample) - cut].decode("ascii")
+    assert nondisk._mostly_printable_ascii(text, sample) == _ascii_rule_by_characters(text, sample)
 
 
 def lz4_tool(data: bytes, *options: str) -> bytes:
@@ -390,3 +412,69 @@ def test_raw_data_reads_the_whole_head_only_when_a_sniffer_may_need_it(tmp_path:
         stream.feed(data)
         assert stream.finish().contents == info.contents, name
     assert inspect(tmp_path / "data").contents[0].name == "gzip"
+
+
+def _reads_of(path: Path) -> tuple[object, list[tuple[int, int]]]:
+    """The inspection of `path` behind a reader that records every call."""
+    calls: list[tuple[int, int]] = []
+
+    def read_at(offset: int, length: int) -> bytes:
+        calls.append((offset, length))
+        with path.open("rb") as image:
+            image.seek(offset)
+            return image.read(length)
+
+    return inspect_reader(read_at, path.stat().st_size, filename=str(path)), calls
+
+
+def test_vhdx_metadata_items_come_in_one_read(samples_dir: Path, manifest: list[Any]) -> None:
+    vhdx_samples = [entry for entry in manifest if entry.format == "vhdx" and entry.group == "honest"]
+    assert vhdx_samples
+    for entry in vhdx_samples:
+        path = samples_dir / entry.file
+        info, calls = _reads_of(path)
+        assert info == inspect(path)._replace(actual_size=None), entry.name
+        # The metadata table is the one 64 KiB read past the region table; the
+        # five mandatory items lie after it, and one read serves them all.
+        table_offset = next(offset for offset, length in calls if length == 64 * 1024 and offset > 192 * 1024)
+        item_reads = [(offset, length) for offset, length in calls if table_offset < offset < path.stat().st_size - 512]
+        assert len(item_reads) == 1, (entry.name, item_reads)
+
+
+def test_vhdx_metadata_items_spread_apart_are_read_one_by_one() -> None:
+    places = [(b"a" * 16, 1000, 8), (b"b" * 16, 1000 + vhdx.ITEMS_SPAN, 4)]
+    reads = vhdx._read_items(places)
+    assert next(reads) == Read(1000, 8)
+    assert reads.send(b"12345678") == Read(1000 + vhdx.ITEMS_SPAN, 4)
+    with pytest.raises(StopIteration) as done:
+        reads.send(b"wxyz")
+    assert done.value.value == [(b"a" * 16, 1000, b"12345678"), (b"b" * 16, 1000 + vhdx.ITEMS_SPAN, b"wxyz")]
+
+
+def test_vhdx_metadata_items_cut_from_one_read_are_cut_short_at_the_end_of_data() -> None:
+    places = [(b"a" * 16, 100, 8), (b"b" * 16, 108, 16), (b"c" * 16, 124, 4)]
+    reads = vhdx._read_items(places)
+    assert next(reads) == Read(100, 28)
+    with pytest.raises(StopIteration) as done:
+        reads.send(b"0123456789")  # the data ends 10 bytes in
+    assert done.value.value == [(b"a" * 16, 100, b"01234567"), (b"b" * 16, 108, b"89"), (b"c" * 16, 124, b"")]
+
+
+def test_qcow2_feature_names_are_fresh_per_image_and_their_table_bounded() -> None:
+    table = b"".join(
+        bytes([kind, bit]) + name.ljust(46, b"\0")
+        for kind, bit, name in ((0, 0, b"dirty"), (1, 0, b"lazy"), (7, 3, b"x\0y"))
+    )
+    first = qcow2._feature_names(table)
+    assert first == [
+        {"type": "incompatible", "bit": 0, "name": "dirty"},
+        {"type": "compatible", "bit": 0, "name": "lazy"},
+        {"type": "7", "bit": 3, "name": "x"},
+    ]
+    first[0]["name"] = "changed by a caller"
+    first.append({})
+    assert qcow2._feature_names(table)[0]["name"] == "dirty"
+    assert len(qcow2._feature_names(table)) == 3
+    for count in range(3 * qcow2._FEATURE_TABLES_KEPT):
+        qcow2._feature_names(table + bytes([0, count]) + bytes(46))
+        assert len(qcow2._feature_tables) <= qcow2._FEATURE_TABLES_KEPT

@@ -42,6 +42,9 @@ _HEAD_READ = Read(0, HEAD_RETAIN)
 _WINDOWS = tuple(
     (Read(start, length), signatures) for start, length, signatures in registry.signatures_beyond(FIRST_READ)
 )
+# The content signatures that lie whole in the first read: those past it
+# are looked up in the windows, so a first read is screened for these alone.
+_IN_FIRST_READ = registry.signature_screen([entry for entry in registry.CONTENT_SIGNATURES if entry[1] <= FIRST_READ])
 _SIZE = GetSize()
 _TAIL_READ = ReadTail(TAIL_NEEDED)
 
@@ -179,7 +182,7 @@ def inspection(
     # (A shorter first answer is all the data: the whole head is here.)
     whole = True
     if len(head) == FIRST_READ:
-        if not registry.may_hold_content(head) and (matched or not _may_be_compressed(head)):
+        if not _IN_FIRST_READ(head) and (matched or not _may_be_compressed(head)):
             whole = False
             for request, signatures in _WINDOWS:
                 window: bytes = yield request

@@ -19,6 +19,11 @@ TEXT_SAMPLE = 4096
 _WHITESPACE_CONTROLS = {ord(char): " " for char in "\n\r\t\f\v"}
 # The ASCII bytes str.isprintable() accepts, and those controls.
 _PRINTABLE_ASCII = bytes(range(0x20, 0x7F)) + b"\n\r\t\f\v"
+# A translate table that maps those bytes to 1 and every other byte to 0:
+# one translate and one count tell the unprintable bytes, in C.
+_PRINTABLE_CLASS = bytes(1 if byte in _PRINTABLE_ASCII else 0 for byte in range(256))
+# How much of a sample is looked at before the whole of it (see _mostly_printable_ascii).
+FIRST_LOOK = 512
 ARCHIVE_MAGICS = (
     (b"PK\x03\x04", "zip"),
     (b"PK\x05\x06", "zip"),
@@ -57,18 +62,35 @@ def _text(head: bytes) -> Content | None:
         if error.start < len(sample) - 3:
             return None
         text = sample[: error.start].decode("utf-8")
-    # Counted in C where possible: most text is printable throughout once
-    # its whitespace controls read as spaces, and ASCII's printable bytes
-    # are a fixed set; only other text is counted character by character.
-    if not text.translate(_WHITESPACE_CONTROLS).isprintable():
-        if text.isascii():
-            printable = len(text) - len(sample.translate(None, _PRINTABLE_ASCII))
-        else:
-            printable = sum(1 for char in text if char.isprintable() or char in "\n\r\t\f\v")
+    # Counted in C where possible: ASCII's printable bytes are a fixed set,
+    # and other text is most often printable throughout once its whitespace
+    # controls read as spaces; only the rest is counted character by character.
+    if text.isascii():
+        if not _mostly_printable_ascii(text, sample):
+            return None
+    elif not text.translate(_WHITESPACE_CONTROLS).isprintable():
+        printable = sum(1 for char in text if char.isprintable() or char in "\n\r\t\f\v")
         if printable < len(text) * 0.98:
             return None
     first_line = text.split("\n", 1)[0][:80]
     return Content("text", "text", {"first-line": first_line})
+
+
+def _mostly_printable_ascii(text: str, sample: bytes) -> bool:
+    """The 98 % rule for ASCII text, judged on its bytes: text printable
+    throughout passes; otherwise the sample's unprintable bytes are counted
+    against the text's length. Binary data (every raw image without a NUL
+    byte in its first 4 KiB comes here) is settled by its first
+    FIRST_LOOK bytes: their unprintable bytes alone already exceed the
+    allowance, and the whole sample holds at least as many."""
+    needed = len(text) * 0.98
+    first = sample[: min(FIRST_LOOK, len(text))]
+    if len(text) - first.translate(_PRINTABLE_CLASS).count(0) < needed:
+        return False
+    classes = sample.translate(_PRINTABLE_CLASS)
+    if 0 not in classes[: len(text)]:
+        return True
+    return len(text) - classes.count(0) >= needed
 
 
 def sniff(head: bytes) -> Content | None:

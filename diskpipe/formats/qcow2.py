@@ -421,7 +421,28 @@ _FEATURE_KINDS = {0: "incompatible", 1: "compatible", 2: "autoclear"}
 _FEATURE_ENTRY = struct.Struct("BB46s")  # type, bit number, name
 
 
+# qemu writes the same feature name table into every image it makes: the
+# entries parsed from a table are kept for the next image that holds the same
+# bytes. At most _FEATURE_TABLES_KEPT tables (each at most MAX_KEPT_EXTENSION
+# bytes) are kept, then all are dropped (clearing is safe with threads, an
+# eviction order is not needed for a table this small).
+_FEATURE_TABLES_KEPT = 8
+_feature_tables: dict[bytes, tuple[dict[str, Any], ...]] = {}
+
+
 def _feature_names(payload: bytes) -> list[dict[str, Any]]:
+    """The feature name table's entries; each call gets its own dicts (a
+    caller may change its image's details), copied from the kept ones:
+    copying costs a tenth of decoding them again."""
+    entries = _feature_tables.get(payload)
+    if entries is None:
+        if len(_feature_tables) >= _FEATURE_TABLES_KEPT:
+            _feature_tables.clear()
+        entries = _feature_tables[payload] = tuple(_parse_feature_names(payload))
+    return [entry.copy() for entry in entries]
+
+
+def _parse_feature_names(payload: bytes) -> list[dict[str, Any]]:
     whole = len(payload) - len(payload) % _FEATURE_ENTRY.size
     # c_string written out, and str(kind) made only for an unknown kind: a
     # qcow2 of qemu's lists a dozen features, and this runs for each image.
