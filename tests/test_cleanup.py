@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,10 +223,11 @@ def test_a_writer_in_another_pid_namespace_is_not_judged_by_a_pid_seen_from_here
 @pytest.mark.parametrize(
     "tag",
     [
-        "otherhost-4242",  # an older diskpipe's host-pid: cannot tell where the pid lives
+        "otherhost-4242",  # an older diskpipe's host-pid of another host
         "host-0123456-42",  # not a key of eight hex digits
         f"{owner_tag().rpartition('-')[0]}-0",  # pid 0 would be our own process group
         f"{owner_tag().rpartition('-')[0]}-99999999999",  # past any pid (os.kill would overflow)
+        f"{owner_tag().split('-')[0]}-{os.getpid()}0000000",  # an older diskpipe's, of this host, past any pid
         ".tmp.",
         "",
     ],
@@ -237,3 +239,38 @@ def test_an_owner_tag_in_no_form_we_write_is_judged_by_age_not_by_a_pid(tag: str
 def test_this_process_is_alive_and_a_dead_one_of_this_namespace_is_not() -> None:
     assert owner_alive(owner_tag()) is True
     assert owner_alive(dead_owner()) is False
+    # The host name is for people (it may change at run time): the key decides.
+    assert owner_alive(f"renamed-{owner_tag().split('-', 1)[1]}") is True
+
+
+def test_an_older_diskpipes_live_writer_of_this_host_is_kept_and_a_dead_ones_judged_by_age() -> None:
+    """During an upgrade an older diskpipe (tags `host-pid`) may still be
+    writing: its pid, alive here, keeps its temporary; a dead one's is no
+    longer judged by a pid that may be another namespace's, but by age."""
+    host = owner_tag().split("-")[0]
+    assert owner_alive(f"{host}-{os.getpid()}") is True
+    assert owner_alive(f"{host}-{dead_owner().rpartition('-')[2]}") is None
+
+
+def test_file_store_cleanup_judges_a_writer_it_cannot_ask_by_the_files_last_write(tmp_path: Path) -> None:
+    """A temporary left by a writer on another host or from before a reboot
+    (its key is not ours), or in a form no diskpipe writes now: kept while
+    fresh, removed once its last write is older than a day (before, a file
+    store kept such leftovers for ever)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    names = [f".img-{n}.tmp.{tag}" for n, tag in enumerate(["rebooted-0badcafe-1234", "oldhost-77", "x"])]
+    day = 24 * 3600
+    for name in names:
+        (store / name).write_bytes(b"\0" * 512)
+    fresh, old = names[:1], names[1:]
+    for name in old:
+        os.utime(store / name, (time.time() - day - 60,) * 2)
+    outsider = store / ".not-an-id!.tmp.oldhost-77"  # not a temporary of a valid id: not ours
+    outsider.write_bytes(b"")
+    os.utime(outsider, (time.time() - day - 60,) * 2)
+
+    done = run_diskpipe(cli_env(tmp_path), "cleanup", "--store", f"file:{store}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(done.stdout.splitlines()) == sorted(f"removed store {name}" for name in old)
+    assert sorted(entry.name for entry in store.iterdir()) == sorted([*fresh, outsider.name])

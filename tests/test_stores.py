@@ -244,6 +244,25 @@ def test_purge_temporaries_removes_a_dead_writers_leftover(store: Store) -> None
     assert not store.exists(name)
 
 
+def test_purging_an_images_temporaries_leaves_those_of_an_id_it_prefixes(store: Store) -> None:
+    """Image `X` and image `X.tmp` (a valid id): purging X's temporaries (done
+    at the start of every delivery of X's job) must not take X.tmp's live
+    one, whose name `X.tmp.tmp.<owner>` starts like X's."""
+    name, target = half_written(store, b"left by X's dead writer")
+    target.close()
+    longer = f"{name}.tmp"
+    other = store.begin(longer, SIZE)
+    try:
+        other.write_at(0, b"live")
+        store.purge_temporaries(name)
+        assert len(temporaries(store, longer)) == 1, "the temporary of the id purged as a prefix is gone"
+        assert other.read_at(0, 4) == b"live"
+    finally:
+        store.abort(other)
+        store.abort(target)
+    assert temporaries(store, longer) == []
+
+
 def test_begin_replaces_what_a_dead_writer_with_the_same_owner_tag_left(store: Store) -> None:
     """An earlier process with this pid died mid-write: the next begin of
     that image starts from a fresh, empty target. File and RBD temporaries

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import re
+import secrets
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -98,7 +99,11 @@ def owner_tag() -> str:
     """Who writes a temporary image: `host-key-pid`, so a cleanup pass can
     tell a live writer from a dead one. The short host name is for people;
     the key (see `_namespace_key`) says where the pid means something."""
-    return f"{socket.gethostname().split('.')[0]}-{_namespace_key()}-{os.getpid()}"
+    return f"{_short_host()}-{_namespace_key()}-{os.getpid()}"
+
+
+def _short_host() -> str:
+    return socket.gethostname().split(".")[0]
 
 
 @functools.cache
@@ -111,39 +116,26 @@ def _namespace_key() -> str:
     such writers would take each other's temporary for their own, and a
     cleanup on one would find the other's pid "dead" and remove its live
     image. A pid is checked only where boot and pid namespace are ours.
+    Where either cannot be read (not Linux, a locked-down /proc), the key is
+    this process's own: no other process's pid is then judged from here,
+    its temporaries go by age.
     """
-    sources = ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid")
     parts = []
-    for source in sources:
-        try:
-            parts.append(os.readlink(source) if source.endswith("/ns/pid") else Path(source).read_text().strip())
-        except OSError:
-            parts.append("")  # not Linux: host name and pid, as before
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        return secrets.token_hex(4)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
 
 
 MAX_PID = 1 << 22  # Linux's pid_max limit
-OWNER = re.compile(r"(?P<host>.+)-(?P<key>[0-9a-f]{8})-(?P<pid>[0-9]{1,10})")
+OWNER = re.compile(r"(?P<host>.*)-(?P<key>[0-9a-f]{8})-(?P<pid>[0-9]{1,10})")
+# What diskpipe wrote before the key: host-pid.
+OLD_OWNER = re.compile(r"(?P<host>.+)-(?P<pid>[0-9]{1,10})")
 
 
-def parse_owner(tag: str) -> tuple[str, int] | None:
-    """(host-key, pid) of an owner tag; None for a tag in no form we write."""
-    match = OWNER.fullmatch(tag)
-    if match is None or not 0 < int(match["pid"]) <= MAX_PID:
-        return None  # pid 0 would ask about our own process group
-    return f"{match['host']}-{match['key']}", int(match["pid"])
-
-
-def owner_alive(tag: str) -> bool | None:
-    """True/False for an owner whose pid this process can check (same host,
-    boot and pid namespace); None when it cannot tell: another host's, or a
-    tag it does not read (an older diskpipe's `host-pid`): judge by age."""
-    parsed = parse_owner(tag)
-    if parsed is None:
-        return None
-    where, pid = parsed
-    if where != owner_tag().rpartition("-")[0]:
-        return None
+def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -153,8 +145,54 @@ def owner_alive(tag: str) -> bool | None:
     return True
 
 
+def owner_alive(tag: str) -> bool | None:
+    """True/False for an owner whose pid this process can check (same boot
+    and pid namespace: the key; the host name is only for people, it may
+    change at run time); None when it cannot tell: another host's, or a tag
+    in no form we write: judge by age. An older diskpipe's `host-pid` of
+    this host name whose pid lives counts as alive (it may be that writer,
+    still running during an upgrade), and as unknown otherwise."""
+    match = OWNER.fullmatch(tag)
+    if match is not None:
+        pid = int(match["pid"])
+        if match["key"] != _namespace_key() or not 0 < pid <= MAX_PID:  # pid 0: our own process group
+            return None
+        return _pid_alive(pid)
+    old = OLD_OWNER.fullmatch(tag)
+    if (
+        old is not None
+        and old["host"] == _short_host()
+        and 0 < int(old["pid"]) <= MAX_PID
+        and _pid_alive(int(old["pid"]))
+    ):
+        return True
+    return None
+
+
 def tmp_name(image_id: str, owner: str) -> str:
     return f"{image_id}{TMP_MARKER}{owner}"
+
+
+def split_tmp_name(name: str) -> tuple[str, str] | None:
+    """(image id, owner) of a temporary's name; None for a name that is not
+    a temporary of a valid image id (not ours: left alone). The id is
+    compared whole, never as a prefix: image `a`'s temporaries are not
+    image `a.tmp`'s (`a.tmp.tmp.<owner>`)."""
+    image_id, marker, owner = name.rpartition(TMP_MARKER)
+    if not marker or not IMAGE_ID.fullmatch(image_id) or TMP_MARKER in image_id or ".." in image_id:
+        return None
+    return image_id, owner
+
+
+def is_tmp_of(name: str, image_id: str) -> bool:
+    temporary = split_tmp_name(name)
+    return temporary is not None and temporary[0] == image_id
+
+
+# A temporary whose writer cannot be asked (another host's, one from before a
+# reboot) is removed by `cleanup` once this old: a day, far longer than any
+# conversion, short enough that a crashed host's leftovers do not pile up.
+STALE_AFTER = 24 * 3600
 
 
 @dataclass(frozen=True, slots=True)

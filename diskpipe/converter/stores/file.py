@@ -12,12 +12,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from diskpipe.converter.qemu_img import TargetSpec
 from diskpipe.converter.stores import base
-from diskpipe.converter.stores.base import TMP_MARKER, ImageExists, ImageNotFound, Leftover, Location
+from diskpipe.converter.stores.base import ImageExists, ImageNotFound, Leftover, Location
 from diskpipe.converter.stores.localfiles import DescriptorTarget
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,9 @@ class FileStore:
     name = "file"
     capabilities = base.Capabilities(writes_directly=True, keeps_formats=frozenset(FORMATS), local_target=True)
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], stale_after: int = base.STALE_AFTER) -> None:
         self.directory = Path(directory)
+        self.stale_after = stale_after  # see base.STALE_AFTER
 
     def _ensure(self) -> None:
         try:
@@ -192,12 +194,21 @@ class FileStore:
         removed: list[str] = []
         if not self.directory.is_dir():
             return removed
-        prefix = "." + image_id + TMP_MARKER
         for entry in self.directory.iterdir():
-            if entry.name.startswith(prefix):
+            if entry.name.startswith(".") and base.is_tmp_of(entry.name[1:], image_id):
                 entry.unlink(missing_ok=True)
                 removed.append(entry.name)
         return removed
+
+    def _recently_written(self, entry: Path) -> bool:
+        """A writer that cannot be asked (another host's, or one from before
+        a reboot) is judged by the file's last write: qemu-img writing into
+        it keeps its mtime fresh."""
+        try:
+            written = entry.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            return True  # gone meanwhile: nothing to remove
+        return time.time() - written < self.stale_after
 
     def cleanup(self, is_live: Callable[[str, str], bool | None] | None = None) -> list[Leftover]:
         """Remove temporaries whose writer is gone (see RbdStore.cleanup)."""
@@ -205,12 +216,15 @@ class FileStore:
         if not self.directory.is_dir():
             return found
         for entry in self.directory.iterdir():
-            if not entry.name.startswith(".") or TMP_MARKER not in entry.name:
+            temporary = base.split_tmp_name(entry.name[1:]) if entry.name.startswith(".") else None
+            if temporary is None:
                 continue
-            image_id, _, owner = entry.name[1:].rpartition(TMP_MARKER)
+            image_id, owner = temporary
             alive = is_live(image_id, owner) if is_live is not None else None
             if alive is None:
                 alive = base.owner_alive(owner)
+            if alive is None:
+                alive = self._recently_written(entry)
             if alive is False:
                 try:
                     entry.unlink(missing_ok=True)

@@ -55,7 +55,7 @@ class RbdConfig:
     keyring: str | None = None
     connect_timeout: int = 10  # client_mount_timeout, seconds
     op_timeout: int = 30  # rados_mon_op_timeout and rados_osd_op_timeout, seconds
-    stale_after: int = 24 * 3600  # another host's leftovers are removed after this many seconds
+    stale_after: int = base.STALE_AFTER  # another host's leftovers are removed after this many seconds
 
     def conf_path(self) -> str:
         return self.conf or os.environ.get("CEPH_CONF") or "/etc/ceph/ceph.conf"
@@ -293,7 +293,7 @@ class RbdStore:
         ioctx = self._connect()
         if self.exists(image_id):
             raise base.ImageExists(f"image {image_id} already exists in pool {self.config.pool}")
-        # The name says who writes it (host and pid) and the image's own
+        # The name says who writes it (host, namespace key, pid) and the image's own
         # creation time how old it is: `cleanup` needs nothing else, so the
         # image is created and not opened (each open and metadata write is a
         # round trip on the way to qemu-img).
@@ -305,16 +305,22 @@ class RbdStore:
                 # Left by a dead process that had our pid (ours are one at a time).
                 self._remove_image(name, missing_ok=True, abandoned=True)
                 self._call(rbd.RBD().create, ioctx, name, size, old_format=False, features=FEATURES)
-        except (StoreError, rbd.Error, rados.Error):
+            return RbdTarget(self, image_id, name, size)
+        except StoreError:
             raise  # the cluster's answer: no image, or Ceph away (then cleanup removes one)
+        except (rbd.Error, rados.Error) as error:
+            # Any other answer is the store's too (a caller tells store trouble
+            # from a refusal or a bug by StoreError), e.g. a user without write caps.
+            refused = isinstance(error, (rbd.PermissionError, rados.PermissionError))
+            kind = StoreMisconfigured if refused else StoreError
+            raise kind(f"cannot create {name} in pool {self.config.pool}: {error}") from error
         except BaseException:
             # Stopped (Ctrl-C, SIGTERM, a worker's time limit): Python raises
             # it once librbd's create has returned, so the image may exist,
             # and no caller holds a target to abort. Remove it here.
-            with contextlib.suppress(StoreError, rbd.Error):
+            with contextlib.suppress(StoreError, rbd.Error, rados.Error):
                 self._remove_image(name, missing_ok=True, abandoned=True)
             raise
-        return RbdTarget(self, image_id, name, size)
 
     def seal(self, target: RbdTarget) -> None:
         # Its own handle: the target's may be reading (the re-inspection)
@@ -502,7 +508,7 @@ class RbdStore:
         _, rbd = _bindings()
         removed = []
         for name in self._call(rbd.RBD().list, self._connect()):
-            if name.startswith(image_id + base.TMP_MARKER):
+            if base.is_tmp_of(name, image_id):
                 self._remove_image(name, missing_ok=True, abandoned=True)
                 removed.append(name)
         return removed
@@ -517,9 +523,10 @@ class RbdStore:
         _, rbd = _bindings()
         found = []
         for name in self._call(rbd.RBD().list, self._connect()):
-            if base.TMP_MARKER not in name:
+            temporary = base.split_tmp_name(name)
+            if temporary is None:
                 continue
-            image_id, _, owner = name.rpartition(base.TMP_MARKER)
+            image_id, owner = temporary
             if not self._abandoned(name, image_id, owner, is_live):
                 continue
             found.append(self._remove_leftover(name))

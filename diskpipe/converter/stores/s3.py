@@ -87,7 +87,7 @@ class S3Config:
     read_timeout: int = 60  # seconds per request
     max_attempts: int = 3  # botocore's attempts per request, the first included
     staging_dir: str | None = None  # where staged raw files live (default: the temp dir)
-    stale_after: int = 24 * 3600  # cleanup aborts unfinished uploads older than this
+    stale_after: int = base.STALE_AFTER  # cleanup aborts unfinished uploads older than this
 
     def check(self) -> S3Config:
         if not BUCKET.fullmatch(self.bucket) or ".." in self.bucket:
