@@ -47,6 +47,7 @@ from benchmarks.common import (
     report_head,
     write_results,
 )
+from diskpipe.converter.stores.base import OWNER
 from diskpipe.jobs.connection import redis_client
 from diskpipe.jobs.records import RedisRecords
 
@@ -197,7 +198,8 @@ def batch(broker: str, records: RedisRecords, ceph: BenchCeph, source: Path, cou
                 ended[image_id] = now
                 removals.submit(remove_image, ceph, image_id)
                 assert record is not None
-                host = str(record.get("owner", "?")).rpartition("-")[0].rpartition("-")[2]  # dpb-h1-<pid> -> h1
+                owner = OWNER.fullmatch(str(record.get("owner")))
+                host = owner["host"].rpartition("-")[2] if owner else "?"  # dpb-h1-<key>-<pid> -> h1
                 hosts[host] = hosts.get(host, 0) + 1
         time.sleep(0.1)
     elapsed = max(ended.values()) - first

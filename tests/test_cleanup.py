@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from diskpipe.converter.stores.base import Leftover, owner_alive, owner_tag
+from diskpipe.converter.stores.base import OWNER, Leftover, owner_alive, owner_tag
 from tests.conftest import ROOT, Ceph, wait_until
 
 
@@ -40,6 +40,16 @@ def cli_env(tmp_path: Path, **settings: str) -> dict[str, str]:
         **settings,
     )
     return env
+
+
+def host_of(tag: str) -> str:
+    parsed = OWNER.fullmatch(tag)
+    assert parsed is not None, tag
+    return parsed["host"]
+
+
+def this_host() -> str:
+    return host_of(owner_tag())
 
 
 def dead_owner(where: str | None = None) -> str:
@@ -204,7 +214,7 @@ def test_a_writer_in_another_pid_namespace_is_not_judged_by_a_pid_seen_from_here
     a live container's image); one of this namespace with that dead pid is."""
     contained = owner_tag_in_a_new_pid_namespace()
     here = owner_tag()
-    assert contained.split("-")[0] == here.split("-")[0], "same host name"
+    assert host_of(contained) == host_of(here), "same host name"
     contained_where = contained.rpartition("-")[0]
     assert contained_where != here.rpartition("-")[0], "the namespace key tells them apart"
     store = tmp_path / "store"
@@ -227,7 +237,7 @@ def test_a_writer_in_another_pid_namespace_is_not_judged_by_a_pid_seen_from_here
         "host-0123456-42",  # not a key of eight hex digits
         f"{owner_tag().rpartition('-')[0]}-0",  # pid 0 would be our own process group
         f"{owner_tag().rpartition('-')[0]}-99999999999",  # past any pid (os.kill would overflow)
-        f"{owner_tag().split('-')[0]}-{os.getpid()}0000000",  # an older diskpipe's, of this host, past any pid
+        f"{this_host()}-{os.getpid()}0000000",  # an older diskpipe's, of this host, past any pid
         ".tmp.",
         "",
     ],
@@ -247,7 +257,7 @@ def test_an_older_diskpipes_live_writer_of_this_host_is_kept_and_a_dead_ones_jud
     """During an upgrade an older diskpipe (tags `host-pid`) may still be
     writing: its pid, alive here, keeps its temporary; a dead one's is no
     longer judged by a pid that may be another namespace's, but by age."""
-    host = owner_tag().split("-")[0]
+    host = this_host()
     assert owner_alive(f"{host}-{os.getpid()}") is True
     assert owner_alive(f"{host}-{dead_owner().rpartition('-')[2]}") is None
 

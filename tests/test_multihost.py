@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from benchmarks.common import netns_env, netns_hosts
+from diskpipe.converter.stores.base import OWNER
 from diskpipe.jobs.connection import redis_client
 from diskpipe.jobs.records import RedisRecords
 from samples import tools
@@ -90,8 +91,9 @@ class NetnsHosts:
         return ["bash", str(SCRIPTS / "netns-hosts.sh"), "exec", host, "--", *args]
 
     def host_of_owner(self, owner: str | None) -> str | None:
-        """The host a record's `owner` (`<hostname>-<pid>`) names."""
-        hostname = (owner or "").rpartition("-")[0]
+        """The host a record's `owner` (`<hostname>-<key>-<pid>`) names."""
+        parsed = OWNER.fullmatch(owner or "")
+        hostname = parsed["host"] if parsed else ""
         return hostname.removeprefix(f"{self.prefix}-") if hostname.startswith(f"{self.prefix}-") else None
 
     def processes(self, host: str, name: str) -> list[int]:
