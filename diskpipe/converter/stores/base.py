@@ -49,6 +49,15 @@ def check_image_id(image_id: str) -> str:
     return image_id
 
 
+def is_image_id(name: str) -> bool:
+    """Whether `check_image_id` takes `name` (for names read from a store)."""
+    try:
+        check_image_id(name)
+    except InvalidImageId:
+        return False
+    return True
+
+
 class StoreError(RuntimeError):
     """The store refused an operation (exists, in use, not found...)."""
 
@@ -135,7 +144,11 @@ OWNER = re.compile(r"(?P<host>.*)-(?P<key>[0-9a-f]{8})-(?P<pid>[0-9]{1,10})")
 OLD_OWNER = re.compile(r"(?P<host>.+)-(?P<pid>[0-9]{1,10})")
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> bool | None:
+    """Whether process `pid` of this pid namespace lives; None for a number
+    no process has (0 would ask about our own process group)."""
+    if not 0 < pid <= MAX_PID:
+        return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -154,17 +167,9 @@ def owner_alive(tag: str) -> bool | None:
     still running during an upgrade), and as unknown otherwise."""
     match = OWNER.fullmatch(tag)
     if match is not None:
-        pid = int(match["pid"])
-        if match["key"] != _namespace_key() or not 0 < pid <= MAX_PID:  # pid 0: our own process group
-            return None
-        return _pid_alive(pid)
+        return _pid_alive(int(match["pid"])) if match["key"] == _namespace_key() else None
     old = OLD_OWNER.fullmatch(tag)
-    if (
-        old is not None
-        and old["host"] == _short_host()
-        and 0 < int(old["pid"]) <= MAX_PID
-        and _pid_alive(int(old["pid"]))
-    ):
+    if old is not None and old["host"] == _short_host() and _pid_alive(int(old["pid"])):
         return True
     return None
 
@@ -179,9 +184,7 @@ def split_tmp_name(name: str) -> tuple[str, str] | None:
     compared whole, never as a prefix: image `a`'s temporaries are not
     image `a.tmp`'s (`a.tmp.tmp.<owner>`)."""
     image_id, marker, owner = name.rpartition(TMP_MARKER)
-    if not marker or not IMAGE_ID.fullmatch(image_id) or TMP_MARKER in image_id or ".." in image_id:
-        return None
-    return image_id, owner
+    return (image_id, owner) if marker and is_image_id(image_id) else None
 
 
 def is_tmp_of(name: str, image_id: str) -> bool:

@@ -339,7 +339,7 @@ class S3Store:
         if not key.startswith(self.config.prefix):
             return None
         image_id = key[len(self.config.prefix) :]
-        return image_id if base.IMAGE_ID.fullmatch(image_id) and base.TMP_MARKER not in image_id else None
+        return image_id if base.is_image_id(image_id) else None
 
     def _head(self, image_id: str) -> dict[str, Any] | None:
         try:
