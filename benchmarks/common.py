@@ -129,9 +129,9 @@ def timing_cell(timing: dict[str, Any]) -> str:
 Cell = Callable[[dict[str, Any]], str]
 
 
-def timing_of(key: str) -> Cell:
-    """A table cell: the entry's timing `key` (entry["timings"][key])."""
-    return lambda entry: timing_cell(entry["timings"][key])
+def timing_of(key: str, group: str = "timings") -> Cell:
+    """A table cell: the entry's timing `key` (entry[group][key])."""
+    return lambda entry: timing_cell(entry[group][key])
 
 
 def ratio_of(key: str, *, bold: bool = True) -> Cell:
