@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
+from diskpipe.converter.convert import ConvertRequest, convert_image
+from diskpipe.converter.qemu_img import CancelToken
 from diskpipe.converter.stores.base import ImageProtected, StoreError, StoreUnavailable
 from diskpipe.converter.stores.file import FileStore
 from diskpipe.formats.policy import Policy
@@ -74,9 +76,9 @@ class CountingStore:
         return counted
 
     # Targets come back wrapped: unwrap them for the store's own methods.
-    def seal(self, target: Any) -> None:
+    def seal(self, target: Any, cancel: CancelToken | None = None) -> None:
         self.calls.append("seal")
-        self.store.seal(getattr(target, "_target", target))
+        self.store.seal(getattr(target, "_target", target), cancel)
 
     def finalize(self, target: Any) -> Any:
         self.calls.append("finalize")
@@ -237,8 +239,8 @@ class TakenOverAt(CountingStore):
         assert current is not None
         self._records.transition(self._image_id, "saving", "saving", attempts=current["attempts"] + 1, owner="next")
 
-    def seal(self, target: Any) -> None:
-        super().seal(target)
+    def seal(self, target: Any, cancel: CancelToken | None = None) -> None:
+        super().seal(target, cancel)
         if self._step == "seal":
             self._take_over()
 
@@ -432,8 +434,34 @@ class TimeLimitWhileSealing(FileStore):
         target.read_at = out_of_time  # type: ignore[method-assign]
         return target
 
-    def seal(self, target: Any) -> None:
+    def seal(self, target: Any, cancel: CancelToken | None = None) -> None:
         raise StoreError("fsync failed: the disk went away")
+
+
+class SealFailsWhileHashing(FileStore):
+    """The file store, hashed beside its seal (an fsync), whose fsync fails
+    once the hashing has started."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.hashing = threading.Event()
+
+    def seal(self, target: Any, cancel: CancelToken | None = None) -> None:
+        assert self.hashing.wait(60), "the image was not hashed beside the seal"
+        raise StoreError("fsync failed: the disk went away")
+
+
+def test_a_seal_failing_while_the_image_is_hashed_is_the_error_seen(tmp_path: Path) -> None:
+    source = _qcow2_with_data(tmp_path / "disk.qcow2", data_mib=8)
+    store = SealFailsWhileHashing(tmp_path / "store")
+
+    def progress(stage: str, percent: float) -> None:
+        if stage == "checksum":
+            store.hashing.set()
+
+    with pytest.raises(StoreError, match="fsync failed"):
+        convert_image(ConvertRequest(str(source), "sealing"), store, progress=progress)
+    assert list(store.directory.iterdir()) == []
 
 
 def test_a_time_limit_during_the_reinspection_is_not_replaced_by_the_seals_failure(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""The stored image is read back once: after sealing, each allocated byte of
-the sealed image (on RBD its protected snapshot) is read one time and feeds
-every digest asked for; verify reads no data; a re-run that finds the image
+"""The stored image is read back once: each allocated byte of the stored
+image (on RBD, after sealing, its protected snapshot) is read one time and
+feeds every digest asked for; verify reads no data; a re-run that finds the image
 already stored takes the checksums its dead predecessor recorded before the
 rename instead of hashing again. Real qemu-img, a real one-node Ceph, the
 embedded pipeline with its SQLite records."""

@@ -22,6 +22,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from diskpipe.converter.checksums import hash_image
 from diskpipe.converter.convert import ConvertRequest, convert_image
+from diskpipe.converter.qemu_img import Cancelled, CancelToken
 from diskpipe.converter.stores import registry
 from diskpipe.converter.stores.base import (
     ImageExists,
@@ -432,6 +433,64 @@ def test_s3_gateway_stopped_mid_upload(rgw: Any, staging: Path, tmp_path: Path) 
     stale = S3Store(s3_config(rgw, bucket, staging, stale_after=0))
     (aborted,) = stale.cleanup()
     assert aborted.removed and name in aborted.name
+    assert temporaries(store, name) == []
+
+
+def counting_parts(store: S3Store, monkeypatch: pytest.MonkeyPatch, after_each: Any = None) -> list[str]:
+    """The parts the store sends, as they are answered (the real calls)."""
+    sent: list[str] = []
+    call = store._call
+
+    def counted(what: str, function: Any, **kwargs: Any) -> Any:
+        answer = call(what, function, **kwargs)
+        if what.startswith("upload part"):
+            sent.append(what)
+            if after_each is not None:
+                after_each()
+        return answer
+
+    monkeypatch.setattr(store, "_call", counted)
+    return sent
+
+
+def test_s3_seal_sends_no_part_after_it_is_cancelled(rgw: Any, staging: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = rgw.bucket()
+    store = S3Store(s3_config(rgw, bucket, staging, threads=1))
+    name, target = half_written(store, os.urandom(SIZE))  # three 5 MiB parts
+    stop = CancelToken()
+    sent = counting_parts(store, monkeypatch, after_each=stop.cancel)
+    try:
+        with pytest.raises(Cancelled):
+            store.seal(target, stop)
+        assert sent == [f"upload part 1/3 of {name}"]
+        listed = rgw.client().list_parts(Bucket=bucket, Key=target.key, UploadId=target.upload_id)
+        assert [part["PartNumber"] for part in listed["Parts"]] == [1]
+    finally:
+        store.abort(target)
+    assert temporaries(store, name) == []
+
+
+def test_a_time_limit_while_s3_parts_go_up_stops_the_upload_at_the_next_part(
+    rgw: Any, staging: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The staged file is hashed while its parts go up (the upload does not
+    change what is hashed), and a worker's time limit landing then stops the
+    upload instead of waiting for every part."""
+    store = S3Store(s3_config(rgw, rgw.bucket(), staging, threads=1))
+    source = make_qcow2(tmp_path / "small.qcow2")  # 24 MiB: five parts
+    name = image_id()
+    first_part = threading.Event()
+    sent = counting_parts(store, monkeypatch, after_each=first_part.set)
+
+    def progress(stage: str, percent: float) -> None:
+        if stage == "checksum":
+            assert first_part.wait(120), "no part went up while the image was hashed"
+            raise SoftTimeLimitExceeded()
+
+    with pytest.raises(SoftTimeLimitExceeded):
+        convert_image(ConvertRequest(source=str(source), image_id=name), store, progress=progress)
+    assert 1 <= len(sent) < 5, sent
+    assert not store.exists(name)
     assert temporaries(store, name) == []
 
 

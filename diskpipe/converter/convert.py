@@ -1,6 +1,7 @@
 """Convert one image into a store: inspect -> validate -> cross-check (the
-empty target created meanwhile) -> convert -> seal + re-inspect -> checksum
-(one read of the sealed data) -> finalize.
+empty target created meanwhile) -> convert -> seal, with the re-inspection
+and the checksums (one read of the stored data) beside it, or on RBD after
+it, from the snapshot -> finalize.
 
 Nothing reaches qemu-img before the policy accepts the image; qemu-img
 always gets the format the inspector found; a failure at any step removes
@@ -15,7 +16,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,36 +206,85 @@ def _timed(function: Callable[..., object], *args: object) -> float:
     return time.monotonic() - started
 
 
-def _seal_and_reinspect(
-    store: Store, target: Any, stored_format: str, virtual_size: int, timings: dict[str, float]
-) -> int:
-    """Seal the written image (file: fsync; RBD: snapshot + protect) and,
-    meanwhile, re-inspect it.
+def _seal_reinspect_and_hash(
+    request: ConvertRequest,
+    judged: _Judged,
+    store: Store,
+    target: Any,
+    report: Progress,
+    cancel: CancelToken,
+    timings: dict[str, float],
+) -> Checksums:
+    """Seal the written image (file: fsync; RBD: snapshot + protect; S3:
+    upload the parts), re-inspect it meanwhile and hash it: beside the seal
+    where sealing leaves what is read alone (file, S3: the staged file is
+    hashed while its parts go up), after it where the sealed image is a
+    frozen copy (RBD's snapshot, the bytes clones are served from).
 
-    Sealing is mostly waiting (on RBD for a monitor round, up to a second),
-    and the re-inspection is a few small reads, so they overlap. qemu-img has
+    The re-inspection is a few small reads and sealing mostly waiting (on
+    RBD for a monitor round, up to a second), so they overlap. qemu-img has
     exited and nothing else writes a temporary image, so the head it reads is
-    the data the snapshot freezes. Returns the stored size.
+    the data the seal freezes.
     """
     step = time.monotonic()
+    stop_sealing = CancelToken(parent=cancel)
+    checksums = None
     with ThreadPoolExecutor(1, thread_name_prefix="seal") as pool:
-        sealing = pool.submit(_timed, store.seal, target)
-        # When the re-inspection fails (or a time limit or an interrupt
-        # lands meanwhile), the pool's exit still waits for the seal, so the
-        # caller's abort never races a snapshot being created; the seal's own
-        # failure at the same moment does not replace that error.
-        stored_size = int(target.stored_size())
-        _reinspect(target, stored_format, virtual_size)
-        timings["reinspect"] = time.monotonic() - step
-        timings["seal"] = sealing.result()
-    return stored_size
+        sealing = pool.submit(_timed, store.seal, target, stop_sealing)
+        try:
+            stored_size = int(target.stored_size())
+            _reinspect(target, request.to_format, judged.virtual_size)
+            timings["reinspect"] = time.monotonic() - step
+            if not store.capabilities.hashes_after_seal:
+                checksums = _hash_beside_seal(request, target, stored_size, report, cancel, sealing, timings)
+            timings["seal"] = sealing.result()
+        except BaseException:
+            # The re-inspection or the hashing failed, or an interrupt or a
+            # time limit landed: a long seal (S3's upload) stops at its next
+            # part. The pool's exit still waits for it, so the caller's abort
+            # never races a snapshot being created or a part being sent, and
+            # the seal's own failure at the same moment does not replace this one.
+            stop_sealing.cancel()
+            raise
+    if checksums is None:
+        cancel.raise_if_cancelled()
+        step = time.monotonic()
+        checksums = _read_back(request, target, stored_size, report, lambda: cancel.cancelled)
+        timings["checksum"] = time.monotonic() - step
+    return checksums
+
+
+def _hash_beside_seal(
+    request: ConvertRequest,
+    target: Any,
+    stored_size: int,
+    report: Progress,
+    cancel: CancelToken,
+    sealing: Future[float],
+    timings: dict[str, float],
+) -> Checksums:
+    """Hash while the seal runs; a seal that fails (the gateway went away)
+    stops the hashing, and its error is the one the caller sees."""
+    step = time.monotonic()
+
+    def stop() -> bool:
+        return cancel.cancelled or (sealing.done() and sealing.exception() is not None)
+
+    try:
+        checksums = _read_back(request, target, stored_size, report, stop)
+    except InterruptedError:
+        if not cancel.cancelled:
+            sealing.result()  # raises the seal's error
+        raise
+    timings["checksum"] = time.monotonic() - step
+    return checksums
 
 
 def _read_back(
-    request: ConvertRequest, target: Any, unsealed_size: int, report: Progress, cancel: CancelToken
+    request: ConvertRequest, target: Any, unsealed_size: int, report: Progress, stop: Callable[[], bool]
 ) -> Checksums:
-    """Hash the sealed image: one pass over its allocated data (from the
-    protected snapshot on RBD), every digest asked for fed from each read.
+    """Hash the stored image: one pass over its allocated data (on RBD from
+    the protected snapshot), every digest asked for fed from each read.
     Without hashes nothing is read (not even the snapshot opened) and only
     the size the re-inspection saw is known."""
     if not (request.full_hashes or request.sparse_hash):
@@ -248,7 +298,7 @@ def _read_back(
         full=request.full_hashes,
         sparse=request.sparse_hash,
         progress=lambda done: report("checksum", 100.0 * done / max(1, stored_size)),
-        cancelled=lambda: cancel.cancelled,
+        cancelled=stop,
     )
 
 
@@ -412,8 +462,8 @@ def _write_and_seal(
     cancel: CancelToken,
     timings: dict[str, float],
 ) -> Checksums:
-    """qemu-img writes the target; the store seals it; one read of the
-    sealed data re-inspects and hashes it."""
+    """qemu-img writes the target; the store seals it while one read of the
+    stored data re-inspects and hashes it (see _seal_reinspect_and_hash)."""
     # Cancelled while the cross-check ran (which it then did not hear in
     # time): qemu-img convert does not start.
     cancel.raise_if_cancelled()
@@ -433,10 +483,6 @@ def _write_and_seal(
         raise _failed(error, store) from error
     timings["convert"] = time.monotonic() - step
     cancel.raise_if_cancelled()
-    stored_size = _seal_and_reinspect(store, target, request.to_format, judged.virtual_size, timings)
-    cancel.raise_if_cancelled()
-    step = time.monotonic()
-    checksums = _read_back(request, target, stored_size, report, cancel)
-    timings["checksum"] = time.monotonic() - step
+    checksums = _seal_reinspect_and_hash(request, judged, store, target, report, cancel, timings)
     cancel.raise_if_cancelled()
     return checksums

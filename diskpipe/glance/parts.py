@@ -7,6 +7,7 @@ from __future__ import annotations
 from diskpipe import __version__
 from diskpipe.config import ConfigError, parse_size
 from diskpipe.converter.convert import ConversionFailed, ConvertRequest, convert_image, open_source
+from diskpipe.converter.qemu_img import CancelToken
 from diskpipe.converter.stores.base import Location, StoreError
 from diskpipe.converter.stores.file import FileStore, FileTarget
 from diskpipe.formats import FormatError, ImageInfo
@@ -15,6 +16,7 @@ from diskpipe.formats.policy import Issue, Policy, Verdict, check, load_policy
 from diskpipe.refusal import UnsafeImage, refuse, require_safe
 
 __all__ = [
+    "CancelToken",
     "ConfigError",
     "ConversionFailed",
     "ConvertRequest",

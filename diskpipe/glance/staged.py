@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diskpipe.glance.parts import (
+    CancelToken,
     ConversionFailed,
     ConvertRequest,
     FileStore,
@@ -64,7 +65,7 @@ class StagingStore(FileStore):
     way, so making the file durable first would only cost time (the data's
     write-back, a large part of a conversion's time on a slow disk)."""
 
-    def seal(self, target: FileTarget) -> None:
+    def seal(self, target: FileTarget, cancel: CancelToken | None = None) -> None:
         """Nothing to make durable (see the class)."""
 
     def finalize(self, target: FileTarget) -> Location:

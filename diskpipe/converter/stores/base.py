@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from diskpipe.converter.checksums import Extent
-from diskpipe.converter.qemu_img import TargetSpec
+from diskpipe.converter.qemu_img import CancelToken, TargetSpec
 
 TMP_MARKER = ".tmp."
 # An image id becomes a file name and an RBD image name inside qemu's
@@ -102,6 +102,11 @@ class Capabilities:
     # qemu-img's target is a local file, so its size can be capped with
     # RLIMIT_FSIZE (a hostile image cannot fill the disk).
     local_target: bool
+    # True: once sealed, reads come from a frozen copy (RBD's protected
+    # snapshot), so the stored image is hashed after the seal. False: the
+    # seal leaves what is read alone (a file's fsync, S3's upload of the
+    # staged file), so the hashing runs beside it.
+    hashes_after_seal: bool = False
 
 
 def owner_tag() -> str:
@@ -258,10 +263,12 @@ class Store(Protocol):
         ...
 
     # Targets are typed loosely: each store takes back only its own kind.
-    def seal(self, target: Any) -> None:
-        """Freeze the written data (file: fsync; RBD: snapshot + protect).
-        It only reads the image, so it may run while the data is hashed;
-        finalize seals a target that is not sealed yet."""
+    def seal(self, target: Any, cancel: CancelToken | None = None) -> None:
+        """Freeze the written data (file: fsync; RBD: snapshot + protect;
+        S3: upload the parts). It only reads the image, so it may run while
+        the data is re-inspected; finalize seals a target that is not sealed
+        yet. A seal that takes long (S3's upload of every part) stops soon
+        after `cancel` is set, raising Cancelled; short ones run to their end."""
         ...
 
     def finalize(self, target: Any) -> Location:

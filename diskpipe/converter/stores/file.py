@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from diskpipe.converter.qemu_img import TargetSpec
+from diskpipe.converter.qemu_img import CancelToken, TargetSpec
 from diskpipe.converter.stores import base
 from diskpipe.converter.stores.base import ImageExists, ImageNotFound, Leftover, Location
 from diskpipe.converter.stores.localfiles import DescriptorTarget
@@ -122,8 +122,8 @@ class FileStore:
             path.unlink()
         return FileTarget(image_id, path, self._final(image_id, image_format), size, image_format)
 
-    def seal(self, target: FileTarget) -> None:
-        target.sync()
+    def seal(self, target: FileTarget, cancel: CancelToken | None = None) -> None:
+        target.sync()  # one fsync: not worth stopping halfway
 
     def finalize(self, target: FileTarget) -> Location:
         target.sync()  # again: cheap when sealed, and finalize must not rely on it

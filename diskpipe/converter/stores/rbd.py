@@ -31,7 +31,7 @@ from typing import Any
 
 from diskpipe.config import section
 from diskpipe.converter.checksums import Extent
-from diskpipe.converter.qemu_img import TargetSpec
+from diskpipe.converter.qemu_img import CancelToken, TargetSpec
 from diskpipe.converter.stores import base
 from diskpipe.converter.stores.base import ImageNotFound, Leftover, StoreError, StoreMisconfigured, StoreUnavailable
 
@@ -204,7 +204,9 @@ class RbdTarget:
 
 class RbdStore:
     name = "rbd"
-    capabilities = base.Capabilities(writes_directly=True, keeps_formats=frozenset({"raw"}), local_target=False)
+    capabilities = base.Capabilities(
+        writes_directly=True, keeps_formats=frozenset({"raw"}), local_target=False, hashes_after_seal=True
+    )
 
     def __init__(self, config: RbdConfig | None = None) -> None:
         self.config = config or RbdConfig()
@@ -322,12 +324,13 @@ class RbdStore:
                 self._remove_image(name, missing_ok=True, abandoned=True)
             raise
 
-    def seal(self, target: RbdTarget) -> None:
+    def seal(self, target: RbdTarget, cancel: CancelToken | None = None) -> None:
         # Its own handle: the target's may be reading (the re-inspection)
         # meanwhile. Creating a snapshot waits for a monitor round (a new
         # pool snap id: up to paxos_propose_interval, 1 s by default), the
         # reason to overlap it with the re-inspection. The target reads the
-        # snapshot afterwards.
+        # snapshot afterwards. Not stopped by `cancel`: a snapshot half made
+        # is worse than a second's wait, and abort removes the image anyway.
         image = self.open_raw(target.name)
         try:
             self._call(image.create_snap, SNAPSHOT)

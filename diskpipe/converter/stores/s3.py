@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 
 from diskpipe.config import section
 from diskpipe.converter.checksums import Extent
-from diskpipe.converter.qemu_img import TargetSpec
+from diskpipe.converter.qemu_img import CancelToken, TargetSpec
 from diskpipe.converter.stores import base
 from diskpipe.converter.stores.base import ImageNotFound, Leftover, Location, StoreError, StoreUnavailable
 from diskpipe.converter.stores.localfiles import DescriptorTarget, anonymous_file
@@ -387,11 +387,14 @@ class S3Store:
             raise
         return S3Target(self, image_id, key, str(created["UploadId"]), fd, size)
 
-    def seal(self, target: S3Target) -> None:
-        """Upload every part of the staged file (the converter hashes the
-        same file meanwhile); the object stays invisible until finalize."""
+    def seal(self, target: S3Target, cancel: CancelToken | None = None) -> None:
+        """Upload every part of the staged file; the object stays invisible
+        until finalize. When `cancel` is set (the job cancelled, a time
+        limit, Ctrl-C) no further part starts: the parts in flight end and
+        Cancelled is raised, leaving the upload for abort."""
         if target.sealed:
             return
+        stop = cancel or CancelToken()
         size = target.stored_size()
         part_size = self._part_size(size)
         count = max(1, -(-size // part_size))  # an empty image is one empty part
@@ -416,6 +419,7 @@ class S3Store:
                 return part, zero_digests[length]
 
         def send(number: int) -> dict[str, Any]:
+            stop.raise_if_cancelled()  # parts not started yet are not sent
             data, digest = body(number)
             answer = self._call(
                 f"upload part {number}/{count} of {target.image_id}",
