@@ -206,15 +206,20 @@ def _timed(function: Callable[..., object], *args: object) -> float:
     return time.monotonic() - started
 
 
-def _seal_reinspect_and_hash(
-    request: ConvertRequest,
-    judged: _Judged,
-    store: Store,
-    target: Any,
-    report: Progress,
-    cancel: CancelToken,
-    timings: dict[str, float],
-) -> Checksums:
+@dataclass(frozen=True, slots=True)
+class _Writing:
+    """One conversion from qemu-img on: what it writes into and reports to."""
+
+    request: ConvertRequest
+    judged: _Judged
+    store: Store
+    target: Any
+    report: Progress
+    cancel: CancelToken
+    timings: dict[str, float]
+
+
+def _seal_reinspect_and_hash(run: _Writing) -> Checksums:
     """Seal the written image (file: fsync; RBD: snapshot + protect; S3:
     upload the parts), re-inspect it meanwhile and hash it: beside the seal
     where sealing leaves what is read alone (file, S3: the staged file is
@@ -227,17 +232,17 @@ def _seal_reinspect_and_hash(
     the data the seal freezes.
     """
     step = time.monotonic()
-    stop_sealing = CancelToken(parent=cancel)
+    stop_sealing = CancelToken(parent=run.cancel)
     checksums = None
     with ThreadPoolExecutor(1, thread_name_prefix="seal") as pool:
-        sealing = pool.submit(_timed, store.seal, target, stop_sealing)
+        sealing = pool.submit(_timed, run.store.seal, run.target, stop_sealing)
         try:
-            stored_size = int(target.stored_size())
-            _reinspect(target, request.to_format, judged.virtual_size)
-            timings["reinspect"] = time.monotonic() - step
-            if not store.capabilities.hashes_after_seal:
-                checksums = _hash_beside_seal(request, target, stored_size, report, cancel, sealing, timings)
-            timings["seal"] = sealing.result()
+            stored_size = int(run.target.stored_size())
+            _reinspect(run.target, run.request.to_format, run.judged.virtual_size)
+            run.timings["reinspect"] = time.monotonic() - step
+            if not run.store.capabilities.hashes_after_seal:
+                checksums = _hash_beside_seal(run, stored_size, sealing)
+            run.timings["seal"] = sealing.result()
         except BaseException:
             # The re-inspection or the hashing failed, or an interrupt or a
             # time limit landed: a long seal (S3's upload) stops at its next
@@ -247,46 +252,37 @@ def _seal_reinspect_and_hash(
             stop_sealing.cancel()
             raise
     if checksums is None:
-        cancel.raise_if_cancelled()
+        run.cancel.raise_if_cancelled()
         step = time.monotonic()
-        checksums = _read_back(request, target, stored_size, report, lambda: cancel.cancelled)
-        timings["checksum"] = time.monotonic() - step
+        checksums = _read_back(run, stored_size, lambda: run.cancel.cancelled)
+        run.timings["checksum"] = time.monotonic() - step
     return checksums
 
 
-def _hash_beside_seal(
-    request: ConvertRequest,
-    target: Any,
-    stored_size: int,
-    report: Progress,
-    cancel: CancelToken,
-    sealing: Future[float],
-    timings: dict[str, float],
-) -> Checksums:
+def _hash_beside_seal(run: _Writing, stored_size: int, sealing: Future[float]) -> Checksums:
     """Hash while the seal runs; a seal that fails (the gateway went away)
     stops the hashing, and its error is the one the caller sees."""
     step = time.monotonic()
 
     def stop() -> bool:
-        return cancel.cancelled or (sealing.done() and sealing.exception() is not None)
+        return run.cancel.cancelled or (sealing.done() and sealing.exception() is not None)
 
     try:
-        checksums = _read_back(request, target, stored_size, report, stop)
+        checksums = _read_back(run, stored_size, stop)
     except InterruptedError:
-        if not cancel.cancelled:
+        if not run.cancel.cancelled:
             sealing.result()  # raises the seal's error
         raise
-    timings["checksum"] = time.monotonic() - step
+    run.timings["checksum"] = time.monotonic() - step
     return checksums
 
 
-def _read_back(
-    request: ConvertRequest, target: Any, unsealed_size: int, report: Progress, stop: Callable[[], bool]
-) -> Checksums:
+def _read_back(run: _Writing, unsealed_size: int, stop: Callable[[], bool]) -> Checksums:
     """Hash the stored image: one pass over its allocated data (on RBD from
     the protected snapshot), every digest asked for fed from each read.
     Without hashes nothing is read (not even the snapshot opened) and only
     the size the re-inspection saw is known."""
+    request, target, report = run.request, run.target, run.report
     if not (request.full_hashes or request.sparse_hash):
         return Checksums(size=unsealed_size)
     stored_size = target.stored_size()
@@ -430,7 +426,7 @@ def _convert_open(
     cancel.raise_if_cancelled()
     target = _begin_beside_cross_check(request, judged, store, cancel, timings)
     try:
-        checksums = _write_and_seal(request, judged, store, target, report, cancel, timings)
+        checksums = _write_and_seal(_Writing(request, judged, store, target, report, cancel, timings))
         if on_sealed is not None:
             on_sealed(checksums)
         location = store.finalize(target)
@@ -453,36 +449,29 @@ def _convert_open(
     )
 
 
-def _write_and_seal(
-    request: ConvertRequest,
-    judged: _Judged,
-    store: Store,
-    target: Any,
-    report: Progress,
-    cancel: CancelToken,
-    timings: dict[str, float],
-) -> Checksums:
+def _write_and_seal(run: _Writing) -> Checksums:
     """qemu-img writes the target; the store seals it while one read of the
     stored data re-inspects and hashes it (see _seal_reinspect_and_hash)."""
     # Cancelled while the cross-check ran (which it then did not hear in
     # time): qemu-img convert does not start.
-    cancel.raise_if_cancelled()
-    report("convert", 0.0)
+    run.cancel.raise_if_cancelled()
+    run.report("convert", 0.0)
     step = time.monotonic()
+    judged, to_file = run.judged, run.store.capabilities.local_target
     try:
         qemu_img.convert(
             judged.spec,
-            target.qemu_target(),
-            request.to_format,
-            convert_limits(judged.virtual_size, to_file=store.capabilities.local_target, timeout=request.timeout),
-            options=request.options,
-            progress=lambda percent: report("convert", percent),
-            cancel=cancel,
+            run.target.qemu_target(),
+            run.request.to_format,
+            convert_limits(judged.virtual_size, to_file=to_file, timeout=run.request.timeout),
+            options=run.request.options,
+            progress=lambda percent: run.report("convert", percent),
+            cancel=run.cancel,
         )
     except QemuImgError as error:
-        raise _failed(error, store) from error
-    timings["convert"] = time.monotonic() - step
-    cancel.raise_if_cancelled()
-    checksums = _seal_reinspect_and_hash(request, judged, store, target, report, cancel, timings)
-    cancel.raise_if_cancelled()
+        raise _failed(error, run.store) from error
+    run.timings["convert"] = time.monotonic() - step
+    run.cancel.raise_if_cancelled()
+    checksums = _seal_reinspect_and_hash(run)
+    run.cancel.raise_if_cancelled()
     return checksums
