@@ -145,8 +145,8 @@ def _add_trailer_matches(
 ) -> None:
     """Formats found at the end of the data: a fixed VHD's footer, a dmg's
     koly trailer (or, for want of any other match, a `.dmg` name)."""
-    if "vpc" not in names and vpc.is_fixed_footer(tail):
-        facts.append(vpc.fixed_facts(tail, file_size))
+    if "vpc" not in names and (footer := vpc.fixed_footer(tail)) is not None:
+        facts.append(vpc.fixed_facts(tail, file_size, footer))
         names.append("vpc")
     if dmg.has_trailer(tail) or (not names and dmg.probe_name(filename)):
         facts.append(dmg.facts(tail))
