@@ -130,7 +130,7 @@ def _may_be_compressed(head: bytes) -> bool:
     """Whether the ramdisk sniffer may find anything: it decodes only data
     that starts with a cpio or compression magic."""
     ramdisk, _ = _unclaimed_sniffers()
-    return ramdisk.is_cpio(head) or ramdisk._algorithm(head) is not None
+    return ramdisk.may_hold_magic(head) and (ramdisk.is_cpio(head) or ramdisk._algorithm(head) is not None)
 
 
 def _holds_signature(window: bytes, signatures: tuple[tuple[int, int, frozenset[bytes]], ...]) -> bool:
