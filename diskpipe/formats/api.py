@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     Source = str | os.PathLike[str] | BinaryIO
 
 STREAM_CHUNK = 1024 * 1024
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 # The two option sets, made once: a NamedTuple built per call costs more than
 # some of the sniffers it configures.
 _OPTIONS = {False: InspectOptions(allocation=False), True: InspectOptions(allocation=True)}
@@ -37,7 +38,7 @@ def inspect(source: Source, *, allocation: bool = False, details: bool = False) 
     options = _OPTIONS[bool(allocation)]
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, _OPEN_FLAGS)
         try:
             info = _inspect_fd(fd, options, filename=path)
         finally:

@@ -130,7 +130,7 @@ def _may_be_compressed(head: bytes) -> bool:
     """Whether the ramdisk sniffer may find anything: it decodes only data
     that starts with a cpio or compression magic."""
     ramdisk, _ = _unclaimed_sniffers()
-    return ramdisk.is_cpio(head) or ramdisk._algorithm(head) is not None
+    return ramdisk.may_hold_magic(head) and (ramdisk.is_cpio(head) or ramdisk._algorithm(head) is not None)
 
 
 def _holds_signature(window: bytes, signatures: tuple[tuple[int, int, frozenset[bytes]], ...]) -> bool:
@@ -145,8 +145,8 @@ def _add_trailer_matches(
 ) -> None:
     """Formats found at the end of the data: a fixed VHD's footer, a dmg's
     koly trailer (or, for want of any other match, a `.dmg` name)."""
-    if "vpc" not in names and vpc.is_fixed_footer(tail):
-        facts.append(vpc.fixed_facts(tail, file_size))
+    if "vpc" not in names and (footer := vpc.fixed_footer(tail)) is not None:
+        facts.append(vpc.fixed_facts(tail, file_size, footer))
         names.append("vpc")
     if dmg.has_trailer(tail) or (not names and dmg.probe_name(filename)):
         facts.append(dmg.facts(tail))

@@ -9,6 +9,7 @@ hostile image gets a verdict that names the problem.
 from __future__ import annotations
 
 import struct
+from itertools import combinations
 
 from diskpipe.formats import allocation, luks
 from diskpipe.formats.base import ContainerFormat, InspectOptions, read_exact
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 NAME = "qcow2"
 MAGIC = b"QFI\xfb"
 
-HEADER_V2 = Layout(NAME, "header", ">", """
+HEADER_V2_ROWS = """
     0   4s  magic
     4   I   version
     8   Q   backing_file_offset
@@ -41,14 +42,19 @@ HEADER_V2 = Layout(NAME, "header", ">", """
     56  I   refcount_table_clusters
     60  I   nb_snapshots
     64  Q   snapshots_offset
-""")  # fmt: skip
-HEADER_V3 = Layout(NAME, "version 3 header", ">", """
+"""  # fmt: skip
+HEADER_V3_ROWS = """
     72   Q  incompatible_features
     80   Q  compatible_features
     88   Q  autoclear_features
     96   I  refcount_order
     100  I  header_length
-""")  # fmt: skip
+"""  # fmt: skip
+HEADER_V2 = Layout(NAME, "header", ">", HEADER_V2_ROWS)
+HEADER_V3 = Layout(NAME, "version 3 header", ">", HEADER_V3_ROWS)
+# Both at once, for a head that holds all 104 bytes (nearly every qcow2):
+# one parse instead of two parses and a merge of their dicts.
+HEADER_V3_WHOLE = Layout(NAME, "version 3 header", ">", HEADER_V2_ROWS + HEADER_V3_ROWS)
 V2_HEADER_LENGTH = HEADER_V2.size  # 72
 MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21  # qemu: 512 bytes to 2 MiB
 V3_MIN_HEADER_LENGTH = 104
@@ -171,17 +177,21 @@ def inspect(head: bytes, options: InspectOptions) -> Inspection:
 def _parse_header(head: bytes, anomalies: list[dict[str, str]]) -> tuple[dict[str, Any], int, int]:
     """The header fields (a version 2 header gets version 3's defaults), the
     header length and the compression type."""
-    header = HEADER_V2.parse(head)
+    whole = len(head) >= HEADER_V3_WHOLE.size
+    header = HEADER_V3_WHOLE.parse(head) if whole else HEADER_V2.parse(head)
     version = header["version"]
     if version not in (2, 3):
         _anomaly(anomalies, "unsupported_version", f"unsupported qcow2 version {version}")
     if version >= 3:
-        header.update(HEADER_V3.parse(head))
+        if not whole:
+            header.update(HEADER_V3.parse(head))  # raises: the head is cut short
         header_length = header["header_length"]
         if header_length < V3_MIN_HEADER_LENGTH:
             _anomaly(anomalies, "header_too_short", f"header_length {header_length} < 104")
     else:
+        # Version 2 has no such fields (bytes 72 on are extensions): qemu's defaults.
         header.update(incompatible_features=0, compatible_features=0, autoclear_features=0, refcount_order=4)
+        header.pop("header_length", None)
         header_length = V2_HEADER_LENGTH
     compression_type = 0
     if header_length > V3_MIN_HEADER_LENGTH and len(head) > V3_MIN_HEADER_LENGTH:
@@ -309,10 +319,10 @@ def _check_overlap(header: dict[str, Any], cluster_size: int, anomalies: list[di
         ranges.append(("snapshot table", header["snapshots_offset"], cluster_size))
     # Metadata lives in whole clusters, so overlap is judged cluster by cluster.
     spans = [(name, start // cluster_size, -(-(start + length) // cluster_size)) for name, start, length in ranges]
-    for index, (name_a, start_a, end_a) in enumerate(spans):
-        for name_b, start_b, end_b in spans[index + 1 :]:
-            if start_a < end_b and start_b < end_a:
-                _anomaly(anomalies, "metadata_overlap", f"{name_a} overlaps {name_b}")
+    # Every pair once, in the order of the list (combinations makes them in C).
+    for (name_a, start_a, end_a), (name_b, start_b, end_b) in combinations(spans, 2):
+        if start_a < end_b and start_b < end_a:
+            _anomaly(anomalies, "metadata_overlap", f"{name_a} overlaps {name_b}")
 
 
 def _check_against_file_size(

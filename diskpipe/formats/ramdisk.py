@@ -33,6 +33,19 @@ LZ4_FRAME = b"\x04\x22\x4d\x18"
 XZ_MAGIC = b"\xfd7zXZ\x00"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 LZOP_MAGIC = b"\x89LZO\x00\r\n\x1a\n"
+GZIP_MAGIC = b"\x1f\x8b"
+BZIP2_MAGIC = b"BZh"
+LZMA_ALONE_MAGIC = b"\x5d\x00\x00"
+# The first two bytes of a cpio archive and of every stream `sniff` decodes:
+# data that starts with none of them is neither, told by one set lookup
+# instead of the dozen slices and comparisons of is_cpio and _algorithm
+# (asked of nearly every raw upload; tests/test_fast_paths.py holds the two
+# against each other).
+_MAGIC_STARTS = frozenset(
+    magic[:2]
+    for magic in (*CPIO_MAGICS, *CPIO_BINARY, GZIP_MAGIC, XZ_MAGIC, ZSTD_MAGIC, LZ4_LEGACY, LZ4_FRAME, BZIP2_MAGIC,
+                  LZMA_ALONE_MAGIC, LZOP_MAGIC)
+)  # fmt: skip
 CODEC_MEMORY_LIMIT = 128 * 1024 * 1024
 
 
@@ -145,8 +158,14 @@ def _lz4_frame(data: bytes) -> bytes:
     return _lz4_block(block, PREFIX)
 
 
+def may_hold_magic(head: bytes) -> bool:
+    """Whether `head` may start with a cpio or compression magic (a screen:
+    False only when it starts with none of them)."""
+    return head[:2] in _MAGIC_STARTS
+
+
 def _algorithm(head: bytes) -> tuple[str, Callable[[bytes], bytes]] | None:
-    if head[:2] == b"\x1f\x8b":
+    if head[:2] == GZIP_MAGIC:
         return "gzip", _gzip
     if head[:6] == XZ_MAGIC:
         return "xz", _xz
@@ -156,9 +175,9 @@ def _algorithm(head: bytes) -> tuple[str, Callable[[bytes], bytes]] | None:
         return "lz4", _lz4_legacy
     if head[:4] == LZ4_FRAME:
         return "lz4", _lz4_frame
-    if head[:3] == b"BZh" and head[3:4] in b"123456789" and head[4:10] == b"\x31\x41\x59\x26\x53\x59":
+    if head[:3] == BZIP2_MAGIC and head[3:4] in b"123456789" and head[4:10] == b"\x31\x41\x59\x26\x53\x59":
         return "bzip2", _bzip2
-    if head[:3] == b"\x5d\x00\x00":
+    if head[:3] == LZMA_ALONE_MAGIC:
         return "lzma", _lzma_alone
     if head[:9] == LZOP_MAGIC:
         return "lzop", lambda data: b""
@@ -180,6 +199,8 @@ def decompressed_prefix(head: bytes) -> tuple[str, bytes | None] | None:
 def sniff(head: bytes, inner_probe: Callable[[bytes], list[str]]) -> Content | None:
     """A ramdisk or compressed content; `inner_probe` names container formats
     found at the start of decompressed data (a gzipped qcow2, say)."""
+    if not may_hold_magic(head):
+        return None
     if is_cpio(head):
         return Content("ramdisk", "cpio", {"compression": None})
     found = decompressed_prefix(head)

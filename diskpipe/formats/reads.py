@@ -126,8 +126,10 @@ def run_on_reader(
 
 def _tail(request: ReadTail, head: bytes, read_at: Callable[[int, int], bytes], size: int) -> bytes:
     """The answer to a ReadTail: from the head when it holds all the data."""
-    _check_request(request)
-    length = min(request.length, size)
+    length = request.length
+    if not 0 <= length <= TAIL_RETAIN:  # checked inline, as a Read is: every image asks for its tail
+        _check_request(request)  # raises
+    length = min(length, size)
     if not length:
         return b""
     if size <= len(head):

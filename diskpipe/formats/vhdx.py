@@ -10,7 +10,7 @@ from itertools import pairwise
 
 from diskpipe.formats import allocation
 from diskpipe.formats.base import ContainerFormat, InspectOptions, read_exact
-from diskpipe.formats.crc import crc32c
+from diskpipe.formats.crc import crc32c_zeroed
 from diskpipe.formats.errors import FormatError, Unavailable
 from diskpipe.formats.info import Facts
 from diskpipe.formats.layout import Layout, entries_in_use
@@ -122,7 +122,7 @@ def _valid_checksum(raw: bytes, size: int) -> bool:
     if len(raw) < size:
         return False
     stored = int.from_bytes(raw[4:8], "little")
-    return crc32c(raw[:4] + b"\0\0\0\0" + raw[8:size]) == stored
+    return crc32c_zeroed(raw[:size], 4, 8) == stored
 
 
 def _choose_header(copies: list[bytes]) -> dict[str, Any]:

@@ -220,9 +220,12 @@ def _read_embedded_descriptor(
         region = yield from read_exact(region_offset, min(region_size, MAX_READ), head)
         descriptor = vmdk_descriptor.parse(region)
     elif header["descriptor_offset"]:
-        region = yield from read_exact(region_offset, min(region_size, MAX_READ), head)
-        # The usual region is exactly the 10 KiB qemu reads: same bytes, same reading.
-        descriptor = qemu_view if region == qemu_text else vmdk_descriptor.parse(region)
+        # The usual region is exactly the 10 KiB qemu reads: same bytes, same
+        # reading. Asked for with the same request it is those bytes, so it
+        # is neither cut again nor compared.
+        if region_size != EMBEDDED_DESCRIPTOR_READ:
+            region = yield from read_exact(region_offset, min(region_size, MAX_READ), head)
+            descriptor = qemu_view if region == qemu_text else vmdk_descriptor.parse(region)
         # Text past the header's region that qemu still reads in its 10 KiB.
         if region_size < EMBEDDED_DESCRIPTOR_READ and nonzero_from(qemu_text, region_size):
             descriptor.hidden_text = True

@@ -149,6 +149,8 @@ def _qemu_parent_hint(text: bytes) -> str | None:
 
 
 _QUOTE, _EQUALS, _HASH = ord('"'), ord("="), ord("#")
+# The `key=value` lines whose plain reading is compared with qemu's.
+_STRICT_KEYS = frozenset({b"createType", b"CID", b"parentFileNameHint"})
 
 
 def parse(region: bytes) -> Descriptor:
@@ -163,7 +165,7 @@ def parse(region: bytes) -> Descriptor:
     descriptor.cid_valid = cid_valid and parent_valid
     descriptor.parent_hint = _qemu_parent_hint(text)
 
-    strict_values: dict[str, str] = {}
+    strict_values: dict[bytes, str] = {}
     extent_line, strict_extent, key_value, _ = _patterns()
     # The patterns cost microseconds a line; the plain tests before them skip
     # only lines they cannot match (each needs a quote, or an `=`). The bytes
@@ -177,10 +179,13 @@ def parse(region: bytes) -> Descriptor:
         # with one pattern instead of three.
         pair = key_value.match(line) if _EQUALS in line else None
         if pair:
-            key, value = pair.groups()
-            strict_values.setdefault(
-                key.decode("utf-8", "backslashreplace"), value.strip(b'"').decode("utf-8", "backslashreplace")
-            )
+            # Only the keys _note_disagreements compares are kept (the first
+            # line of each wins); the other pairs' values were decoded for
+            # nothing, on every line of every descriptor. A key is ASCII
+            # (the pattern allows nothing else), so it decodes to itself.
+            key = pair.group(1)
+            if key in _STRICT_KEYS and key not in strict_values:
+                strict_values[key] = pair.group(2).strip(b'"').decode("utf-8", "backslashreplace")
             continue
         quoted = _QUOTE in line
         scanned = extent_line.match(line) if quoted else None
@@ -208,19 +213,19 @@ def parse(region: bytes) -> Descriptor:
     return descriptor
 
 
-def _note_disagreements(descriptor: Descriptor, strict_values: dict[str, str]) -> None:
+def _note_disagreements(descriptor: Descriptor, strict_values: dict[bytes, str]) -> None:
     """Where qemu's reading of the text differs from its plain lines."""
-    if "createType" in strict_values and strict_values["createType"] != descriptor.create_type:
+    if b"createType" in strict_values and strict_values[b"createType"] != descriptor.create_type:
         descriptor.disagreements.append(
-            f"qemu reads createType {descriptor.create_type!r}, its line says {strict_values['createType']!r}"
+            f"qemu reads createType {descriptor.create_type!r}, its line says {strict_values[b'createType']!r}"
         )
-    if "CID" in strict_values:
+    if b"CID" in strict_values:
         try:
-            if int(strict_values["CID"], 16) != descriptor.cid:
+            if int(strict_values[b"CID"], 16) != descriptor.cid:
                 descriptor.disagreements.append("qemu reads a different CID than the CID line")
         except ValueError:
             descriptor.disagreements.append("the CID line is not a hex number")
-    if descriptor.parent_hint is not None and strict_values.get("parentFileNameHint") != descriptor.parent_hint:
+    if descriptor.parent_hint is not None and strict_values.get(b"parentFileNameHint") != descriptor.parent_hint:
         descriptor.disagreements.append("qemu reads a parentFileNameHint that no line states plainly")
 
 
