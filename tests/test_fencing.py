@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from diskpipe.jobs.lease import Lease
 from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
 from diskpipe.jobs.records import RedisRecords, SqliteRecords, new_record
 from diskpipe.jobs.states import ACTIVE, KILLED, SAVING, StaleAttempt
-from tests.conftest import ROOT, wait_until
+from tests.conftest import RECOVERY_TIMEOUT, ROOT, wait_until
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -106,6 +106,18 @@ def source(tmp_path: Path) -> Iterator[Path]:
     yield path
 
 
+class _QuickBeatLease(Lease):
+    """A lease that keeps a long TTL but beats every 0.5 s: a takeover is
+    seen within a beat, while a beat delayed by a busy machine (or a slow
+    start between taking the lease and the first beat) cannot let the lease
+    expire before the test takes it over. A TTL of seconds made the beat
+    race the clock: the lease ran out on its own and the delivery ended
+    before the takeover it was meant to notice."""
+
+    def start_heartbeat(self, on_tick: Callable[[], None] | None = None, interval: float | None = None) -> None:
+        super().start_heartbeat(on_tick, 0.5 if interval is None else interval)
+
+
 @pytest.mark.usefixtures("slow_qemu_img")
 def test_a_delivery_that_lost_its_lease_stops_and_writes_nothing_more(
     redis_url: str, tmp_path: Path, source: Path
@@ -117,7 +129,7 @@ def test_a_delivery_that_lost_its_lease_stops_and_writes_nothing_more(
         records=records,
         store=store,
         import_config=sources.ImportConfig(allowed_dirs=(str(source.parent),), staging_dir=str(tmp_path / "staging")),
-        lease=lambda image_id: Lease(client, image_id, "first-owner", ttl=1.5),
+        lease=lambda image_id: _QuickBeatLease(client, image_id, "first-owner", ttl=RECOVERY_TIMEOUT),
         owner="first-owner",
     )
     job = ImportJob(f"fence-{uuid.uuid4().hex[:8]}", str(source))
@@ -132,7 +144,6 @@ def test_a_delivery_that_lost_its_lease_stops_and_writes_nothing_more(
                 else f"not converting yet: {records.get_progress(job.image_id)}"
             ),
             "the first delivery converting",
-            timeout=120,
         )
         # Another delivery takes the job over, as one does once a lease has
         # expired: the lease is its now and the record at its attempt.
@@ -141,7 +152,7 @@ def test_a_delivery_that_lost_its_lease_stops_and_writes_nothing_more(
         records.set_progress(job.image_id, {"stage": "fetch", "percent": 0.0, "bytes": 0, "at": time.time()})
         progress = records.get_progress(job.image_id)
     finally:
-        delivery.join(timeout=120)
+        delivery.join(timeout=RECOVERY_TIMEOUT)
     assert not delivery.is_alive()
     # It stopped mid-conversion (at 2 MiB/s, 24 MiB take 12 s) and ended
     # without touching the record, the progress or the second's lease.
@@ -164,10 +175,10 @@ def test_a_lost_lease_is_reported_once_and_the_beat_goes_on(redis_url: str, capl
     client.delete(lease.key)  # the lease is gone: expired, nobody holds it
     with caplog.at_level("WARNING", logger="diskpipe.jobs.lease"):
         lease.start_heartbeat(on_tick=lambda: ticks.append(time.monotonic()), interval=0.05)
-        wait_until(lambda: None if len(ticks) >= 10 else f"{len(ticks)} ticks", "ten heartbeats", timeout=60)
+        wait_until(lambda: None if len(ticks) >= 10 else f"{len(ticks)} ticks", "ten heartbeats")
         client.set(lease.key, "someone-else")  # taken over later: still the one warning
         count = len(ticks)
-        wait_until(lambda: None if len(ticks) >= count + 5 else "waiting", "five more heartbeats", timeout=60)
+        wait_until(lambda: None if len(ticks) >= count + 5 else "waiting", "five more heartbeats")
         lease.release()
     warnings = [record.getMessage() for record in caplog.records if record.name == "diskpipe.jobs.lease"]
     assert warnings == [f"lease {lease.key} expired"]
@@ -194,6 +205,6 @@ def test_a_lost_lease_is_fenced_even_when_asking_who_took_it_fails(
     monkeypatch.setattr(lease, "holder", connection_dropped)
     lease.start_heartbeat(interval=0.05)
     try:
-        wait_until(lambda: None if lease.lost.is_set() else "still held", "the lease counted as lost", timeout=10)
+        wait_until(lambda: None if lease.lost.is_set() else "still held", "the lease counted as lost")
     finally:
         lease.release()

@@ -31,7 +31,7 @@ from diskpipe.jobs.admission import ensure_record
 from diskpipe.jobs.pipeline import Environment, ImportJob, run_import
 from diskpipe.jobs.records import SqliteRecords
 from samples import tools
-from tests.conftest import ROOT
+from tests.conftest import RECOVERY_TIMEOUT, ROOT
 from tests.workers import start_worker
 
 
@@ -223,7 +223,8 @@ def test_a_saving_record_whose_lease_is_gone_is_taken_over_by_a_resubmission(
     taken = ensure_record(records, job, "resubmitted", lease_gone)
     assert taken["status"] == "saving" and taken["task_id"] == "resubmitted"
     env = environment(tmp_path, images, web, records=records)
-    env.lease = lambda name: Lease(client, name, "test-worker", ttl=10)
+    # A TTL a late heartbeat on a busy machine cannot outlast: nobody else wants the lease.
+    env.lease = lambda name: Lease(client, name, "test-worker", ttl=RECOVERY_TIMEOUT)
     record = run_import(job, env, "resubmitted")
     assert record["status"] == "active", record.get("reason")
     assert not Lease(client, image_id, "cli").held_by_anyone()
@@ -359,7 +360,9 @@ def test_a_time_limit_while_waiting_for_a_live_lease_kills_no_record(
     # Another delivery is working on the image and holds its lease.
     records.create(new_record(image_id, source=source, task_id="live-attempt"))
     records.transition(image_id, "queued", "saving", task_id="live-attempt", owner="live-worker")
-    live = Lease(client, image_id, "live-worker", ttl=6)
+    # Its TTL outlasts the test: a heartbeat late on a busy machine must not
+    # hand the lease to the delivery that is to wait for it.
+    live = Lease(client, image_id, "live-worker", ttl=RECOVERY_TIMEOUT)
     assert live.try_acquire()
     live.start_heartbeat()
     try:
@@ -367,7 +370,7 @@ def test_a_time_limit_while_waiting_for_a_live_lease_kills_no_record(
         result = Celery(broker=redis_url, backend=redis_url).send_task(
             "diskpipe.import_image", kwargs={"image_id": image_id, "source": source}, queue="diskpipe-faults"
         )
-        result.get(timeout=SOFT_TIME_LIMIT * 4, propagate=False)
+        result.get(timeout=SOFT_TIME_LIMIT + 120, propagate=False)  # the limit, then a busy worker ending the task
         record = records.get(image_id)
         assert record is not None and record["status"] == "saving" and record["task_id"] == "live-attempt", record
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from tests.conftest import (
     ensure_redis,
     redis_config_file,
     restart_redis,
+    wait_until,
 )
 from tests.workers import Worker, start_worker, write_config
 
@@ -141,14 +143,34 @@ def records(redis_url: str) -> RedisRecords:
 
 
 def submit(broker: str, source: str, image_id: str | None = None, **kwargs: Any) -> str:
+    image_id = image_id or f"img-{uuid.uuid4().hex[:10]}"
+    send_import(broker, source, image_id, **kwargs)
+    return image_id
+
+
+def send_import(broker: str, source: str, image_id: str, **kwargs: Any) -> str:
+    """Queue an import of `source` as `image_id`; the Celery task's id."""
     from celery import Celery
 
-    image_id = image_id or f"img-{uuid.uuid4().hex[:10]}"
     client = Celery(broker=broker)
-    client.send_task(
+    sent = client.send_task(
         "diskpipe.import_image", kwargs={"image_id": image_id, "source": source, **kwargs}, queue="diskpipe"
     )
-    return image_id
+    return str(sent.id)
+
+
+def wait_task_ended(workers: Workers, task: str) -> None:
+    """Wait until a worker's log says the Celery task `task` ended (however)."""
+    ended = re.compile(rf"Task diskpipe\.import_image\[{re.escape(task)}\] (succeeded|retry|raised|failed)")
+    wait_until(
+        lambda: (
+            None
+            if any(ended.search(log.read_text(errors="replace")) for log in workers.logs.glob("*.log"))
+            else "not in any worker log"
+        ),
+        f"task {task} ending",
+        interval=0.2,
+    )
 
 
 def wait_final(records: RedisRecords, image_id: str, timeout: float = RECOVERY_TIMEOUT) -> dict[str, Any]:
@@ -277,18 +299,19 @@ def test_idempotent_by_image_id(
     image_id = submit(redis_url, source)
     first = wait_final(records, image_id)
     assert first["status"] == "active"
-    submit(redis_url, source, image_id)  # an active id: nothing is redone
-    time.sleep(2)
+    # An active id: nothing is redone. Looked at once the task has ended.
+    wait_task_ended(workers, send_import(redis_url, source, image_id))
     again = records.get(image_id)
     assert again is not None and again["attempts"] == 1 and again["updated_at"] == first["updated_at"]
     # A killed id starts a new attempt.
     killed_id = submit(redis_url, "/etc/shadow")
     assert wait_final(records, killed_id)["status"] == "killed"
     submit(redis_url, source, killed_id)
-    deadline = time.monotonic() + 60
-    while (records.get(killed_id) or {}).get("status") != "active" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    retried = records.get(killed_id)
+    wait_until(
+        lambda: None if (records.get(killed_id) or {}).get("attempts") == 2 else f"{records.get(killed_id)}",
+        f"{killed_id} retried",
+    )
+    retried = wait_final(records, killed_id)
     assert retried is not None and retried["status"] == "active" and retried["attempts"] == 2
 
 
