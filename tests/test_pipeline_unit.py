@@ -11,7 +11,10 @@ that is unavailable, a bug at a step).
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -469,4 +472,81 @@ def test_a_time_limit_during_the_reinspection_is_not_replaced_by_the_seals_failu
     store = TimeLimitWhileSealing(tmp_path / "store")
     record = run_import(ImportJob("late", str(source)), _time_limited(tmp_path, store=store), "a1")
     assert (record["status"], record["outcome"], record["reason"]) == ("killed", "failed", TIME_LIMITED), record
+    assert list(store.directory.iterdir()) == []
+
+
+class SealStillSending(FileStore):
+    """The file store with a seal that, like an S3 part in flight, cannot be
+    stopped halfway: it ends when the test lets it. It notes an abort that
+    comes while it still runs."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.sealing = threading.Event()
+        self.let_seal_end = threading.Event()
+        self.seal_running = False
+        self.aborted = threading.Event()
+        self.aborted_while_sealing = False
+
+    def seal(self, target: Any, cancel: CancelToken | None = None) -> None:
+        self.seal_running = True
+        self.sealing.set()
+        try:
+            assert self.let_seal_end.wait(120)
+        finally:
+            self.seal_running = False
+
+    def abort(self, target: Any) -> None:
+        self.aborted_while_sealing = self.aborted_while_sealing or self.seal_running
+        self.aborted.set()
+        super().abort(target)
+
+
+def _main_thread_waits_for_the_seal() -> str | None:
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    if "_seal_reinspect_and_hash" in names and "shutdown" in names:
+        return None
+    return f"main thread in {names[:4]}"
+
+
+def test_a_time_limit_while_a_cancelled_job_waits_for_its_seal_does_not_abort_beside_the_seal(tmp_path: Path) -> None:
+    """The job is cancelled while its image is hashed beside the seal; the
+    converter then waits for the seal (an S3 part in flight) before abort.
+    The worker's soft time limit (SIGUSR1 -> SoftTimeLimitExceeded, as
+    billiard sends it) lands during that wait: abort must still not run
+    while the seal does (S3: the staged fd closed under a part being read,
+    the upload aborted while a part still goes up)."""
+    source = _qcow2_with_data(tmp_path / "disk.qcow2", data_mib=8)
+    store = SealStillSending(tmp_path / "store")
+    cancel = CancelToken()
+
+    def progress(stage: str, percent: float) -> None:
+        if stage == "checksum" and store.sealing.is_set():
+            cancel.cancel()  # the job's cancel, heard by the hashing
+
+    def time_limit(signum: int, frame: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+    def limit_lands_while_waiting() -> None:
+        wait_until(_main_thread_waits_for_the_seal, "the converter waiting for the seal", timeout=120, interval=0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        store.aborted.wait(5)  # it must not come; the seal then ends
+        store.let_seal_end.set()
+
+    previous = signal.signal(signal.SIGUSR1, time_limit)
+    helper = threading.Thread(target=limit_lands_while_waiting)
+    helper.start()
+    try:
+        with pytest.raises((SoftTimeLimitExceeded, InterruptedError)):
+            convert_image(ConvertRequest(str(source), "sealing"), store, progress=progress, cancel=cancel)
+        assert not store.seal_running, "convert_image returned while the seal still ran"
+        assert not store.aborted_while_sealing, "abort ran while the seal still ran"
+    finally:
+        store.let_seal_end.set()
+        helper.join(130)
+        signal.signal(signal.SIGUSR1, previous)
     assert list(store.directory.iterdir()) == []
