@@ -503,12 +503,15 @@ class SealStillSending(FileStore):
 
 
 def _main_thread_waits_for_the_seal() -> str | None:
+    """The main thread blocked in threading (a join, a wait), called from
+    the seal step after the hashing has left."""
     frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    innermost = frame.f_code.co_filename if frame is not None else ""
     names = []
     while frame is not None:
         names.append(frame.f_code.co_name)
         frame = frame.f_back
-    if "_seal_reinspect_and_hash" in names and "shutdown" in names:
+    if innermost.endswith("threading.py") and "_seal_reinspect_and_hash" in names and "_read_back" not in names:
         return None
     return f"main thread in {names[:4]}"
 

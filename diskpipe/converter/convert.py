@@ -10,6 +10,7 @@ the temporary image, so the store never holds a partial one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import os
@@ -250,6 +251,7 @@ def _seal_reinspect_and_hash(run: _Writing) -> Checksums:
             # never races a snapshot being created or a part being sent, and
             # the seal's own failure at the same moment does not replace this one.
             stop_sealing.cancel()
+            _outwait(sealing)
             raise
     if checksums is None:
         run.cancel.raise_if_cancelled()
@@ -257,6 +259,18 @@ def _seal_reinspect_and_hash(run: _Writing) -> Checksums:
         checksums = _read_back(run, stored_size, lambda: run.cancel.cancelled)
         run.timings["checksum"] = time.monotonic() - step
     return checksums
+
+
+def _outwait(running: Future[Any]) -> None:
+    """Wait for a step's thread to end, also when a second interrupt or a
+    time limit lands meanwhile (the abort that follows must not race it):
+    the error already on its way out is the one raised."""
+    while True:
+        try:
+            concurrent.futures.wait([running])
+            return
+        except BaseException:  # noqa: BLE001 - a later stop adds nothing to the first
+            continue
 
 
 def _hash_beside_seal(run: _Writing, stored_size: int, sealing: Future[float]) -> Checksums:
