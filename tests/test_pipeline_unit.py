@@ -11,6 +11,7 @@ that is unavailable, a bug at a step).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from diskpipe.converter.convert import ConvertRequest, convert_image
 from diskpipe.converter.qemu_img import CancelToken
+from diskpipe.converter.stores import file as file_store
 from diskpipe.converter.stores.base import ImageProtected, StoreError, StoreUnavailable
 from diskpipe.converter.stores.file import FileStore
 from diskpipe.formats.policy import Policy
@@ -439,6 +441,29 @@ class TimeLimitWhileSealing(FileStore):
 
     def seal(self, target: Any, cancel: CancelToken | None = None) -> None:
         raise StoreError("fsync failed: the disk went away")
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [(errno.EIO, "store error: cannot make"), (errno.ENOSPC, "unavailable: cannot make")],
+    ids=["disk-failing", "disk-full"],
+)
+def test_an_fsync_that_fails_is_the_stores_failure_not_an_internal_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: int, reason: str
+) -> None:
+    """A disk that fails or fills up under fsync cannot be made to for real
+    here: os.fsync answers as such a disk does."""
+    source = _qcow2_with_data(tmp_path / "disk.qcow2")
+    env = _environment(tmp_path)
+
+    def fsync(fd: int) -> None:
+        raise OSError(failure, os.strerror(failure))
+
+    monkeypatch.setattr(file_store.os, "fsync", fsync)
+    record = run_import(ImportJob("durable", str(source)), env, "a1")
+    assert (record["status"], record["outcome"]) == ("killed", "failed"), record
+    assert record["reason"].startswith(reason), record
+    assert list(env.store.directory.iterdir()) == []  # type: ignore[attr-defined]
 
 
 class SealFailsWhileHashing(FileStore):

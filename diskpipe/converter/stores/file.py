@@ -81,7 +81,14 @@ class FileTarget(DescriptorTarget):
 
     def sync(self) -> None:
         fd = self._open()
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        except OSError as error:
+            # The disk's answer, neither the image's fault nor a bug: a full
+            # disk may pass (retried), a failing one is a store error.
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            kind = base.StoreUnavailable if full else base.StoreError
+            raise kind(f"cannot make {self.path} durable: {error}") from error
 
     def close(self) -> None:
         if self._fd is not None:
