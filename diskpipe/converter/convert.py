@@ -10,14 +10,13 @@ the temporary image, so the store never holds a partial one.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import errno
 import os
 import stat
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,9 +246,10 @@ def _seal_reinspect_and_hash(run: _Writing) -> Checksums:
         except BaseException:
             # The re-inspection or the hashing failed, or an interrupt or a
             # time limit landed: a long seal (S3's upload) stops at its next
-            # part. The pool's exit still waits for it, so the caller's abort
-            # never races a snapshot being created or a part being sent, and
-            # the seal's own failure at the same moment does not replace this one.
+            # part, and it is waited for (through any further interrupt), so
+            # the caller's abort never races a snapshot being created or a
+            # part being sent; the seal's own failure at the same moment does
+            # not replace this error.
             stop_sealing.cancel()
             _outwait(sealing)
             raise
@@ -267,7 +267,7 @@ def _outwait(running: Future[Any]) -> None:
     the error already on its way out is the one raised."""
     while True:
         try:
-            concurrent.futures.wait([running])
+            wait([running])
             return
         except BaseException:  # noqa: BLE001 - a later stop adds nothing to the first
             continue
