@@ -536,7 +536,7 @@ def _main_thread_waits_for_the_seal() -> str | None:
     while frame is not None:
         names.append(frame.f_code.co_name)
         frame = frame.f_back
-    if innermost.endswith("threading.py") and "_seal_reinspect_and_hash" in names and "_read_back" not in names:
+    if innermost == threading.__file__ and "_seal_reinspect_and_hash" in names and "_read_back" not in names:
         return None
     return f"main thread in {names[:4]}"
 
