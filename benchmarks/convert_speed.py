@@ -479,12 +479,9 @@ def measure_rbd(
     for name, source in sources.items():
         fmt = SOURCE_FORMAT[name]
         diskpipe, steps = diskpipe_candidates(source, store, tuple(DISKPIPE_VARIANTS), verified=True)
+        plain_run = functools.partial(plain_qemu, source, fmt, ceph)
         timings = interleaved(
-            {
-                **diskpipe,
-                "glance": lambda s=source, f=fmt: glance_way(s, f, ceph, scratch),
-                "qemu-img": lambda s=source, f=fmt: plain_qemu(s, f, ceph),
-            },
+            {**diskpipe, "glance": lambda s=source, f=fmt: glance_way(s, f, ceph, scratch), "qemu-img": plain_run},
             repeat,
             before=lambda: empty_pool(ceph),
         )
@@ -492,7 +489,7 @@ def measure_rbd(
         fast = interleaved(
             {
                 "diskpipe-no-full-hashes": diskpipe["diskpipe-no-full-hashes"],
-                "qemu-img": lambda s=source, f=fmt: plain_qemu(s, f, ceph),
+                "qemu-img": plain_run,
                 "qemu-img+snapshot": lambda s=source, f=fmt, t=snapshot_times: clonable_qemu(s, f, ceph, ioctx, t),
             },
             fast_repeat,
